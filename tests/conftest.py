@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny generated models and real vLLM servers (one per configuration, shared
+by every test of the session that can use it)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
+
+QWEN25_ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
+
+#: Server options shared by the Qwen2.5-VL servers. A small token budget per step makes vLLM's
+#: chunked prefill split prompts (and images) across steps, so every request exercises it.
+QWEN_SERVER_ARGS = ["--dtype", "float32", "--max-num-batched-tokens", "96", "--seed", "0"]
+DEFAULT_RATIO = 0.5
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_tokenprune.testing.tiny_model import build_qwen2_5_vl
+
+    return build_qwen2_5_vl(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", seed=0)
+
+
+def _start(model: Path, args: list[str], name: str) -> VLLMServer:
+    log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return VLLMServer(model, args, log_path=log_dir / f"{name}.log")
+
+
+@pytest.fixture(scope="session")
+def tp_server(tiny_qwen_dir: Path) -> Iterator[VLLMServer]:
+    """TokenPrune Qwen2.5-VL, LRCP at ratio 0.5 by default; requests may override."""
+    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO)
+    server = _start(tiny_qwen_dir, [*QWEN_SERVER_ARGS, "--hf-overrides", overrides], "tp_qwen")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_server(tiny_qwen_dir: Path) -> Iterator[VLLMServer]:
+    """vLLM's own Qwen2_5_VLForConditionalGeneration on the same weights (the plugin loaded)."""
+    server = _start(tiny_qwen_dir, QWEN_SERVER_ARGS, "plain_qwen")
+    yield server
+    server.stop()

@@ -1,0 +1,271 @@
+"""Integration tests: a real vLLM CPU server with TokenPruneQwen2_5_VLForConditionalGeneration,
+talked to with the real ``openai`` client and plain HTTP."""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests._hf_reference import qwen_reference_logprobs
+from tests.conftest import DEFAULT_RATIO
+from vllm_tokenprune import num_kept
+from vllm_tokenprune.testing.media import chat_messages, image_part, make_image, qwen_image_tokens
+from vllm_tokenprune.testing.server import VLLMServer
+
+pytestmark = pytest.mark.server
+
+PROMPT = "Describe this image."
+
+
+def chat(server: VLLMServer, images: list[Any], text: str = PROMPT, *, max_tokens: int = 1,
+         logprobs: bool = False, **extra: Any) -> Any:
+    client = server.openai()
+    kwargs: dict[str, Any] = {}
+    if logprobs:
+        kwargs = {"logprobs": True, "top_logprobs": 5}
+    return client.chat.completions.create(
+        model=server.model,
+        messages=chat_messages(images, text),
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra_body=extra or None,
+        **kwargs,
+    )
+
+
+def saved_tokens(model_dir: Path, images: list[Any], ratio: float) -> int:
+    return sum(
+        (n := qwen_image_tokens(model_dir, im)) - num_kept(n, ratio) for im in images
+    )
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def test_ratio_zero_is_identical_to_plain_model(tp_server: VLLMServer, plain_server: VLLMServer):
+    """prune_ratio 0 on the TokenPrune architecture == vLLM's own Qwen2.5-VL, token for token."""
+    images = [make_image(280, 224, seed=1), make_image(196, 336, seed=2)]
+    a = chat(plain_server, images, max_tokens=12, logprobs=True)
+    b = chat(tp_server, images, max_tokens=12, logprobs=True, prune_ratio=0.0)
+    tokens_a = [t.token for t in a.choices[0].logprobs.content]
+    tokens_b = [t.token for t in b.choices[0].logprobs.content]
+    assert tokens_a == tokens_b
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    lp_a = [t.logprob for t in a.choices[0].logprobs.content]
+    lp_b = [t.logprob for t in b.choices[0].logprobs.content]
+    assert lp_a == pytest.approx(lp_b, abs=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.889, 0.95])
+@pytest.mark.parametrize("sizes", [[(224, 224)], [(448, 308)], [(280, 168), (336, 420)]],
+                         ids=["224x224", "448x308", "two-images"])
+def test_prompt_token_accounting(tp_server: VLLMServer, plain_server: VLLMServer,
+                                 tiny_qwen_dir: Path, ratio: float, sizes: list[tuple[int, int]]):
+    images = [make_image(w, h, seed=i + 10) for i, (w, h) in enumerate(sizes)]
+    unpruned = chat(plain_server, images).usage.prompt_tokens
+    pruned = chat(tp_server, images, prune_ratio=ratio).usage.prompt_tokens
+    expected_saved = saved_tokens(tiny_qwen_dir, images, ratio)
+    assert expected_saved > 0
+    assert pruned == unpruned - expected_saved
+
+
+def test_server_default_ratio_applies(tp_server, plain_server, tiny_qwen_dir):
+    images = [make_image(224, 224, seed=3)]
+    unpruned = chat(plain_server, images).usage.prompt_tokens
+    default = chat(tp_server, images).usage.prompt_tokens
+    assert default == unpruned - saved_tokens(tiny_qwen_dir, images, DEFAULT_RATIO)
+
+
+@pytest.mark.parametrize("method", ["lrcp", "svd_prune", "resprune", "uniform", "divprune"])
+def test_logprobs_match_transformers_reference(tp_server, tiny_qwen_dir, method):
+    """Next-token logprobs with pruning == transformers' Qwen2.5-VL fed only the kept image
+    embeddings at their original M-RoPE positions.
+
+    Both sides run float32 on CPU (the server with --dtype float32), so the tolerance is
+    float32 accumulation-order noise: 2e-3 absolute on log-probabilities. (A bf16 server would
+    need ~5e-2.) The server splits this prompt over several chunked-prefill steps (96 tokens a
+    step), so positions of kept tokens survive chunking too.
+    """
+    if method == "resprune":
+        pytest.skip("text-conditioned: covered by test_text_conditioned_cache_keys")
+    images = [make_image(336, 252, seed=5), make_image(224, 280, seed=6)]
+    ratio = 0.75
+    res = chat(tp_server, images, logprobs=True, prune_ratio=ratio, prune_method=method,
+               return_tokens_as_token_ids=True)
+    ref, ref_len = qwen_reference_logprobs(tiny_qwen_dir, images, PROMPT, ratio, method)
+    assert res.usage.prompt_tokens == ref_len
+    top = res.choices[0].logprobs.content[0].top_logprobs
+    assert len(top) == 5
+    for entry in top:
+        token_id = int(entry.token.removeprefix("token_id:"))
+        assert entry.logprob == pytest.approx(float(ref[token_id]), abs=2e-3), entry.token
+    # and the reference's own best token is the server's
+    best = int(ref.argmax())
+    assert top[0].logprob == pytest.approx(float(ref[best]), abs=2e-3)
+
+
+def test_pruning_changes_the_output_distribution(tp_server):
+    """Guards the reference test against a hook that silently does nothing."""
+    images = [make_image(336, 252, seed=5)]
+    full = chat(tp_server, images, logprobs=True, prune_ratio=0.0)
+    pruned = chat(tp_server, images, logprobs=True, prune_ratio=0.9)
+    assert pruned.usage.prompt_tokens < full.usage.prompt_tokens
+    a = full.choices[0].logprobs.content[0].top_logprobs[0].logprob
+    b = pruned.choices[0].logprobs.content[0].top_logprobs[0].logprob
+    assert a != pytest.approx(b, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- engine features
+
+
+def test_concurrent_mixed_ratios_and_methods(tp_server, plain_server, tiny_qwen_dir):
+    """16 concurrent requests, different ratios and methods in one continuous batch."""
+    methods = ["lrcp", "svd_prune", "resprune", "random", "uniform", "norm", "divprune",
+               "cdpruner"]
+    ratios = [0.0, 0.3, 0.5, 0.75, 0.889, 0.6, 0.2, 0.944]
+    cases = []
+    for i in range(16):
+        w, h = [(224, 224), (308, 196), (252, 336), (196, 196)][i % 4]
+        cases.append((make_image(w, h, seed=100 + i), ratios[i % 8], methods[(i * 3) % 8]))
+    unpruned = {
+        i: chat(plain_server, [im]).usage.prompt_tokens for i, (im, _, _) in enumerate(cases)
+    }
+
+    def one(i: int) -> tuple[int, int]:
+        im, ratio, method = cases[i]
+        r = chat(tp_server, [im], max_tokens=4, prune_ratio=ratio, prune_method=method)
+        return i, r.usage.prompt_tokens
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    assert len(results) == 16
+    for i, got in results:
+        im, ratio, _ = cases[i]
+        assert got == unpruned[i] - saved_tokens(tiny_qwen_dir, [im], ratio), cases[i][1:]
+
+
+def test_same_image_two_ratios_no_cache_mixup(tp_server):
+    """Encoder cache + prefix cache: the same image at two ratios must not share embeddings."""
+    images = [make_image(280, 280, seed=42)]
+    a1 = chat(tp_server, images, logprobs=True, prune_ratio=0.5)
+    b = chat(tp_server, images, logprobs=True, prune_ratio=0.8)
+    a2 = chat(tp_server, images, logprobs=True, prune_ratio=0.5)
+    assert b.usage.prompt_tokens < a1.usage.prompt_tokens == a2.usage.prompt_tokens
+    lp = [r.choices[0].logprobs.content[0].top_logprobs[0].logprob for r in (a1, b, a2)]
+    assert lp[0] == pytest.approx(lp[2], abs=1e-5)
+
+
+def test_text_conditioned_cache_keys(tp_server):
+    """ResPrune depends on the prompt: the same image under two prompts must not reuse the
+    encoder output selected for the other prompt. Item uuids pin the cache identity of the
+    image, so request 2 would hit request 1's cache entry if the prompt were not part of it;
+    request 3 uses a fresh uuid (a cold cache) as the reference."""
+    img = make_image(336, 336, seed=7)
+    text1 = "What colour is the sky in this picture? Answer with one word."
+    text2 = "Count the objects on the table, please."
+    extra = {"prune_ratio": 0.9, "prune_method": "resprune"}
+    client = tp_server.openai()
+
+    def ask(text: str, uuid: str) -> float:
+        msgs = [{"role": "user", "content": [image_part(img, uuid=uuid),
+                                             {"type": "text", "text": text}]}]
+        r = client.chat.completions.create(model=tp_server.model, messages=msgs, max_tokens=1,
+                                           temperature=0.0, logprobs=True, top_logprobs=1,
+                                           extra_body=extra)
+        return r.choices[0].logprobs.content[0].top_logprobs[0].logprob
+
+    ask(text1, "img-a")
+    warm = ask(text2, "img-a")
+    cold = ask(text2, "img-b")
+    assert warm == pytest.approx(cold, abs=1e-5)
+
+
+def test_prefix_cache_repeat_is_stable(tp_server):
+    images = [make_image(252, 252, seed=8)]
+    r1 = chat(tp_server, images, max_tokens=8, logprobs=True, prune_ratio=0.6)
+    r2 = chat(tp_server, images, max_tokens=8, logprobs=True, prune_ratio=0.6)
+    assert [t.token for t in r1.choices[0].logprobs.content] == \
+        [t.token for t in r2.choices[0].logprobs.content]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+BAD_VALUES = [
+    ("prune_ratio", 1),
+    ("prune_ratio", -0.1),
+    ("prune_ratio", "abc"),
+    ("prune_ratio", True),
+    ("prune_ratio", None),
+    ("prune_ratio", "NaN"),  # sent as a bare JSON NaN token below
+    ("video_prune_ratio", 1.5),
+    ("prune_method", "no-such-method"),
+    ("prune_method", 3),
+]
+
+
+def _raw_request(server: VLLMServer, field: str, value: Any) -> requests.Response:
+    body = {
+        "model": server.model,
+        "messages": chat_messages([make_image(224, 224, seed=9)], PROMPT),
+        "max_tokens": 1,
+        field: value,
+    }
+    text = json.dumps(body)
+    if value == "NaN":
+        text = text.replace('"NaN"', "NaN")
+    return requests.post(server.base_url + "/v1/chat/completions", data=text,
+                         headers={"Content-Type": "application/json"}, timeout=120)
+
+
+@pytest.mark.parametrize("field,value", BAD_VALUES, ids=[f"{f}={v!r}" for f, v in BAD_VALUES])
+def test_bad_request_fields_get_400_naming_the_field(tp_server, field, value):
+    r = _raw_request(tp_server, field, value)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field
+    assert field in err["message"]
+    # the server keeps serving
+    ok = chat(tp_server, [make_image(224, 224, seed=9)], prune_ratio=0.5)
+    assert ok.usage.prompt_tokens > 0
+
+
+def test_openai_client_bad_ratio_raises_bad_request(tp_server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(tp_server, [make_image(224, 224)], prune_ratio=2.0)
+    assert "prune_ratio" in str(exc.value)
+
+
+def test_prune_ratio_on_model_without_tokenprune_arch(plain_server):
+    r = _raw_request(plain_server, "prune_ratio", 0.5)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prune_ratio"
+    assert "TokenPrune" in r.json()["error"]["message"]
+    ok = chat(plain_server, [make_image(224, 224)])
+    assert ok.usage.prompt_tokens > 0
+
+
+def test_untrusted_mm_processor_kwargs_still_refused(tp_server):
+    """The bridge writes mm_processor_kwargs itself, but a client still may not (vLLM's rule
+    without --trust-request-mm-kwargs)."""
+    r = _raw_request(tp_server, "mm_processor_kwargs", {"max_pixels": 10**9})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "mm_processor_kwargs"
+
+
+def test_config_endpoint(tp_server):
+    r = requests.get(tp_server.base_url + "/v1/tokenprune/config", timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["enabled"] is True
+    assert body["config"]["method"] == "lrcp"
+    assert math.isclose(body["config"]["prune_ratio"], DEFAULT_RATIO)
+    assert "prune_ratio" in body["request_fields"]

@@ -1,0 +1,184 @@
+"""The ``token_prune`` block of a served model, and the per-request pruning fields.
+
+Server side, the block arrives through vLLM's own ``--hf-overrides``::
+
+    --hf-overrides '{"architectures": ["TokenPruneQwen2_5_VLForConditionalGeneration"],
+                     "token_prune": {"method": "lrcp", "prune_ratio": 0.75}}'
+
+and is validated with pydantic when the model (worker) and its processor (API server) are built,
+so a bad block stops the server at start-up with a message naming the key.
+
+Request side, a chat request may carry ``prune_ratio`` / ``prune_method`` /
+``video_prune_ratio`` at the top level of its JSON body. The endpoint plugin
+(:mod:`vllm_tokenprune.serving`) validates them with :func:`parse_request_fields` and moves them
+into the request's ``mm_processor_kwargs``, which vLLM hashes into every multimodal cache key
+(processor cache, encoder cache, prefix cache), so an image pruned at two ratios never shares
+embeddings. This module imports no vLLM code: it is shared by every process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vllm_tokenprune.scoring import list_methods, validate_options
+
+#: Request fields (top level of a chat/completions JSON body) and the same names inside
+#: ``mm_processor_kwargs``.
+REQUEST_FIELDS = ("prune_ratio", "prune_method", "video_prune_ratio")
+
+#: Methods whose selection depends on the prompt text (their cache keys include the prompt).
+TEXT_CONDITIONED_METHODS = frozenset({"resprune", "cdpruner"})
+
+
+class TokenPruneConfig(BaseModel):
+    """Server configuration: the ``token_prune`` block of ``--hf-overrides``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str = Field("lrcp", description="Default scorer (see `list_methods()`).")
+    prune_ratio: float = Field(
+        0.0, description="Default fraction of visual tokens dropped per image, in [0, 1)."
+    )
+    video_prune_ratio: float | None = Field(
+        None, description="Default ratio for video items; None means `prune_ratio`."
+    )
+    min_keep: int = Field(1, ge=1, description="Never keep fewer tokens than this per item.")
+    allowed_methods: tuple[str, ...] | None = Field(
+        None, description="Methods requests may pick with `prune_method`; None means all."
+    )
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='Per-method scorer options, e.g. {"lrcp": {"rank": 16}}.',
+    )
+
+    @field_validator("prune_ratio", "video_prune_ratio")
+    @classmethod
+    def _ratio_in_range(cls, v: float | None) -> float | None:
+        if v is not None and not (0.0 <= v < 1.0):
+            raise ValueError(f"must be in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in list_methods():
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(list_methods())}")
+        return v
+
+    @field_validator("allowed_methods")
+    @classmethod
+    def _known_methods(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None:
+            unknown = [m for m in v if m not in list_methods()]
+            if unknown:
+                raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(list_methods())}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TokenPruneConfig:
+        if self.allowed_methods is not None and self.method not in self.allowed_methods:
+            raise ValueError(f"method {self.method!r} is not in allowed_methods")
+        for name, opts in self.options.items():
+            if name not in list_methods():
+                raise ValueError(
+                    f"options: unknown method {name!r}; known: {', '.join(list_methods())}"
+                )
+            validate_options(name, dict(opts))
+        return self
+
+    def is_allowed(self, method: str) -> bool:
+        return self.allowed_methods is None or method in self.allowed_methods
+
+    def ratio_for(self, modality: str) -> float:
+        if modality == "video" and self.video_prune_ratio is not None:
+            return self.video_prune_ratio
+        return self.prune_ratio
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        return dict(self.options.get(method, {}))
+
+
+class TokenPruneConfigError(ValueError):
+    """The ``token_prune`` block is invalid; the message names the key."""
+
+
+def parse_config(raw: Mapping[str, Any] | TokenPruneConfig | None) -> TokenPruneConfig:
+    """Validate a ``token_prune`` block (a dict from ``--hf-overrides``)."""
+    if isinstance(raw, TokenPruneConfig):
+        return raw
+    if raw is None:
+        return TokenPruneConfig()
+    if not isinstance(raw, Mapping):
+        raise TokenPruneConfigError(
+            f"token_prune must be a JSON object, got {type(raw).__name__}"
+        )
+    try:
+        return TokenPruneConfig.model_validate(dict(raw))
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "token_prune"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            msgs.append(f"token_prune.{loc}: {msg}")
+        raise TokenPruneConfigError("invalid token_prune config: " + "; ".join(msgs)) from None
+
+
+def config_from_hf_config(hf_config: Any) -> TokenPruneConfig:
+    """The validated block stored on the HF config by ``--hf-overrides``."""
+    raw = getattr(hf_config, "token_prune", None)
+    return parse_config(raw)
+
+
+class RequestFieldError(ValueError):
+    """A request's pruning field is invalid; ``field`` names it (for the HTTP 400)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _check_ratio(field: str, value: Any) -> float:
+    # bool is an int subclass in Python: reject it explicitly, as JSON true is not a number.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        shown = "null" if value is None else repr(value)
+        raise RequestFieldError(field, f"must be a number in [0, 1), got {shown}")
+    value = float(value)
+    if not math.isfinite(value) or not (0.0 <= value < 1.0):
+        raise RequestFieldError(field, f"must be a number in [0, 1), got {value!r}")
+    return value
+
+
+def parse_request_fields(
+    fields: Mapping[str, Any], config: TokenPruneConfig
+) -> dict[str, float | str]:
+    """Validate per-request pruning fields; return the subset to put in ``mm_processor_kwargs``.
+
+    Raises :class:`RequestFieldError` naming the first bad field.
+    """
+    out: dict[str, float | str] = {}
+    for field in ("prune_ratio", "video_prune_ratio"):
+        if field in fields:
+            out[field] = _check_ratio(field, fields[field])
+    if "prune_method" in fields:
+        method = fields["prune_method"]
+        if not isinstance(method, str):
+            raise RequestFieldError("prune_method", f"must be a string, got {method!r}")
+        if method not in list_methods():
+            raise RequestFieldError(
+                "prune_method",
+                f"unknown method {method!r}; known: {', '.join(list_methods())}",
+            )
+        if not config.is_allowed(method):
+            raise RequestFieldError(
+                "prune_method",
+                f"method {method!r} is not allowed by this server; allowed: "
+                f"{', '.join(config.allowed_methods or ())}",
+            )
+        out["prune_method"] = method
+    return out

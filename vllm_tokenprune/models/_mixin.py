@@ -1,0 +1,427 @@
+"""Shared vLLM integration: the processor side and the model side of visual-token pruning.
+
+Processor side (runs where vLLM preprocesses requests, the API server):
+
+* resolves each media item's ``(prune_ratio, method)`` from the request's
+  ``mm_processor_kwargs`` (put there by the endpoint plugin) or the server's ``token_prune``
+  block, and computes the keep-count with :func:`vllm_tokenprune.num_kept` *before* the encoder
+  runs: the prompt gets exactly that many placeholder tokens;
+* carries ``[num_keep, method_id]`` per item to the model as a batched multimodal field
+  (``<modality>_prune_params``, kept on CPU so reading it never syncs a device);
+* for text-conditioned methods, carries the prompt's text token ids too and mixes them into the
+  item's cache hash, so the encoder cache never serves a selection made for another prompt.
+
+Model side (runs in the worker, inside vLLM's batched encoder step): after the vision encoder
+produced each item's embeddings, :meth:`TokenPruneModelMixin._tp_prune` scores every item of the
+batch (one batched scorer call per method), keeps the selected rows in their original order and
+appends their unpruned M-RoPE ``(t, h, w)`` positions plus the position the following text
+starts at. vLLM's EVS machinery (``SupportsMultiModalPruning.recompute_mrope_positions`` and
+``vllm.multimodal.video_prune.evs.recompute_mrope_positions``) then places the kept tokens at
+their original positions and the text after them exactly where it would be unpruned, across
+chunked prefill. Positions travel as base-256 digit pairs so they survive bf16 exactly.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from vllm_tokenprune.config import (
+    REQUEST_FIELDS,
+    TEXT_CONDITIONED_METHODS,
+    TokenPruneConfig,
+    config_from_hf_config,
+    parse_request_fields,
+)
+from vllm_tokenprune.scoring import list_methods, num_kept, select_tokens_batch
+
+#: Stable method <-> integer id mapping used in the per-item tensor field.
+METHOD_IDS: dict[str, int] = {m: i for i, m in enumerate(sorted(list_methods()))}
+METHODS_BY_ID: dict[int, str] = {i: m for m, i in METHOD_IDS.items()}
+
+#: Longest prompt text (in tokens, the last ones) handed to text-conditioned scorers.
+MAX_TEXT_TOKENS = 256
+#: Channels appended to each kept embedding row: its (t, h, w) position as base-256 digits.
+POS_CHANNELS = 6
+
+_prompt_text_ids: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+    "tokenprune_prompt_text_ids", default=None
+)
+
+
+def params_key(modality: str) -> str:
+    return f"{modality}_prune_params"
+
+
+def text_key(modality: str) -> str:
+    return f"{modality}_prune_text_ids"
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def full_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tensor:
+    """Unpruned M-RoPE positions of a (t, h, w) token grid, relative to the media start.
+
+    Returns (t*h*w, 4) int64: columns t, h, w and, repeated on every row, the offset at which
+    the text after the media starts (max position + 1), exactly as Qwen2/2.5-VL's
+    ``get_mrope_input_positions`` lays an unpruned item out.
+    """
+    t_idx = (torch.arange(t, dtype=torch.float64) * t_factor).long()
+    grid_t = t_idx.view(t, 1, 1).expand(t, h, w)
+    grid_h = torch.arange(h).view(1, h, 1).expand(t, h, w)
+    grid_w = torch.arange(w).view(1, 1, w).expand(t, h, w)
+    nxt = max(int(t_idx[-1]), h - 1, w - 1) + 1
+    pos = torch.stack([grid_t, grid_h, grid_w], dim=-1).reshape(-1, 3)
+    return torch.cat([pos, torch.full((pos.shape[0], 1), nxt, dtype=torch.long)], dim=1)
+
+
+def encode_positions(pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 3) int64 -> (n, 6) ``dtype``: each value as (value // 256, value % 256).
+
+    Every digit is an integer in [0, 256), exact in bf16/fp16/fp32 alike.
+    """
+    if pos.numel() and int(pos.max()) >= 256 * 256:
+        raise ValueError("media grid too large for position encoding (>= 65536)")
+    return torch.cat([pos // 256, pos % 256], dim=1).to(dtype)
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """(n, 6) float -> (3, n) int64, inverse of :func:`encode_positions`."""
+    digits = channels.round().long()
+    return (digits[:, :3] * 256 + digits[:, 3:]).permute(1, 0)
+
+
+# --------------------------------------------------------------------------- processor side
+
+
+class TokenPruneProcessorMixin:
+    """Mix into a ``BaseMultiModalProcessor`` subclass, before the vLLM class in the MRO.
+
+    The architecture's subclass implements :meth:`_tp_grid` (the LM token grid of an item).
+    """
+
+    info: Any
+
+    # -- per-architecture hook
+    def _tp_grid(self, modality: str, item_grid: torch.Tensor) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    # -- config
+    def _tp_config(self) -> TokenPruneConfig:
+        cfg = getattr(self, "_tp_cfg", None)
+        if cfg is None:
+            cfg = config_from_hf_config(self.info.get_hf_config())
+            self._tp_cfg = cfg
+        return cfg
+
+    def _tp_resolve(self, mm_kwargs: Mapping[str, object], modality: str) -> tuple[float, str]:
+        """(ratio, method) for items of ``modality`` under these processor kwargs."""
+        cfg = self._tp_config()
+        fields = parse_request_fields(
+            {k: v for k, v in mm_kwargs.items() if k in REQUEST_FIELDS}, cfg
+        )
+        method = str(fields.get("prune_method", cfg.method))
+        ratio = fields.get("prune_ratio")
+        if modality == "video" and "video_prune_ratio" in fields:
+            ratio = fields["video_prune_ratio"]
+        if ratio is None:
+            ratio = cfg.ratio_for(modality)
+        return float(ratio), method
+
+    # -- vLLM hooks
+    def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _prompt_text_ids.set(self._tp_text_ids(inputs.prompt))
+        try:
+            return super().apply(inputs, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            _prompt_text_ids.reset(token)
+
+    def _tp_text_ids(self, prompt: Sequence[int] | str) -> tuple[int, ...]:
+        if isinstance(prompt, str):
+            prompt = self.info.get_tokenizer().encode(prompt, add_special_tokens=False)
+        special = getattr(self, "_tp_special_ids", None)
+        if special is None:
+            tok = self.info.get_tokenizer()
+            special = frozenset(getattr(tok, "all_special_ids", ()) or ())
+            special |= frozenset(self._tp_media_token_ids())
+            self._tp_special_ids = special
+        ids = [int(t) for t in prompt if int(t) not in special]
+        return tuple(ids[-MAX_TEXT_TOKENS:])
+
+    def _tp_media_token_ids(self) -> set[int]:
+        hf = self.info.get_hf_config()
+        names = ("image_token_id", "video_token_id", "vision_start_token_id",
+                 "vision_end_token_id", "image_token_index", "video_token_index")
+        return {int(v) for n in names if isinstance(v := getattr(hf, n, None), int)}
+
+    def _get_mm_hashes(self, inputs: Any) -> Any:
+        hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
+        text_ids = _prompt_text_ids.get()
+        out = {}
+        for modality, items in hashes.items():
+            _, method = self._tp_resolve(inputs.hf_processor_mm_kwargs, modality)
+            if method in TEXT_CONDITIONED_METHODS and text_ids is not None:
+                salt = hashlib.sha256(repr(text_ids).encode()).hexdigest()[:32]
+                items = [f"{h}-tp{salt}" for h in items]
+            out[modality] = items
+        return out
+
+    def _call_hf_processor(self, *args: Any, **kwargs: Any) -> Any:
+        # Signature differs between vLLM processors: (prompt, mm_data, mm_kwargs, tok_kwargs)
+        # or (hf_data, hf_kwargs). The mm kwargs mapping is the one holding our fields.
+        args = list(args)
+        idx, mm_kwargs = self._tp_find_mm_kwargs(args, kwargs)
+        clean = {k: v for k, v in mm_kwargs.items() if k not in REQUEST_FIELDS}
+        if isinstance(idx, int):
+            args[idx] = clean
+        else:
+            kwargs[idx] = clean
+        out = super()._call_hf_processor(*args, **kwargs)  # type: ignore[misc]
+        self._tp_add_fields(out, mm_kwargs)
+        return out
+
+    @staticmethod
+    def _tp_find_mm_kwargs(
+        args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[int | str, Mapping[str, object]]:
+        for name in ("hf_kwargs", "mm_kwargs"):
+            if name in kwargs:
+                return name, kwargs[name]
+        # (hf_data, hf_kwargs) or (prompt, mm_data, mm_kwargs, tok_kwargs)
+        idx = 1 if len(args) == 2 else 2
+        return idx, args[idx]
+
+    def _tp_add_fields(self, out: Any, mm_kwargs: Mapping[str, object]) -> None:
+        cfg = self._tp_config()
+        text_ids = _prompt_text_ids.get() or ()
+        for modality in ("image", "video"):
+            grids = out.get(f"{modality}_grid_thw")
+            if grids is None:
+                continue
+            ratio, method = self._tp_resolve(mm_kwargs, modality)
+            rows = []
+            for g in grids:
+                t, h, w = self._tp_grid(modality, g)
+                rows.append([num_kept(t * h * w, ratio, cfg.min_keep), METHOD_IDS[method]])
+            out[params_key(modality)] = torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
+            if method in TEXT_CONDITIONED_METHODS:
+                ids = torch.full((len(rows), MAX_TEXT_TOKENS), -1, dtype=torch.long)
+                if text_ids:
+                    ids[:, : len(text_ids)] = torch.tensor(text_ids, dtype=torch.long)
+                out[text_key(modality)] = ids
+
+    def _tp_fields_config(self, hf_inputs: Mapping[str, object]) -> dict[str, Any]:
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        fields = {}
+        for modality in ("image", "video"):
+            for key in (params_key(modality), text_key(modality)):
+                if key in hf_inputs:
+                    fields[key] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
+        return fields
+
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Any) -> Any:
+        base = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)  # type: ignore[misc]
+        return dict(**base, **self._tp_fields_config(hf_inputs))
+
+    def _get_prompt_updates(
+        self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs: Any
+    ) -> Any:
+        """The model's own placeholder replacement, cut to the item's keep-count."""
+        updates = super()._get_prompt_updates(  # type: ignore[misc]
+            mm_items, hf_processor_mm_kwargs, out_mm_kwargs
+        )
+        return [self._tp_wrap_update(u, out_mm_kwargs) for u in updates]
+
+    def _tp_wrap_update(self, update: Any, out_mm_kwargs: Any) -> Any:
+        from dataclasses import replace
+
+        modality = update.modality
+        original = update.replacement
+
+        def pruned(item_idx: int, _orig: Callable[[int], Any] = original) -> Any:
+            full = _orig(item_idx) if callable(_orig) else _orig
+            item = out_mm_kwargs[modality][item_idx]
+            num_keep = int(item[params_key(modality)].data[0])
+            tokens = list(getattr(full, "full", full))
+            if len(set(tokens)) != 1:
+                raise NotImplementedError(
+                    "token pruning needs a replacement made of one repeated placeholder token"
+                )
+            return tokens[:1] * num_keep
+
+        return replace(update, replacement=pruned)
+
+
+# --------------------------------------------------------------------------- model side
+
+
+class TokenPruneModelMixin:
+    """Mix into a vLLM multimodal model class; call :meth:`_tp_setup` at the end of ``__init__``."""
+
+    tp_config: TokenPruneConfig
+
+    def _tp_setup(self, vllm_config: Any) -> None:
+        from vllm_tokenprune.plugin import check_request_bridge
+
+        model_config = vllm_config.model_config
+        self.tp_config = config_from_hf_config(model_config.hf_config)
+        check_request_bridge()
+        mm_config = model_config.multimodal_config
+        if mm_config is not None and (mm_config.video_pruning_rate or 0) > 0:
+            raise ValueError(
+                "vllm-tokenprune: --video-pruning-rate (vLLM's EVS) cannot be combined with a "
+                "TokenPrune architecture; set token_prune.video_prune_ratio instead."
+            )
+        # vLLM's model runner calls `recompute_mrope_positions` only when the multimodal config
+        # says pruning is enabled (its EVS switch is `video_pruning_rate`). Pruning is always
+        # possible on a TokenPrune model (per request), so switch it on for this instance.
+        if mm_config is not None:
+            object.__setattr__(mm_config, "is_multimodal_pruning_enabled", lambda: True)
+        self.is_multimodal_pruning_enabled = True
+
+    def _tp_text_embeds(self, ids_row: torch.Tensor, device: torch.device) -> torch.Tensor:
+        ids = ids_row[ids_row >= 0].to(device)
+        return self.get_language_model().embed_input_ids(ids)  # type: ignore[attr-defined]
+
+    def _tp_prune(
+        self,
+        modality: str,
+        embeds: Sequence[torch.Tensor],
+        grids: Sequence[tuple[int, int, int]],
+        t_factors: Sequence[float],
+        params: torch.Tensor | None,
+        text_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Select each item's kept rows; append their encoded unpruned positions."""
+        from vllm_tokenprune import metrics
+
+        n_items = len(embeds)
+        if params is None:  # e.g. dummy profiling inputs from an older cache entry
+            rows = [[e.shape[0], METHOD_IDS[self.tp_config.method]] for e in embeds]
+        else:
+            rows = params.reshape(-1, 2).tolist()  # CPU tensor: no device sync
+        keep_idx: list[torch.Tensor | None] = [None] * n_items
+        by_method: dict[str, list[int]] = defaultdict(list)
+        for i, (num_keep, method_id) in enumerate(rows):
+            if num_keep < embeds[i].shape[0]:
+                by_method[METHODS_BY_ID[int(method_id)]].append(i)
+        for method, items in by_method.items():
+            text = None
+            if method in TEXT_CONDITIONED_METHODS and text_ids is not None:
+                text = [self._tp_text_embeds(text_ids[i], embeds[i].device) for i in items]
+                text = [t if t.shape[0] > 0 else None for t in text]
+            start = time.perf_counter()
+            selected = select_tokens_batch(
+                [embeds[i] for i in items],
+                [int(rows[i][0]) for i in items],
+                method,
+                text_embeds=text,
+                grids=[grids[i] for i in items],
+                **self.tp_config.options_for(method),
+            )
+            elapsed = time.perf_counter() - start
+            for i, idx in zip(items, selected):
+                keep_idx[i] = idx
+            metrics.record_scorer_time(method, modality, elapsed)
+        out = []
+        for i, emb in enumerate(embeds):
+            t, h, w = grids[i]
+            pos = full_positions(t, h, w, t_factors[i])
+            idx = keep_idx[i]
+            method = METHODS_BY_ID[int(rows[i][1])]
+            if idx is not None:
+                emb = emb.index_select(0, idx)
+                pos = pos.index_select(0, idx.cpu())
+            metrics.record_item(method, modality, num_tokens=t * h * w, num_kept=emb.shape[0])
+            enc = encode_positions(pos[:, :3], emb.dtype).to(emb.device, non_blocking=True)
+            out.append(torch.cat([emb, enc], dim=1))
+        return tuple(out)
+
+    def _tp_recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.Tensor,
+        num_computed_tokens: int,
+        *,
+        media_token_ids: Sequence[int],
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        """``SupportsMultiModalPruning.recompute_mrope_positions`` for pruned media.
+
+        ``mrope_positions`` already holds the right positions for every text token (see
+        :func:`mrope_positions_for_pruned_prompt`); this fills in the real positions of the kept
+        media tokens whose embeddings this step carries. The embeddings are the media
+        placeholder tokens from ``num_computed_tokens`` on, in prompt order (a chunk may end or
+        start inside an item, or span several items), so each row is matched to its placeholder
+        token directly; its item's base position is that of the token before the item's
+        placeholder run, plus one.
+        """
+        embeds = [mm[:, :-POS_CHANNELS] for mm in multimodal_embeddings]
+        positions = mrope_positions.clone()
+        if not multimodal_embeddings:
+            return embeds, positions, int(positions.max()) + 1 - positions.shape[1]
+        rel = torch.cat(
+            [decode_positions(mm[:, -POS_CHANNELS:]).cpu() for mm in multimodal_embeddings], dim=1
+        )
+        ids = torch.as_tensor(input_ids).cpu().long()
+        positions_cpu = positions.cpu()
+        media = torch.zeros_like(ids, dtype=torch.bool)
+        for token_id in media_token_ids:
+            media |= ids == token_id
+        run_start = media.clone()
+        run_start[1:] &= ~media[:-1]
+        run_index = torch.cumsum(run_start.long(), dim=0) - 1
+        starts = run_start.nonzero().flatten()
+        targets = media[num_computed_tokens:].nonzero().flatten()[: rel.shape[1]]
+        targets += num_computed_tokens
+        if targets.numel() != rel.shape[1]:
+            raise RuntimeError(
+                f"vllm-tokenprune: {rel.shape[1]} media embeddings but only {targets.numel()} "
+                "media placeholders left in the prompt"
+            )
+        item_start = starts[run_index[targets]]
+        base = positions_cpu[0, (item_start - 1).clamp(min=0)] + 1
+        positions_cpu[:, targets] = rel + base
+        positions = positions_cpu.to(mrope_positions.device)
+        delta = int(positions_cpu.max()) + 1 - positions_cpu.shape[1]
+        return embeds, positions, delta
+
+
+def mrope_positions_for_pruned_prompt(
+    input_tokens: Sequence[int],
+    media: Sequence[tuple[int, int, int, int, int, float]],
+) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions for a prompt whose media placeholders were cut to their keep-counts.
+
+    ``media``: (offset, length, t, h, w, t_factor) per item, sorted by offset, where ``length``
+    is the pruned placeholder count and (t, h, w) the unpruned LM token grid. Text tokens get
+    exactly the positions they would have in the unpruned prompt. Media tokens get provisional
+    positions (the first ``length`` grid positions); the model's ``recompute_mrope_positions``
+    replaces them with the kept tokens' real positions once their embeddings exist.
+    """
+    chunks: list[torch.Tensor] = []
+    st = 0  # index in input_tokens
+    next_pos = 0  # position of the next text token
+    for offset, length, t, h, w, t_factor in media:
+        text_len = offset - st
+        chunks.append(torch.arange(text_len).expand(3, text_len) + next_pos)
+        base = next_pos + text_len
+        pos = full_positions(t, h, w, t_factor)
+        chunks.append(pos[:length, :3].T + base)
+        next_pos = base + int(pos[0, 3])
+        st = offset + length
+    if st < len(input_tokens):
+        text_len = len(input_tokens) - st
+        chunks.append(torch.arange(text_len).expand(3, text_len) + next_pos)
+        next_pos += text_len
+    positions = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
+    delta = next_pos - len(input_tokens)
+    return positions, delta
