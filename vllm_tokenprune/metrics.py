@@ -1,15 +1,238 @@
-"""Prometheus metrics of visual-token pruning (filled in by the observability work).
+"""Prometheus metrics of visual-token pruning, on the API server's own ``/metrics``.
 
-The model hook calls :func:`record_item` once per media item and :func:`record_scorer_time` once
-per batched scorer call. Both are cheap no-ops until metrics are enabled.
+Series (labels follow vLLM's ``model_name`` convention, plus ``method`` and ``modality``):
+
+===========================================  =========  ====================================
+name                                         type       meaning
+===========================================  =========  ====================================
+``tokenprune_input_visual_tokens_total``     counter    visual tokens the encoder produced
+``tokenprune_kept_visual_tokens_total``      counter    visual tokens given to the LM
+``tokenprune_saved_visual_tokens_total``     counter    input - kept
+``tokenprune_media_items_total``             counter    media items that went through pruning
+``tokenprune_requests_total``                counter    requests with media, by method
+``tokenprune_prune_ratio``                   histogram  the ratio requests asked for
+``tokenprune_scorer_seconds``                histogram  scorer time per batched scorer call
+===========================================  =========  ====================================
+
+Where they are measured:
+
+* Token counts, requests and ratios are exact at preprocessing time, in the API server process
+  (the processor decides the keep-count there, before the encoder runs), so they go straight
+  into the API server's prometheus registry. The endpoint plugin switches recording on
+  (:func:`enable_frontend`), so processes that only profile dummy inputs record nothing.
+* The scorer runs in the worker process. With one API server (vLLM's default) ``/metrics``
+  serves the API server's in-process registry, so the worker writes its cumulative histogram
+  to a small JSON file in ``VLLM_TOKENPRUNE_METRICS_DIR`` (created by the plugin in the API
+  server before the engine starts, inherited by the engine and workers) and a collector in the
+  API server reads those files at scrape time (:class:`WorkerScorerCollector`). With
+  ``--api-server-count > 1`` vLLM switches prometheus_client to multiprocess mode
+  (``PROMETHEUS_MULTIPROC_DIR``) in every process; the worker then records into an ordinary
+  prometheus_client histogram, which vLLM's multiprocess collector aggregates.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
 
-def record_item(method: str, modality: str, *, num_tokens: int, num_kept: int) -> None:
-    """One media item went through the pruning hook."""
+METRICS_DIR_ENV = "VLLM_TOKENPRUNE_METRICS_DIR"
+RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.6, 0.75, 0.8, 0.889, 0.9, 0.944, 0.97, 0.99, 1.0)
+SCORER_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5,
+                  1.0, 2.5, 5.0)
+
+_lock = threading.Lock()
+_frontend: dict[str, Any] | None = None
+_worker: _WorkerScorerRecorder | None = None
+
+
+# --------------------------------------------------------------------------- front end
+
+
+def enable_frontend() -> None:
+    """Create the API-server-side metrics (idempotent). Called by the endpoint plugin."""
+    global _frontend
+    with _lock:
+        if _frontend is not None:
+            return
+        from prometheus_client import Counter, Histogram
+
+        labels = ["model_name", "method", "modality"]
+        _frontend = {
+            "input": Counter("tokenprune_input_visual_tokens",
+                             "Visual tokens produced by the vision encoder (before pruning).",
+                             labels),
+            "kept": Counter("tokenprune_kept_visual_tokens",
+                            "Visual tokens kept and given to the language model.", labels),
+            "saved": Counter("tokenprune_saved_visual_tokens",
+                             "Visual tokens pruned (input - kept).", labels),
+            "items": Counter("tokenprune_media_items",
+                             "Media items that went through visual-token pruning.", labels),
+            "requests": Counter("tokenprune_requests",
+                                "Requests with media served by a TokenPrune model.",
+                                ["model_name", "method"]),
+            "ratio": Histogram("tokenprune_prune_ratio",
+                               "Prune ratio requested (or defaulted) per request and modality.",
+                               ["model_name", "modality"], buckets=RATIO_BUCKETS),
+        }
+
+
+def record_request(model_name: str, method: str,
+                   items: Iterable[tuple[str, str, int, int]],
+                   ratios: dict[str, float]) -> None:
+    """One request passed preprocessing. ``items``: (modality, method, tokens, kept)."""
+    m = _frontend
+    if m is None:
+        return
+    m["requests"].labels(model_name, method).inc()
+    for modality, ratio in ratios.items():
+        m["ratio"].labels(model_name, modality).observe(ratio)
+    for modality, item_method, tokens, kept in items:
+        labels = (model_name, item_method, modality)
+        m["input"].labels(*labels).inc(tokens)
+        m["kept"].labels(*labels).inc(kept)
+        m["saved"].labels(*labels).inc(tokens - kept)
+        m["items"].labels(*labels).inc()
+
+
+# --------------------------------------------------------------------------- worker
+
+
+class _WorkerScorerRecorder:
+    """Cumulative scorer-time histogram of one worker process, published for the API server."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.dir = os.environ.get(METRICS_DIR_ENV)
+        self.series: dict[tuple[str, str], list[float]] = {}
+        self.hist = None
+        if self.multiproc:
+            from prometheus_client import Histogram
+
+            self.hist = Histogram("tokenprune_scorer_seconds",
+                                  "Time of one batched scorer call in the model's vision hook.",
+                                  ["model_name", "method", "modality"], buckets=SCORER_BUCKETS)
+
+    def observe(self, method: str, modality: str, seconds: float) -> None:
+        if self.hist is not None:
+            self.hist.labels(self.model_name, method, modality).observe(seconds)
+            return
+        if not self.dir:
+            return
+        counts = self.series.setdefault((method, modality), [0.0] * (len(SCORER_BUCKETS) + 2))
+        for i, bound in enumerate(SCORER_BUCKETS):
+            if seconds <= bound:
+                counts[i] += 1
+        counts[-2] += seconds  # sum
+        counts[-1] += 1  # count (also the +Inf bucket)
+        self._publish()
+
+    def _publish(self) -> None:
+        payload = {
+            "model_name": self.model_name,
+            "buckets": list(SCORER_BUCKETS),
+            "series": [{"method": m, "modality": mod, "values": v}
+                       for (m, mod), v in self.series.items()],
+        }
+        path = os.path.join(self.dir or "", f"scorer-{os.getpid()}.json")
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(payload, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # the API server's directory is gone (shutting down): nothing to publish to
+
+
+def init_worker(model_name: str) -> None:
+    """Called when a TokenPrune model is built in a worker."""
+    global _worker
+    with _lock:
+        if _worker is None:
+            _worker = _WorkerScorerRecorder(model_name)
 
 
 def record_scorer_time(method: str, modality: str, seconds: float) -> None:
-    """One batched scorer call took ``seconds``."""
+    """One batched scorer call took ``seconds`` (worker process)."""
+    if _worker is not None:
+        _worker.observe(method, modality, seconds)
+
+
+# --------------------------------------------------------------------------- API server
+
+
+def ensure_metrics_dir() -> str:
+    """Create the worker-to-API-server directory in the API server (before the engine starts)."""
+    path = os.environ.get(METRICS_DIR_ENV)
+    if path:
+        return path
+    path = tempfile.mkdtemp(prefix="vllm-tokenprune-metrics-")
+    os.environ[METRICS_DIR_ENV] = path
+    pid = os.getpid()
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+class WorkerScorerCollector:
+    """Reads the workers' scorer histograms at scrape time (registered in the API server)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+
+        fam = HistogramMetricFamily(
+            "tokenprune_scorer_seconds",
+            "Time of one batched scorer call in the model's vision hook.",
+            labels=["model_name", "method", "modality"],
+        )
+        merged: dict[tuple[str, str, str], list[float]] = {}
+        bounds: list[float] = list(SCORER_BUCKETS)
+        try:
+            names = sorted(os.listdir(self.path))
+        except OSError:
+            names = []
+        for name in names:
+            if not (name.startswith("scorer-") and name.endswith(".json")):
+                continue
+            try:
+                with open(os.path.join(self.path, name)) as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                continue
+            bounds = data["buckets"]
+            for s in data["series"]:
+                key = (data["model_name"], s["method"], s["modality"])
+                acc = merged.setdefault(key, [0.0] * len(s["values"]))
+                for i, v in enumerate(s["values"]):
+                    acc[i] += v
+        for labels, v in sorted(merged.items()):
+            buckets = [(str(b), v[i]) for i, b in enumerate(bounds)]
+            buckets.append(("+Inf", v[-1]))
+            fam.add_metric(list(labels), buckets, sum_value=v[-2])
+        yield fam
+
+
+_collector_registered = False
+
+
+def register_worker_collector() -> None:
+    """In the API server: expose the workers' scorer histograms on ``/metrics`` (idempotent)."""
+    global _collector_registered
+    with _lock:
+        if _collector_registered or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return
+        path = os.environ.get(METRICS_DIR_ENV)
+        if not path:
+            return
+        from prometheus_client import REGISTRY
+
+        REGISTRY.register(WorkerScorerCollector(path))
+        _collector_registered = True

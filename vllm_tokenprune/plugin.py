@@ -33,6 +33,12 @@ def register() -> None:
     for arch, target in ARCHITECTURES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
+    if is_openai_server_process():
+        # Runs in the API server before it starts the engine: the engine core and workers
+        # inherit the directory through which workers publish scorer timings (see metrics).
+        from vllm_tokenprune.metrics import ensure_metrics_dir
+
+        ensure_metrics_dir()
 
 
 def is_openai_server_process() -> bool:

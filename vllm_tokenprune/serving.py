@@ -32,6 +32,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from vllm_tokenprune import metrics
 from vllm_tokenprune.config import (
     REQUEST_FIELDS,
     RequestFieldError,
@@ -213,6 +214,8 @@ class TokenPruneEndpointPlugin:
 
         app.include_router(router)
         app.add_middleware(TokenPruneMiddleware)
+        metrics.enable_frontend()
+        metrics.register_worker_collector()
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:

@@ -14,11 +14,15 @@ Processor side (runs where vLLM preprocesses requests, the API server):
 Model side (runs in the worker, inside vLLM's batched encoder step): after the vision encoder
 produced each item's embeddings, :meth:`TokenPruneModelMixin._tp_prune` scores every item of the
 batch (one batched scorer call per method), keeps the selected rows in their original order and
-appends their unpruned M-RoPE ``(t, h, w)`` positions plus the position the following text
-starts at. vLLM's EVS machinery (``SupportsMultiModalPruning.recompute_mrope_positions`` and
-``vllm.multimodal.video_prune.evs.recompute_mrope_positions``) then places the kept tokens at
-their original positions and the text after them exactly where it would be unpruned, across
-chunked prefill. Positions travel as base-256 digit pairs so they survive bf16 exactly.
+appends their unpruned M-RoPE ``(t, h, w)`` positions to the rows, as vLLM's EVS video pruning
+does. The prompt's text positions are laid out as in the unpruned prompt from the start
+(:func:`mrope_positions_for_pruned_prompt`), and vLLM's model runner hands each prefill step's
+media rows back through ``SupportsMultiModalPruning.recompute_mrope_positions``, where the kept
+tokens get their original positions (:meth:`TokenPruneModelMixin._tp_recompute_mrope_positions`).
+That hook is vLLM's; the position fill is ours because vLLM's EVS helper
+(``evs.recompute_mrope_positions``) misplaces tokens when one prefill chunk carries the end of
+one item and the start of the next (seen with two images and ``--max-num-batched-tokens 96``).
+Positions travel as base-256 digit pairs, so they survive bf16 exactly at any grid size.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 
 from vllm_tokenprune.config import (
     REQUEST_FIELDS,
@@ -41,10 +46,14 @@ from vllm_tokenprune.config import (
 )
 from vllm_tokenprune.scoring import list_methods, num_kept, select_tokens_batch
 
+logger = init_logger(__name__)
+
 #: Stable method <-> integer id mapping used in the per-item tensor field.
 METHOD_IDS: dict[str, int] = {m: i for i, m in enumerate(sorted(list_methods()))}
 METHODS_BY_ID: dict[int, str] = {i: m for m, i in METHOD_IDS.items()}
 
+#: Items whose token counts the processor remembers for metrics of processor-cache hits.
+_SEEN_ITEMS = 65536
 #: Longest prompt text (in tokens, the last ones) handed to text-conditioned scorers.
 MAX_TEXT_TOKENS = 256
 #: Channels appended to each kept embedding row: its (t, h, w) position as base-256 digits.
@@ -139,9 +148,52 @@ class TokenPruneProcessorMixin:
     def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         token = _prompt_text_ids.set(self._tp_text_ids(inputs.prompt))
         try:
-            return super().apply(inputs, *args, **kwargs)  # type: ignore[misc]
+            result = super().apply(inputs, *args, **kwargs)  # type: ignore[misc]
         finally:
             _prompt_text_ids.reset(token)
+        self._tp_record(result, inputs.hf_processor_mm_kwargs)
+        return result
+
+    def _tp_record(self, result: Any, mm_kwargs: Mapping[str, object]) -> None:
+        """Count this request's visual tokens (exact: the keep-counts are fixed here).
+
+        Items served from vLLM's processor cache come back without their data (``None``), so
+        each item's (method, tokens, kept) is remembered by its cache hash when first seen.
+        """
+        from vllm_tokenprune import metrics
+
+        if metrics._frontend is None:
+            return
+        seen = getattr(self, "_tp_seen", None)
+        if seen is None:
+            seen = self._tp_seen = OrderedDict()
+        items = []
+        ratios = {}
+        for modality, modality_items in result["mm_kwargs"].items():
+            if modality not in ("image", "video") or not modality_items:
+                continue
+            ratios[modality], _ = self._tp_resolve(mm_kwargs, modality)
+            hashes = result["mm_hashes"].get(modality, [])
+            for i, item in enumerate(modality_items):
+                key = hashes[i] if i < len(hashes) else None
+                if item is not None:
+                    num_keep, method_id = (int(v) for v in item[params_key(modality)].data)
+                    t, h, w = self._tp_grid(modality, item[f"{modality}_grid_thw"].data)
+                    info = (METHODS_BY_ID[method_id], t * h * w, num_keep)
+                    if key is not None:
+                        seen[key] = info
+                        if len(seen) > _SEEN_ITEMS:
+                            seen.popitem(last=False)
+                else:
+                    info = seen.get(key)
+                    if info is None:
+                        continue
+                    seen.move_to_end(key)
+                items.append((modality, *info))
+        if items:
+            _, method = self._tp_resolve(mm_kwargs, "image")
+            model_name = self.info.ctx.model_config.served_model_name
+            metrics.record_request(model_name, method, items, ratios)
 
     def _tp_text_ids(self, prompt: Sequence[int] | str) -> tuple[int, ...]:
         if isinstance(prompt, str):
@@ -269,11 +321,13 @@ class TokenPruneModelMixin:
     tp_config: TokenPruneConfig
 
     def _tp_setup(self, vllm_config: Any) -> None:
+        from vllm_tokenprune import metrics
         from vllm_tokenprune.plugin import check_request_bridge
 
         model_config = vllm_config.model_config
         self.tp_config = config_from_hf_config(model_config.hf_config)
         check_request_bridge()
+        metrics.init_worker(model_config.served_model_name)
         mm_config = model_config.multimodal_config
         if mm_config is not None and (mm_config.video_pruning_rate or 0) > 0:
             raise ValueError(
@@ -286,6 +340,28 @@ class TokenPruneModelMixin:
         if mm_config is not None:
             object.__setattr__(mm_config, "is_multimodal_pruning_enabled", lambda: True)
         self.is_multimodal_pruning_enabled = True
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: Any = None,
+                        **kwargs: Any) -> torch.Tensor:
+        """Guard: rows still carrying position channels mean the model runner never called
+        ``recompute_mrope_positions`` (vLLM 0.32's ``CPUModelRunner.load_model`` skips the
+        switch; ``scripts/cpu_dev_shims.py`` restores it). Serve rather than crash: strip the
+        channels, keep the provisional positions, and say so once."""
+        if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
+            width = self.config.get_text_config().hidden_size  # type: ignore[attr-defined]
+            if multimodal_embeddings[0].shape[-1] == width + POS_CHANNELS:
+                if not getattr(self, "_tp_warned_no_recompute", False):
+                    self._tp_warned_no_recompute = True
+                    logger.error(
+                        "vllm-tokenprune: the model runner did not call "
+                        "recompute_mrope_positions, so kept visual tokens get approximate "
+                        "positions. On vLLM CPU builds install scripts/cpu_dev_shims.py "
+                        "(scripts/setup-cpu.sh does)."
+                    )
+                multimodal_embeddings = [m[:, :-POS_CHANNELS] for m in multimodal_embeddings]
+        return super().embed_input_ids(  # type: ignore[misc]
+            input_ids, multimodal_embeddings, **kwargs
+        )
 
     def _tp_text_embeds(self, ids_row: torch.Tensor, device: torch.device) -> torch.Tensor:
         ids = ids_row[ids_row >= 0].to(device)
@@ -336,11 +412,9 @@ class TokenPruneModelMixin:
             t, h, w = grids[i]
             pos = full_positions(t, h, w, t_factors[i])
             idx = keep_idx[i]
-            method = METHODS_BY_ID[int(rows[i][1])]
             if idx is not None:
                 emb = emb.index_select(0, idx)
                 pos = pos.index_select(0, idx.cpu())
-            metrics.record_item(method, modality, num_tokens=t * h * w, num_kept=emb.shape[0])
             enc = encode_positions(pos[:, :3], emb.dtype).to(emb.device, non_blocking=True)
             out.append(torch.cat([emb, enc], dim=1))
         return tuple(out)
