@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vllm_tokenprune import num_kept, select_tokens
+from vllm_tokenprune.models._mixin import MAX_TEXT_TOKENS
 
 
 @lru_cache(maxsize=2)
@@ -50,6 +51,13 @@ def qwen_reference_logprobs(model_dir: str | Path, images: list[Any], text: str,
             mm_token_type_ids=inputs["mm_token_type_ids"],
         )
         text_embeds = model.get_input_embeddings()(input_ids[0])
+        # Text-conditioned scorers see the prompt's text tokens (special and media tokens
+        # removed, the last MAX_TEXT_TOKENS), embedded by the LM's input table.
+        skip = set(processor.tokenizer.all_special_ids) | {
+            model.config.image_token_id, model.config.video_token_id,
+            model.config.vision_start_token_id, model.config.vision_end_token_id}
+        text_ids = [t for t in input_ids[0].tolist() if t not in skip][-MAX_TEXT_TOKENS:]
+        prompt_text_embeds = model.get_input_embeddings()(torch.tensor(text_ids))
 
         keep_cols: list[int] = []
         rows: list[torch.Tensor] = []
@@ -66,8 +74,8 @@ def qwen_reference_logprobs(model_dir: str | Path, images: list[Any], text: str,
             k = num_kept(n, prune_ratio, min_keep)
             t, h, w = (int(x) for x in inputs["image_grid_thw"][image_idx])
             merge = model.config.vision_config.spatial_merge_size
-            idx = select_tokens(emb, k, method, grid=(t, h // merge, w // merge)) if k < n \
-                else torch.arange(n)
+            idx = select_tokens(emb, k, method, grid=(t, h // merge, w // merge),
+                                text_embeds=prompt_text_embeds) if k < n else torch.arange(n)
             keep_cols.extend(i + int(j) for j in idx)
             rows.extend(emb[idx])
             i += n

@@ -92,8 +92,6 @@ def test_logprobs_match_transformers_reference(tp_server, tiny_qwen_dir, method)
     need ~5e-2.) The server splits this prompt over several chunked-prefill steps (96 tokens a
     step), so positions of kept tokens survive chunking too.
     """
-    if method == "resprune":
-        pytest.skip("text-conditioned: covered by test_text_conditioned_cache_keys")
     images = [make_image(336, 252, seed=5), make_image(224, 280, seed=6)]
     ratio = 0.75
     res = chat(tp_server, images, logprobs=True, prune_ratio=ratio, prune_method=method,

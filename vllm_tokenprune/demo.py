@@ -1,4 +1,4 @@
-"""The README's main job: serve a tiny Qwen2.5-VL with LRCP pruning on CPU and ask it about an image.
+"""The README's main job: serve a tiny Qwen2.5-VL with LRCP pruning on CPU, ask about an image.
 
     python -m vllm_tokenprune.demo [--ratio 0.75] [--method lrcp] [--model-dir DIR]
 

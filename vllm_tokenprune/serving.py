@@ -46,6 +46,7 @@ from vllm_tokenprune.scoring import list_methods
 PRUNE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _UNTRUSTED_KWARGS = ("mm_processor_kwargs", "media_io_kwargs")
 _STATE_KEY = "tokenprune"
+_INLINE_BODY_BYTES = 256 * 1024
 
 
 class _BridgeState:
@@ -70,7 +71,9 @@ def _error(status: int, message: str, param: str | None) -> tuple[int, bytes]:
     return status, json.dumps(body).encode()
 
 
-def rewrite_body(body: bytes, path: str, state: _BridgeState) -> tuple[bytes | None, tuple[int, bytes] | None]:
+def rewrite_body(
+    body: bytes, path: str, state: _BridgeState
+) -> tuple[bytes | None, tuple[int, bytes] | None]:
     """Decide what happens to one request body.
 
     Returns ``(new_body, None)`` to forward ``new_body`` (``None``: unchanged), or
@@ -152,7 +155,15 @@ class TokenPruneMiddleware:
             more = message.get("more_body", False)
         body = b"".join(chunks)
 
-        new_body, error = rewrite_body(body, scope.get("path", ""), state)
+        path = scope.get("path", "")
+        if len(body) > _INLINE_BODY_BYTES:
+            # Parsing a multi-megabyte JSON body (inline base64 images) would stall the event
+            # loop that serves every other request: do it in a worker thread.
+            import anyio.to_thread
+
+            new_body, error = await anyio.to_thread.run_sync(rewrite_body, body, path, state)
+        else:
+            new_body, error = rewrite_body(body, path, state)
         if error is not None:
             status, payload = error
             await send({
@@ -165,7 +176,9 @@ class TokenPruneMiddleware:
             return
         if new_body is not None:
             body = new_body
-            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+            headers = [
+                (k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"
+            ]
             headers.append((b"content-length", str(len(body)).encode()))
             scope = dict(scope, headers=headers)
 

@@ -91,7 +91,9 @@ class VLLMServer:
                 pass
             time.sleep(1.0)
         self.stop()
-        raise TimeoutError(f"vLLM server not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"vLLM server not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}"
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -133,8 +135,13 @@ class VLLMServer:
                       timeout=300)
 
 
-def run_until_exit(model: str | Path, args: Sequence[str] = (), *, env: dict[str, str | None] | None = None,
-                   timeout: float = 300.0) -> tuple[int | None, str]:
+def run_until_exit(
+    model: str | Path,
+    args: Sequence[str] = (),
+    *,
+    env: dict[str, str | None] | None = None,
+    timeout: float = 300.0,
+) -> tuple[int | None, str]:
     """Start a server that is expected to refuse to start; return (exit code, its output).
 
     The exit code is ``None`` when the server was still running after ``timeout`` seconds (it
