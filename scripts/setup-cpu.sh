@@ -35,3 +35,21 @@ echo "import _tokenprune_cpu_dev_shims; _tokenprune_cpu_dev_shims.install()" \
 
 "$VPY" -m pip install -q -e ".[test]"
 "$VPY" -c "import torchvision.transforms.v2, vllm, vllm_tokenprune; print('[setup] ok: vllm', vllm.__version__)"
+
+# -------------------------------------------------------------------------------------------
+# Prometheus (Debian's `prometheus` package: `prometheus` and `promtool`) for
+# tests/test_prometheus.py and tests/test_deploy.py. Separate from the Python set-up above.
+# Idempotent: does nothing when promtool is on PATH. Needs root and apt-get (CI: root on
+# Debian); elsewhere it says how to install it, and the tests that need it skip with that reason.
+if ! command -v promtool >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing prometheus (Debian package) for the Prometheus tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+      || echo "[setup] warning: could not install prometheus; the Prometheus tests will skip"
+  else
+    echo "[setup] prometheus is not installed (as root: apt-get install prometheus);" \
+      "the Prometheus tests will skip"
+  fi
+fi

@@ -146,13 +146,32 @@ class _WorkerScorerRecorder:
             with open(tmp, "w") as f:
                 json.dump(payload, f)
             os.replace(tmp, path)
-        except OSError:
-            pass  # the API server's directory is gone (shutting down): nothing to publish to
+        except OSError as e:
+            # The API server's directory is gone (shutting down) or not on this node (a Ray
+            # worker on another machine): say so once, keep serving.
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                from vllm.logger import init_logger
+
+                init_logger(__name__).warning(
+                    "vllm-tokenprune: cannot publish scorer timings to %s (%s); "
+                    "tokenprune_scorer_seconds will miss this worker", self.dir, e)
 
 
 def init_worker(model_name: str) -> None:
-    """Called when a TokenPrune model is built in a worker."""
+    """Called when a TokenPrune model is built in a worker.
+
+    With tensor parallelism every rank runs the scorer on the same batch; only the first rank
+    records, so the histogram counts scorer calls, not calls x ranks.
+    """
     global _worker
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        if get_tensor_model_parallel_rank() != 0:
+            return
+    except Exception:  # not initialised (e.g. a unit test): record
+        pass
     with _lock:
         if _worker is None:
             _worker = _WorkerScorerRecorder(model_name)

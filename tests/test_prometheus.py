@@ -1,0 +1,378 @@
+"""A real Prometheus (Debian's ``prometheus``) scraping a real CPU vLLM server with the plugin.
+
+One dedicated server (its counters see only this module's requests) and one Prometheus started
+from the shipped ``deploy/prometheus/prometheus.yml`` (target and a 1 s scrape interval
+rewritten). The module sends image requests at several prune ratios and methods, each next to
+the same request at ``prune_ratio`` 0, and checks through Prometheus's HTTP API that:
+
+* every PromQL expression of ``deploy/grafana/tokenprune-dashboard.json`` returns data, and the
+  dashboard's template variables resolve to this server's model and methods;
+* ``tokenprune_saved_visual_tokens_total`` equals the savings the responses imply
+  (``usage.prompt_tokens`` at ratio 0 minus at the ratio), per method and in total;
+* ``tokenprune_scorer_seconds``, measured in the worker process, is on the API server's
+  ``/metrics`` and grows with pruned requests (and only with them).
+
+It also renders the dashboard's panels from this Prometheus (``benchmarks/plot_dashboard.py``);
+``TOKENPRUNE_UPDATE_DOCS=1`` writes the picture to ``docs/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import QWEN25_ARCH, QWEN_SERVER_ARGS
+from vllm_tokenprune import num_kept
+from vllm_tokenprune.testing.media import chat_messages, make_image, qwen_image_tokens
+from vllm_tokenprune.testing.server import VLLMServer, free_port, token_prune_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import plot_dashboard as pd  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+MODEL_NAME = "tiny-qwen"
+METHODS = ("lrcp", "svd_prune", "divprune", "uniform")
+RATIOS = (0.5, 0.75, 0.889)
+SIZES = ((224, 224), (280, 196), (336, 252), (252, 336))
+PROMPT = "Describe this image."
+SCRAPE_S = 1.0
+ROUNDS = 3
+SHIPPED_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def prometheus_binaries() -> tuple[str, str]:
+    """``prometheus`` and ``promtool``, installed with apt-get when missing (as
+    ``scripts/setup-cpu.sh`` does); skip only when that is impossible here."""
+    if not (shutil.which("prometheus") and shutil.which("promtool")):
+        if shutil.which("apt-get") and os.geteuid() == 0:
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]
+            if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+                subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+                subprocess.run(install, env=env, capture_output=True)
+    prom, tool = shutil.which("prometheus"), shutil.which("promtool")
+    if not (prom and tool):
+        pytest.skip("Prometheus is not installed and cannot be installed here (needs root and "
+                    "apt-get: `apt-get install prometheus`, which scripts/setup-cpu.sh runs)")
+    return prom, tool
+
+
+def scrape_config_for(vllm_port: int) -> dict[str, Any]:
+    """The shipped config with the vLLM job pointed at the test server, scraped every second."""
+    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    interval = f"{SCRAPE_S:g}s"
+    config["global"].update(scrape_interval=interval, scrape_timeout=interval,
+                            evaluation_interval=interval)
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "vllm"]
+    job["static_configs"][0]["targets"] = [f"127.0.0.1:{vllm_port}"]
+    config["scrape_configs"] = [job]
+    return config
+
+
+class PrometheusProcess:
+    def __init__(self, binary: str, config: Path, data_dir: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "wb")  # noqa: SIM115
+        self.log_path = log
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited: {log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"prometheus not ready: {log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class Ledger:
+    """What the responses imply, for every request this module sent to its server."""
+
+    requests: int = 0
+    saved_by_usage: Counter = field(default_factory=Counter)  # method -> tokens
+    saved_by_count: Counter = field(default_factory=Counter)  # method -> tokens
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Stack:
+    server: VLLMServer
+    prom: pd.Prometheus
+    prom_process: PrometheusProcess
+    promtool: str
+    model_dir: Path
+    metrics_dir: Path
+    started: float
+    ledger: Ledger = field(default_factory=Ledger)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    prom_bin, promtool = prometheus_binaries()
+    work = tmp_path_factory.mktemp("prometheus")
+    logs = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
+    logs.mkdir(parents=True, exist_ok=True)
+    vllm_port = free_port()
+    config = work / "prometheus.yml"
+    config.write_text(yaml.safe_dump(scrape_config_for(vllm_port), sort_keys=False))
+    check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    prom = PrometheusProcess(prom_bin, config, work / "data", logs / "prometheus.log")
+    metrics_dir = work / "worker-metrics"
+    metrics_dir.mkdir()
+    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=0.5)
+    try:
+        server = VLLMServer(
+            tiny_qwen_dir,
+            [*QWEN_SERVER_ARGS, "--served-model-name", MODEL_NAME, "--hf-overrides", overrides],
+            port=vllm_port, log_path=logs / "prometheus_qwen.log",
+            env={"VLLM_TOKENPRUNE_METRICS_DIR": str(metrics_dir)},
+        )
+    except BaseException:
+        prom.stop()
+        raise
+    st = Stack(server, pd.Prometheus(prom.url), prom, promtool, tiny_qwen_dir, metrics_dir,
+               started=time.time())
+    try:
+        yield st
+    finally:
+        server.stop()
+        prom.stop()
+
+
+def chat(st: Stack, image: Any, ratio: float, method: str) -> int:
+    """One chat request; returns usage.prompt_tokens."""
+    r = requests.post(st.server.base_url + "/v1/chat/completions", timeout=300, json={
+        "model": MODEL_NAME, "messages": chat_messages([image], PROMPT), "max_tokens": 4,
+        "ignore_eos": True, "temperature": 0.0, "prune_ratio": ratio, "prune_method": method,
+    })
+    assert r.status_code == 200, r.text
+    return int(r.json()["usage"]["prompt_tokens"])
+
+
+def send_pair(st: Stack, image: Any, method: str, ratios: tuple[float, ...]) -> None:
+    """The request at ratio 0, then the same request at each ratio; book the savings."""
+    tokens = qwen_image_tokens(st.model_dir, image)
+    unpruned = chat(st, image, 0.0, method)
+    with st.ledger.lock:
+        st.ledger.requests += 1
+        st.ledger.saved_by_usage[method] += 0  # the method's series exists from now on
+        st.ledger.saved_by_count[method] += 0
+    for ratio in ratios:
+        pruned = chat(st, image, ratio, method)
+        by_count = tokens - num_kept(tokens, ratio)
+        assert unpruned - pruned == by_count, (method, ratio)  # keeps the ledger honest
+        with st.ledger.lock:
+            st.ledger.requests += 1
+            st.ledger.saved_by_usage[method] += unpruned - pruned
+            st.ledger.saved_by_count[method] += by_count
+
+
+def scrape(st: Stack) -> dict[str, list[Any]]:
+    """The API server's /metrics, parsed by prometheus_client's own parser: name -> samples."""
+    text = requests.get(st.server.base_url + "/metrics", timeout=30).text
+    samples: dict[str, list[Any]] = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[s.name].append(s)
+    return samples
+
+
+def total(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
+    return sum(s.value for s in samples.get(name, [])
+               if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def prom_scalar(st: Stack, expr: str) -> float:
+    result = st.prom.query(expr)
+    return float(result[0]["value"][1]) if result else float("nan")
+
+
+def wait_scraped(st: Stack, timeout: float = 20.0) -> None:
+    """Until Prometheus has scraped the server's current counters (no request in flight)."""
+    want = total(scrape(st), "tokenprune_requests_total")
+    expr = f'sum(tokenprune_requests_total{{model_name="{MODEL_NAME}"}})'
+    deadline = time.monotonic() + timeout
+    while prom_scalar(st, expr) != want:
+        assert time.monotonic() < deadline, (
+            f"Prometheus did not scrape the server in {timeout}s: {prom_scalar(st, expr)} "
+            f"vs {want} on /metrics; targets: {requests.get(st.prom.url + '/api/v1/targets').text}"
+        )
+        time.sleep(SCRAPE_S / 2)
+
+
+@pytest.fixture(scope="module")
+def traffic(stack: Stack) -> tuple[float, float]:
+    """Rounds of traffic a few scrapes apart (so every counter series that a request creates
+    is also seen increasing, as rate() needs). Returns the (start, end) window."""
+    for rnd in range(ROUNDS):
+        def one(i: int, rnd: int = rnd) -> None:
+            w, h = SIZES[i]
+            send_pair(stack, make_image(w, h, seed=100 * rnd + i), METHODS[i], RATIOS)
+
+        with ThreadPoolExecutor(len(METHODS)) as pool:
+            list(pool.map(one, range(len(METHODS))))
+        time.sleep(4 * SCRAPE_S)
+    wait_scraped(stack)
+    return stack.started, time.time()
+
+
+def dashboard_variables(st: Stack, window: float, **overrides: str) -> dict[str, str]:
+    values = {"model_name": MODEL_NAME, "method": ".*", "datasource": "prometheus",
+              "__rate_interval": pd.duration(window), "__interval": "1s",
+              "__range": pd.duration(window)}
+    values.update(overrides)
+    return values
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_scorer_seconds_from_the_worker_reach_the_api_server_metrics(stack: Stack):
+    """The scorer runs in the worker process; its histogram is on the API server's /metrics,
+    grows by one call per pruned image and not at all for unpruned requests."""
+    name = "tokenprune_scorer_seconds_count"
+    before = total(scrape(stack), name, model_name=MODEL_NAME)
+    send_pair(stack, make_image(308, 224, seed=900), "lrcp", ())  # ratio 0 only
+    after_unpruned = total(scrape(stack), name, model_name=MODEL_NAME)
+    assert after_unpruned == before
+    send_pair(stack, make_image(308, 224, seed=901), "svd_prune", (0.75,))
+    samples = scrape(stack)
+    assert total(samples, name, model_name=MODEL_NAME) == before + 1
+    assert total(samples, name, model_name=MODEL_NAME, method="svd_prune") >= 1
+    assert total(samples, "tokenprune_scorer_seconds_sum", method="svd_prune") > 0
+    # ... and it was measured in another process of this server: the worker's published file
+    files = sorted(stack.metrics_dir.glob("scorer-*.json"))
+    assert files, "the worker published no scorer timings"
+    pids = {int(re.fullmatch(r"scorer-(\d+)\.json", f.name).group(1)) for f in files}
+    api_server = stack.server.proc.pid
+    assert api_server not in pids
+    for pid in pids:  # a live process of the server's session (VLLMServer starts one)
+        assert os.getsid(pid) == api_server
+
+
+def test_every_dashboard_expression_returns_data(stack: Stack, traffic: tuple[float, float]):
+    start, end = traffic
+    dashboard = pd.load_dashboard()
+    values = dashboard_variables(stack, end - start)
+    checked, empty = 0, []
+    for panel, target in pd.iter_exprs(dashboard):
+        expr = pd.expand(target["expr"], values)
+        result = stack.prom.query(expr, end)
+        finite = [r for r in result if math.isfinite(float(r["value"][1]))]
+        if not finite:
+            empty.append(f"{panel['title']} [{target['refId']}]: {expr} -> {result}")
+        checked += 1
+    assert checked >= 20, checked
+    assert not empty, "expressions without data:\n" + "\n".join(empty)
+
+
+def test_dashboard_filters_by_model_and_method(stack: Stack, traffic: tuple[float, float]):
+    """The template variables resolve (label_values queries) and filter the panels."""
+    start, end = traffic
+    dashboard = pd.load_dashboard()
+    resolved = {}
+    for var in pd.template_variables(dashboard):
+        if var["type"] != "query":
+            continue
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["query"])
+        assert m, var["query"]
+        match = pd.expand(m.group(1), {"model_name": MODEL_NAME})
+        resolved[var["name"]] = set(stack.prom.label_values(m.group(2), match))
+    assert resolved["model_name"] == {MODEL_NAME}
+    assert resolved["method"] == set(METHODS)
+    # one method selected: the by-method panels show that method only
+    values = dashboard_variables(stack, end - start, method="divprune")
+    (panel,) = [p for p in pd.iter_panels(dashboard)
+                if p["title"] == "Visual tokens saved per second by method"]
+    result = stack.prom.query(pd.expand(panel["targets"][0]["expr"], values), end)
+    assert [r["metric"].get("method") for r in result] == ["divprune"]
+    # another model selected: no data
+    values = dashboard_variables(stack, end - start, model_name="some-other-model")
+    assert stack.prom.query(pd.expand(panel["targets"][0]["expr"], values), end) == []
+
+
+def test_saved_token_counter_equals_savings_implied_by_responses(
+        stack: Stack, traffic: tuple[float, float]):
+    wait_scraped(stack)
+    ledger = stack.ledger
+    sel = f'model_name="{MODEL_NAME}"'
+    by_method = {r["metric"]["method"]: float(r["value"][1]) for r in stack.prom.query(
+        f"sum by (method) (tokenprune_saved_visual_tokens_total{{{sel}}})")}
+    implied = {m: float(v) for m, v in ledger.saved_by_usage.items()}
+    assert by_method == implied
+    assert sum(by_method.values()) == sum(ledger.saved_by_count.values()) > 0
+    assert prom_scalar(stack, f"sum(tokenprune_saved_visual_tokens_total{{{sel}}})") == sum(
+        implied.values())
+    # the siblings agree: input - kept == saved; one request counted per request sent
+    assert prom_scalar(stack, f"sum(tokenprune_input_visual_tokens_total{{{sel}}}) - "
+                              f"sum(tokenprune_kept_visual_tokens_total{{{sel}}})"
+                       ) == sum(implied.values())
+    assert prom_scalar(stack, f"sum(tokenprune_requests_total{{{sel}}})") == ledger.requests
+
+
+def test_dashboard_picture_from_prometheus_data(stack: Stack, traffic: tuple[float, float],
+                                                tmp_path: Path):
+    start, end = traffic
+    dashboard = pd.load_dashboard()
+    out = tmp_path / "dashboard.png"
+    drawn = pd.render(dashboard, stack.prom.url, start, end, out,
+                      {"model_name": MODEL_NAME, "method": ".*", "datasource": "prometheus"},
+                      step=1.0, scrape_interval=2.5,
+                      subtitle="rendered from Prometheus by tests/test_prometheus.py "
+                               "(tiny random Qwen2.5-VL on CPU)",
+                      xlabel="seconds since the server was ready")
+    panels = [p["title"] for p in pd.iter_panels(dashboard)]
+    assert set(drawn) == set(panels)
+    assert all(n >= 1 for n in drawn.values()), drawn
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 50_000
+    if os.environ.get("TOKENPRUNE_UPDATE_DOCS") == "1":
+        shutil.copyfile(out, ROOT / "docs" / "dashboard.png")
