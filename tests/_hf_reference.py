@@ -1,10 +1,25 @@
-"""Reference next-token log-probabilities computed outside vLLM, with transformers' own model.
+"""Reference next-token log-probabilities computed outside vLLM, with transformers' own models.
 
-The reference runs transformers' Qwen2.5-VL on the same weights and prompt, computes every
-image's embeddings with transformers' vision tower, selects the kept tokens with the plugin's
-pure-torch scorer (the same call the vLLM hook makes), and feeds the language model only the
-kept embeddings, at the M-RoPE positions transformers itself assigns them in the unpruned
-sequence (its own ``get_rope_index``). Nothing here touches vLLM.
+For every supported family the reference runs transformers' model on the same weights and
+prompt, computes every media item's embeddings with transformers' vision tower, selects the
+kept tokens with the plugin's pure-torch scorer (the same call the vLLM hook makes, on the same
+features), and feeds the language model only the kept embeddings:
+
+* Qwen2-VL / Qwen2.5-VL / Qwen3-VL: at the M-RoPE positions transformers itself assigns them in
+  the unpruned sequence (its own ``get_rope_index``); the text between and after media keeps
+  its unpruned positions too. A Qwen3-VL video keeps its timestamp text and frame delimiters
+  (they are text); Qwen3-VL's deepstack features are fed for the kept tokens only, with the
+  same selection.
+* LLaVA-1.5 / LLaVA-NeXT: at contiguous positions (1-D RoPE). LLaVA-NeXT's image-newline
+  embeddings (found by value: transformers inserts its ``image_newline`` parameter) are all
+  kept and never scored; the budget is global over the image's other tokens.
+
+Text-conditioned methods (ResPrune, CDPruner) get the embeddings of the prompt's text tokens
+as the integration documents them: the chat prompt before media expansion, special and media
+tokens removed, the last 256.
+
+Videos are decoded with OpenCV (as vLLM's default loader does) and handed to the HF processor
+with the same metadata vLLM gives it. Nothing here touches vLLM.
 """
 
 from __future__ import annotations
@@ -16,72 +31,288 @@ from typing import Any
 import torch
 
 from vllm_tokenprune import num_kept, select_tokens
-from vllm_tokenprune.models._mixin import MAX_TEXT_TOKENS
+from vllm_tokenprune.testing.media import decode_video
 
 
 @lru_cache(maxsize=2)
 def _load(model_dir: str) -> tuple[Any, Any]:
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     return processor, model.eval()
+
+
+#: Methods whose selection depends on the prompt text (mirrors vllm_tokenprune.config).
+TEXT_METHODS = ("resprune", "cdpruner")
+#: The integration hands text-conditioned scorers the prompt's last 256 text tokens.
+MAX_TEXT_TOKENS = 256
+
+
+def _select(feat: torch.Tensor, ratio: float, method: str, min_keep: int,
+            grid: tuple[int, int, int] | None,
+            text: torch.Tensor | None = None) -> torch.Tensor:
+    n = feat.shape[0]
+    k = num_kept(n, ratio, min_keep)
+    if k >= n:
+        return torch.arange(n)
+    return select_tokens(feat, k, method, grid=grid,
+                         text_embeds=text if method in TEXT_METHODS else None)
+
+
+def _prompt_text_embeds(processor: Any, model: Any, prompt: str) -> torch.Tensor | None:
+    """Embeddings of the prompt's text tokens as text-conditioned scorers get them: the chat
+    prompt (media placeholders not expanded) without special and media tokens, last 256."""
+    tok = processor.tokenizer
+    cfg = model.config
+    special = set(tok.all_special_ids)
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id",
+                 "vision_end_token_id", "image_token_index", "video_token_index"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int):
+            special.add(value)
+    ids = [i for i in tok(prompt, add_special_tokens=False)["input_ids"] if i not in special]
+    ids = ids[-MAX_TEXT_TOKENS:]
+    if not ids:
+        return None
+    return model.get_input_embeddings()(torch.tensor(ids))
+
+
+def _messages(media: list[Any], text: str) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [
+        {"type": "video"} if isinstance(m, bytes) else {"type": "image"} for m in media
+    ]
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def reference_logprobs(model_dir: str | Path, media: list[Any], text: str, prune_ratio: float,
+                       method: str = "lrcp", *, video_prune_ratio: float | None = None,
+                       min_keep: int = 1) -> tuple[torch.Tensor, int]:
+    """(log-probabilities of the first generated token (vocab,), pruned prompt length).
+
+    ``media``: PIL images and mp4 bytes, in prompt order (videos: Qwen families only).
+    """
+    processor, model = _load(str(model_dir))
+    model_type = model.config.model_type
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        ratios = {"image": prune_ratio,
+                  "video": prune_ratio if video_prune_ratio is None else video_prune_ratio}
+        return _qwen(processor, model, media, text, ratios, method, min_keep)
+    if model_type in ("llava", "llava_next"):
+        return _llava(processor, model, media, text, prune_ratio, method, min_keep)
+    raise ValueError(f"no reference for model type {model_type!r}")
 
 
 def qwen_reference_logprobs(model_dir: str | Path, images: list[Any], text: str,
                             prune_ratio: float, method: str = "lrcp",
                             min_keep: int = 1) -> tuple[torch.Tensor, int]:
-    """(log-probabilities of the first generated token (vocab,), pruned prompt length)."""
-    processor, model = _load(str(model_dir))
-    messages = [{"role": "user",
-                 "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=images, return_tensors="pt",
+    """:func:`reference_logprobs` for images (kept for the Qwen2.5-VL tests)."""
+    return reference_logprobs(model_dir, images, text, prune_ratio, method, min_keep=min_keep)
+
+
+@torch.no_grad()
+def _qwen(processor: Any, model: Any, media: list[Any], text: str, ratios: dict[str, float],
+          method: str, min_keep: int) -> tuple[torch.Tensor, int]:
+    from transformers.video_utils import VideoMetadata
+
+    prompt = processor.apply_chat_template(_messages(media, text), tokenize=False,
+                                           add_generation_prompt=True)
+    images = [m for m in media if not isinstance(m, bytes)]
+    videos, metadata = [], []
+    for m in media:
+        if isinstance(m, bytes):
+            frames, fps = decode_video(m)
+            n = len(frames)
+            videos.append(frames)
+            metadata.append(VideoMetadata(total_num_frames=n, fps=fps, duration=n / fps,
+                                          frames_indices=list(range(n)),
+                                          video_backend="opencv"))
+    inputs = processor(text=[prompt], images=images or None, videos=videos or None,
+                       video_metadata=metadata or None, return_tensors="pt",
                        return_mm_token_type_ids=True)
     input_ids = inputs["input_ids"]
-    image_token_id = model.config.image_token_id
-    with torch.no_grad():
-        feats = model.model.get_image_features(
-            inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True
-        ).pooler_output
-        positions, _ = model.model.get_rope_index(
-            input_ids,
-            image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=inputs["attention_mask"],
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-        )
-        text_embeds = model.get_input_embeddings()(input_ids[0])
-        # Text-conditioned scorers see the prompt's text tokens (special and media tokens
-        # removed, the last MAX_TEXT_TOKENS), embedded by the LM's input table.
-        skip = set(processor.tokenizer.all_special_ids) | {
-            model.config.image_token_id, model.config.video_token_id,
-            model.config.vision_start_token_id, model.config.vision_end_token_id}
-        text_ids = [t for t in input_ids[0].tolist() if t not in skip][-MAX_TEXT_TOKENS:]
-        prompt_text_embeds = model.get_input_embeddings()(torch.tensor(text_ids))
+    cfg = model.config
+    merge = cfg.vision_config.spatial_merge_size
+    text = _prompt_text_embeds(processor, model, prompt)
+    deepstack = cfg.model_type == "qwen3_vl"
 
-        keep_cols: list[int] = []
-        rows: list[torch.Tensor] = []
-        ids = input_ids[0].tolist()
-        i = image_idx = 0
-        while i < len(ids):
-            if ids[i] != image_token_id:
-                keep_cols.append(i)
-                rows.append(text_embeds[i])
-                i += 1
-                continue
-            emb = feats[image_idx]
-            n = emb.shape[0]
-            k = num_kept(n, prune_ratio, min_keep)
-            t, h, w = (int(x) for x in inputs["image_grid_thw"][image_idx])
-            merge = model.config.vision_config.spatial_merge_size
-            idx = select_tokens(emb, k, method, grid=(t, h // merge, w // merge),
-                                text_embeds=prompt_text_embeds) if k < n else torch.arange(n)
-            keep_cols.extend(i + int(j) for j in idx)
-            rows.extend(emb[idx])
-            i += n
-            image_idx += 1
-        inputs_embeds = torch.stack(rows)[None]
-        pos = positions[:, :, keep_cols]
-        out = model(inputs_embeds=inputs_embeds, position_ids=pos,
-                    attention_mask=torch.ones(1, len(keep_cols), dtype=torch.long))
-        return torch.log_softmax(out.logits[0, -1].float(), dim=-1), len(keep_cols)
+    # per modality: the items' features (main, deepstack levels), grids, kept indices
+    items: dict[str, list[dict[str, Any]]] = {}
+    for modality, pixels, grid_key, token_id in (
+        ("image", "pixel_values", "image_grid_thw", cfg.image_token_id),
+        ("video", "pixel_values_videos", "video_grid_thw", cfg.video_token_id),
+    ):
+        if pixels not in inputs:
+            continue
+        get = model.model.get_image_features if modality == "image" \
+            else model.model.get_video_features
+        out = get(inputs[pixels], inputs[grid_key], return_dict=True)
+        levels = list(zip(*out.deepstack_features, strict=True)) if deepstack else None
+        items[modality] = []
+        for i, feat in enumerate(out.pooler_output):
+            t, h, w = (int(x) for x in inputs[grid_key][i])
+            grid = (t, h // merge, w // merge)
+            idx = _select(feat, ratios[modality], method, min_keep, grid, text)
+            items[modality].append({
+                "feat": feat, "levels": levels[i] if levels else None,
+                "keep": set(idx.tolist()), "token": token_id,
+            })
+
+    rope_kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw",
+                                          "second_per_grid_ts") if k in inputs}
+    positions, _ = model.model.get_rope_index(
+        input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+        attention_mask=inputs["attention_mask"], **rope_kwargs)
+    positions = _text_after_media_at_max_plus_one(positions, inputs["mm_token_type_ids"])
+    text_embeds = model.get_input_embeddings()(input_ids[0])
+
+    # walk the prompt: each modality's placeholder tokens belong to its items in order (a
+    # Qwen3-VL video's tokens are split into frames by timestamp text, which is text)
+    cursor = {m: [0, 0] for m in items}  # item index, token index within the item
+    keep_cols: list[int] = []
+    rows: list[torch.Tensor] = []
+    deep_rows: list[list[torch.Tensor]] = []
+    visual_mask: list[bool] = []
+    by_token = {v[0]["token"]: m for m, v in items.items()}
+    for col, tok in enumerate(input_ids[0].tolist()):
+        modality = by_token.get(tok)
+        if modality is None:
+            keep_cols.append(col)
+            rows.append(text_embeds[col])
+            visual_mask.append(False)
+            continue
+        cur = cursor[modality]
+        item = items[modality][cur[0]]
+        j = cur[1]
+        if j in item["keep"]:
+            keep_cols.append(col)
+            rows.append(item["feat"][j])
+            visual_mask.append(True)
+            if item["levels"] is not None:
+                deep_rows.append([lvl[j] for lvl in item["levels"]])
+        cur[1] += 1
+        if cur[1] == item["feat"].shape[0]:
+            cur[0], cur[1] = cur[0] + 1, 0
+    assert all(c == [len(items[m]), 0] for m, c in cursor.items()), "placeholder count mismatch"
+
+    inputs_embeds = torch.stack(rows)[None]
+    pos = positions[:, :, keep_cols]
+    mask = torch.ones(1, len(keep_cols), dtype=torch.long)
+    if deepstack:
+        lm = model.model.language_model(
+            inputs_embeds=inputs_embeds, position_ids=pos, attention_mask=mask,
+            visual_pos_masks=torch.tensor(visual_mask)[None],
+            deepstack_visual_embeds=[torch.stack(level) for level in zip(*deep_rows,
+                                                                         strict=True)],
+        )
+        logits = model.lm_head(lm.last_hidden_state)
+    else:
+        logits = model(inputs_embeds=inputs_embeds, position_ids=pos,
+                       attention_mask=mask).logits
+    return torch.log_softmax(logits[0, -1].float(), dim=-1), len(keep_cols)
+
+
+def _text_after_media_at_max_plus_one(positions: torch.Tensor,
+                                      token_types: torch.Tensor) -> torch.Tensor:
+    """Text after a media run continues at the run's largest position + 1.
+
+    That is the rule of the original Qwen2-VL/2.5-VL ``get_rope_index`` and of vLLM's; since
+    v5 transformers advances by ``max(h, w)`` instead, which differs after a video whose time
+    positions outrun its height and width (Qwen2.5-VL scales them by ``second_per_grid_ts *
+    tokens_per_second``). Images and Qwen3-VL frames (t = 0) are unaffected. Applied here so
+    that the reference describes the same unpruned layout as vLLM's own model.
+    """
+    pos = positions.clone()
+    types = token_types[0].tolist()
+    shift = 0
+    for i in range(len(types)):
+        pos[:, 0, i] += shift
+        if types[i] != 0 and i + 1 < len(types) and types[i + 1] == 0:
+            start = i
+            while start > 0 and types[start - 1] == types[i]:
+                start -= 1
+            want = int(pos[:, 0, start:i + 1].max()) + 1
+            shift += want - int(positions[0, 0, i + 1] + shift)
+    return pos
+
+
+@torch.no_grad()
+def _llava(processor: Any, model: Any, images: list[Any], text: str, ratio: float, method: str,
+           min_keep: int) -> tuple[torch.Tensor, int]:
+    if any(isinstance(m, bytes) for m in images):
+        raise ValueError("LLaVA models take images only")
+    prompt = processor.apply_chat_template(_messages(images, text), tokenize=False,
+                                           add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=images, return_tensors="pt")
+    input_ids = inputs["input_ids"]
+    cfg = model.config
+    text = _prompt_text_embeds(processor, model, prompt)
+    next_style = cfg.model_type == "llava_next"
+    kwargs = {"image_sizes": inputs["image_sizes"]} if next_style else {}
+    feats = model.model.get_image_features(
+        inputs["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True,
+        **kwargs).pooler_output
+    text_embeds = model.get_input_embeddings()(input_ids[0])
+
+    kept_rows_per_image = []
+    for feat in feats:
+        if next_style:
+            newline = (feat == model.model.image_newline.to(feat.dtype)).all(dim=-1)
+            visual = (~newline).nonzero().flatten()
+            idx = _select(feat[visual], ratio, method, min_keep, None, text)
+            keep = newline.clone()
+            keep[visual[idx]] = True
+            kept_rows_per_image.append(feat[keep])
+        else:
+            side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+            grid = (1, side, side) if feat.shape[0] == side * side else None
+            kept_rows_per_image.append(feat[_select(feat, ratio, method, min_keep, grid, text)])
+
+    image_token_id = getattr(cfg, "image_token_id", None) or cfg.image_token_index
+    rows: list[torch.Tensor] = []
+    ids = input_ids[0].tolist()
+    i = image_idx = 0
+    while i < len(ids):
+        if ids[i] != image_token_id:
+            rows.append(text_embeds[i])
+            i += 1
+            continue
+        rows.extend(kept_rows_per_image[image_idx])
+        i += feats[image_idx].shape[0]
+        image_idx += 1
+    assert image_idx == len(feats), "placeholder count mismatch"
+    inputs_embeds = torch.stack(rows)[None]  # contiguous positions 0..n-1 (the default)
+    out = model(inputs_embeds=inputs_embeds,
+                attention_mask=torch.ones(1, len(rows), dtype=torch.long))
+    return torch.log_softmax(out.logits[0, -1].float(), dim=-1), len(rows)
+
+
+@torch.no_grad()
+def scored_tokens(model_dir: str | Path, item: Any) -> tuple[int, int]:
+    """(tokens the scorer chooses from, placeholder tokens always kept) of one media item, as
+    transformers' processor and model lay it out: for LLaVA-NeXT the image-newline tokens are
+    the kept ones (found by value), for the others there are none. ``item``: a PIL image or
+    mp4 bytes (Qwen families)."""
+    from vllm_tokenprune.testing.media import qwen_image_tokens, qwen_video_tokens
+
+    processor, model = _load(str(model_dir))
+    cfg = model.config
+    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        if isinstance(item, bytes):
+            return qwen_video_tokens(model_dir, item), 0
+        return qwen_image_tokens(model_dir, item), 0
+    if cfg.model_type == "llava":
+        ids = processor(text=["<image>"], images=[item], return_tensors="pt")["input_ids"][0]
+        return int((ids == cfg.image_token_index).sum()), 0
+    if cfg.model_type == "llava_next":
+        inputs = processor.image_processor(images=[item], return_tensors="pt")
+        feat = model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True).pooler_output[0]
+        newline = (feat == model.model.image_newline.to(feat.dtype)).all(dim=-1)
+        return int((~newline).sum()), int(newline.sum())
+    raise ValueError(f"unknown model type {cfg.model_type!r}")

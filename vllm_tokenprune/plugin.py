@@ -20,6 +20,18 @@ ARCHITECTURES: dict[str, str] = {
     "TokenPruneQwen2_5_VLForConditionalGeneration": (
         "vllm_tokenprune.models.qwen2_5_vl:TokenPruneQwen2_5_VLForConditionalGeneration"
     ),
+    "TokenPruneQwen2VLForConditionalGeneration": (
+        "vllm_tokenprune.models.qwen2_vl:TokenPruneQwen2VLForConditionalGeneration"
+    ),
+    "TokenPruneQwen3VLForConditionalGeneration": (
+        "vllm_tokenprune.models.qwen3_vl:TokenPruneQwen3VLForConditionalGeneration"
+    ),
+    "TokenPruneLlavaForConditionalGeneration": (
+        "vllm_tokenprune.models.llava:TokenPruneLlavaForConditionalGeneration"
+    ),
+    "TokenPruneLlavaNextForConditionalGeneration": (
+        "vllm_tokenprune.models.llava_next:TokenPruneLlavaNextForConditionalGeneration"
+    ),
 }
 
 PLUGIN_NAME = "tokenprune"

@@ -1,0 +1,130 @@
+"""What the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) shares on top of :mod:`._mixin`.
+
+Processor side: an item's LM token grid is its ``<modality>_grid_thw`` divided by the spatial
+merge size. Model side: ``embed_multimodal`` runs the model's own vision tower per modality and
+prunes with :meth:`TokenPruneModelMixin._tp_prune` (kept rows + their unpruned M-RoPE
+positions); ``get_mrope_input_positions`` lays the pruned prompt's text out as if nothing was
+pruned; ``recompute_mrope_positions`` gives the kept tokens their real positions. Video time
+steps scale by ``second_per_grid_ts * tokens_per_second`` when the processor provides
+``second_per_grid_ts`` (Qwen2.5-VL), exactly as vLLM's own ``iter_mm_grid_thw``; otherwise
+(Qwen2-VL) by 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from vllm_tokenprune.models._mixin import (
+    Grid,
+    MediaSpan,
+    TokenPruneModelMixin,
+    TokenPruneProcessorMixin,
+    mrope_positions_for_spans,
+    params_key,
+    text_key,
+)
+
+Embeds = tuple[torch.Tensor, ...]
+
+
+class TokenPruneQwenVLProcessorMixin(TokenPruneProcessorMixin):
+    def _tp_grid(self, modality: str, item_grid: torch.Tensor) -> Grid:
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        t, h, w = (int(x) for x in item_grid)
+        return t, h // merge, w // merge
+
+
+class TokenPruneQwenVLModelMixin(TokenPruneModelMixin):
+    """Model side of the Qwen-VL family (mix in before the vLLM model class)."""
+
+    config: Any
+    #: vLLM's model runner hands prefill media rows to ``recompute_mrope_positions`` only for
+    #: models that declare this (vLLM's Qwen2-VL does not; Qwen2.5-VL and Qwen3-VL do).
+    supports_multimodal_pruning: ClassVar[Literal[True]] = True
+
+    def _llm_grid(self, grid_thw: torch.Tensor) -> list[Grid]:
+        merge = self.config.vision_config.spatial_merge_size
+        return [(int(t), int(h) // merge, int(w) // merge)
+                for t, h, w in grid_thw.reshape(-1, 3).tolist()]
+
+    def _tp_tokens_per_second(self) -> float:
+        return float(getattr(self.config.vision_config, "tokens_per_second", 1.0))
+
+    # -- encoder side
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        mm_inputs = self._parse_and_validate_multimodal_inputs(**kwargs)  # type: ignore[attr-defined]
+        out: tuple[torch.Tensor, ...] = ()
+        # vLLM's Qwen2-VL names the groups "images"/"videos", Qwen2.5/3-VL "image"/"video".
+        for group, mm_input in mm_inputs.items():
+            if mm_input is None:
+                continue
+            if group.startswith("image"):
+                out += self._tp_embed_images(mm_input, kwargs)
+            else:
+                out += self._tp_embed_videos(mm_input, kwargs)
+        return out
+
+    def _tp_embed_images(self, mm_input: Any, kwargs: Mapping[str, object]) -> Embeds:
+        embeds = self._process_image_input(mm_input)  # type: ignore[attr-defined]
+        grids = self._llm_grid(mm_input["image_grid_thw"])
+        return self._tp_prune(
+            "image", embeds, grids, [1.0] * len(grids),
+            kwargs.get(params_key("image")),  # type: ignore[arg-type]
+            kwargs.get(text_key("image")),  # type: ignore[arg-type]
+        )
+
+    def _tp_embed_videos(self, mm_input: Any, kwargs: Mapping[str, object]) -> Embeds:
+        embeds = self._process_video_input(mm_input)  # type: ignore[attr-defined]
+        grids = self._llm_grid(mm_input["video_grid_thw"])
+        seconds = kwargs.get("second_per_grid_ts")
+        if isinstance(seconds, torch.Tensor):
+            secs = [float(s) for s in seconds.reshape(-1).tolist()]
+        elif isinstance(seconds, (list, tuple)):
+            secs = [float(torch.as_tensor(s).reshape(-1)[0]) for s in seconds]
+        else:
+            secs = [1.0] * len(grids)
+        tps = self._tp_tokens_per_second()
+        return self._tp_prune(
+            "video", embeds, grids, [s * tps for s in secs],
+            kwargs.get(params_key("video")),  # type: ignore[arg-type]
+            kwargs.get(text_key("video")),  # type: ignore[arg-type]
+        )
+
+    # -- positions
+    def _tp_feature_span(self, feature: Any) -> MediaSpan:
+        """The unpruned layout of one media item of a request (``MultiModalFeatureSpec``)."""
+        data = feature.data
+        modality = feature.modality
+        (t, h, w), = self._llm_grid(data[f"{modality}_grid_thw"].data)
+        t_factor = 1.0
+        if modality == "video":
+            elem = data.get("second_per_grid_ts")
+            seconds = 1.0 if elem is None else float(torch.as_tensor(elem.data).reshape(-1)[0])
+            t_factor = seconds * self._tp_tokens_per_second()
+        pos = feature.mm_position
+        return MediaSpan.of_grid(pos.offset, pos.length, t, h, w, t_factor)
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[Any]
+    ) -> tuple[torch.Tensor, int]:
+        spans = [self._tp_feature_span(f)
+                 for f in sorted(mm_features, key=lambda f: f.mm_position.offset)]
+        return mrope_positions_for_spans(input_tokens, spans)
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.LongTensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        return self._tp_recompute_mrope_positions(
+            input_ids,
+            multimodal_embeddings,
+            mrope_positions,
+            num_computed_tokens,
+            media_token_ids=(self.config.image_token_id, self.config.video_token_id),
+        )

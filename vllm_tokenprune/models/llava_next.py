@@ -1,0 +1,139 @@
+"""``TokenPruneLlavaNextForConditionalGeneration``: LLaVA-NeXT with visual-token pruning.
+
+An image becomes the base image's tokens (one tile at the encoder resolution) followed by the
+any-resolution tiles, stitched into one grid, with the padding rows/columns removed and an
+``image_newline`` embedding after every row: ``base + rows * (width + 1)`` placeholder tokens.
+
+Decisions:
+
+* **One budget per image, global over the base image and all tiles.** The scorer sees every
+  visual token of the image at once (base first, then the high-resolution grid row-major, as
+  the LM sees them), N = ``base + rows * width``, and keeps ``num_kept(N, ratio)`` of them
+  wherever they are: a tile with more information can keep more than its share. (No token grid
+  is passed: the base image and the stitched grid are two layouts, so ``uniform`` strides over
+  the N tokens in sequence order.)
+* **Image-newline tokens are kept, all of them, and are not part of N.** They are the layout
+  signal the LM was trained with, one per row of the stitched grid; their number depends only
+  on the image size, so the placeholder count, ``num_kept(N, ratio) + rows``, is exact before
+  the encoder runs. A row whose tokens are all dropped still ends with its newline.
+* Positions are 1-D: the kept tokens and newlines, in their original order, take contiguous
+  positions (as in LLaVA-1.5).
+
+The processor computes ``(base, rows, width)`` with vLLM's own token-count helpers (the sum is
+checked against vLLM's placeholder count) and ships them in the per-item params row; the model
+checks that its merged embedding has that layout before pruning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.model_executor.models.vision import get_num_selected_vision_tokens
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from vllm_tokenprune.models._mixin import (
+    ItemLayout,
+    ItemParams,
+    TokenPruneModelMixin,
+    TokenPruneProcessorMixin,
+    params_key,
+    row_separator_mask,
+    text_key,
+)
+
+
+class TokenPruneLlavaNextMultiModalProcessor(
+    TokenPruneProcessorMixin, LlavaNextMultiModalProcessor
+):
+    def _tp_anyres_layout(self, height: int, width: int) -> tuple[int, int, int]:
+        """(base tokens, rows, tokens per row) of an image of this size, with vLLM's helpers."""
+        info = self.info
+        hf_config = info.get_hf_config()
+        encoder = info.get_vision_encoder_info()
+        base = get_num_selected_vision_tokens(
+            encoder.get_num_image_tokens(image_width=width, image_height=height),
+            hf_config.vision_feature_select_strategy,
+        )
+        tiles_h, tiles_w = get_anyres_image_grid_shape(
+            image_size=(height, width),
+            grid_pinpoints=hf_config.image_grid_pinpoints,
+            patch_size=encoder.get_image_size(),
+        )
+        unpadded, newlines = info._get_num_unpadded_features(
+            original_height=height,
+            original_width=width,
+            npatches=encoder.get_patch_grid_length(),
+            num_patch_height=tiles_h,
+            num_patch_width=tiles_w,
+        )
+        total = info.get_num_image_tokens(image_width=width, image_height=height)
+        if base + unpadded + newlines != total or (newlines and unpadded % newlines):
+            raise RuntimeError(
+                f"vllm-tokenprune: cannot lay out a {width}x{height} LLaVA-NeXT image "
+                f"({base} + {unpadded} + {newlines} != {total})"
+            )
+        return base, newlines, unpadded // newlines if newlines else 0
+
+    def _tp_item_layouts(self, modality: str, hf_out: Mapping[str, Any]) -> list[ItemLayout] | None:
+        sizes = hf_out.get("image_sizes")
+        if modality != "image" or sizes is None:
+            return None
+        out = []
+        for height, width in torch.as_tensor(sizes).reshape(-1, 2).tolist():
+            base, rows, row_width = self._tp_anyres_layout(int(height), int(width))
+            out.append(ItemLayout(base + rows * row_width, None, (base, rows, row_width)))
+        return out
+
+    def _tp_pruned_tokens(self, modality: str, full: list[int], params: ItemParams) -> list[int]:
+        _, rows, _ = params.extra
+        if len(set(full)) != 1 or len(full) != params.num_tokens + rows:
+            raise RuntimeError(
+                f"vllm-tokenprune: the image placeholder has {len(full)} tokens, expected "
+                f"{params.num_tokens} visual + {rows} newline tokens of one id"
+            )
+        return full[:1] * (params.num_keep + rows)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TokenPruneLlavaNextMultiModalProcessor,
+    info=LlavaNextProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class TokenPruneLlavaNextForConditionalGeneration(
+    TokenPruneModelMixin, LlavaNextForConditionalGeneration
+):
+    tp_mrope = False
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        merged = list(self._process_image_input(image_input))
+        params = kwargs.get(params_key("image"))
+        if not isinstance(params, torch.Tensor):  # e.g. precomputed embeddings: no layout
+            return merged
+        rows = [ItemParams.from_row(r) for r in params.reshape(len(merged), -1).tolist()]
+        newlines = [row_separator_mask(m.shape[0], *p.extra)
+                    for m, p in zip(merged, rows, strict=True)]
+        feats = [m[~nl.to(m.device)] for m, nl in zip(merged, newlines, strict=True)]
+        items = self._tp_params(params, [f.shape[0] for f in feats])
+        keep = self._tp_select("image", feats, items,
+                               kwargs.get(text_key("image")))  # type: ignore[arg-type]
+        out = []
+        for m, nl, idx in zip(merged, newlines, keep, strict=True):
+            if idx is None:
+                out.append(m)
+                continue
+            slots = nl.clone()
+            slots[(~nl).nonzero().flatten()[idx.cpu()]] = True
+            out.append(m[slots.to(m.device)])
+        return out

@@ -1,0 +1,155 @@
+"""``TokenPruneQwen3VLForConditionalGeneration``: Qwen3-VL with visual-token pruning.
+
+Two things differ from Qwen2/2.5-VL:
+
+* **Deepstack.** Qwen3-VL's vision tower returns, for every visual token, the main embedding
+  (what replaces the placeholder token) concatenated with one copy per deepstack level (added
+  to the hidden states of the first LM layers). Each item's rows are selected as a whole, so
+  every copy is pruned with the same selection; the scorer sees the main embedding only.
+* **Video timestamps.** An unpruned video becomes, per frame, ``<t.t seconds>`` text, then
+  ``<|vision_start|>``, the frame's h*w tokens, ``<|vision_end|>``; every frame sits at t = 0 of
+  its own (1, h, w) grid, after the timestamp text. Which frames a global scorer keeps tokens of
+  is known only after the encoder, so per-frame placeholder runs cannot be laid out in advance.
+  Instead the pruned video is one *span* of ``num_text + k`` placeholder slots (``num_text``:
+  the timestamp and delimiter tokens of all frames, known from the processor; ``k``: the keep
+  count over the whole video, ``num_kept(T*h*w, ratio)``), and the model fills the span with
+  the unpruned sequence minus the dropped visual tokens: every frame's timestamp text and
+  delimiters (as text embeddings, no deepstack contribution) and its kept tokens, in order,
+  each at its unpruned M-RoPE position. The scorer sees the whole video's tokens with the grid
+  (T, h, w). vLLM's own EVS does the same for Qwen3-VL (its placeholder lumps all kept tokens
+  behind the first timestamp and the model supplies the interleaved embeddings); here the slots
+  are all ``<|video_pad|>`` tokens, so the prompt's token ids inside a pruned video do not show
+  the timestamps (its length, positions and embeddings are exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import torch
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from vllm_tokenprune.models._mixin import (
+    ItemParams,
+    MediaSpan,
+    params_key,
+    span_positions,
+    text_key,
+)
+from vllm_tokenprune.models._qwen import (
+    Embeds,
+    TokenPruneQwenVLModelMixin,
+    TokenPruneQwenVLProcessorMixin,
+)
+
+
+class TokenPruneQwen3VLMultiModalProcessor(
+    TokenPruneQwenVLProcessorMixin, Qwen3VLMultiModalProcessor
+):
+    def _tp_pruned_tokens(self, modality: str, full: list[int], params: ItemParams) -> list[int]:
+        if modality != "video":
+            return super()._tp_pruned_tokens(modality, full, params)
+        video_token_id = int(self.info.get_hf_config().video_token_id)
+        num_visual = sum(1 for t in full if t == video_token_id)
+        if num_visual != params.num_tokens:
+            raise RuntimeError(
+                f"vllm-tokenprune: the video placeholder has {num_visual} video tokens but the "
+                f"processor counted {params.num_tokens}"
+            )
+        return [video_token_id] * (len(full) - num_visual + params.num_keep)
+
+
+def _timestamps(value: Any) -> list[list[float]]:
+    """The batched ``timestamps`` field as one list of floats per video."""
+    if isinstance(value, torch.Tensor):
+        return [[float(x) for x in row] for row in value.reshape(value.shape[0], -1).tolist()]
+    return [[float(x) for x in torch.as_tensor(v).reshape(-1).tolist()] for v in value]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TokenPruneQwen3VLMultiModalProcessor,
+    info=Qwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class TokenPruneQwen3VLForConditionalGeneration(
+    TokenPruneQwenVLModelMixin, Qwen3VLForConditionalGeneration
+):
+    visual_dim: int
+    multiscale_dim: int
+    _tokenizer: Any
+
+    def _tp_embed_width(self) -> int:
+        return self.visual_dim + self.multiscale_dim
+
+    def _tp_score_view(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb[:, : self.visual_dim]
+
+    def _tp_video_tokens(self, t: int, h: int, w: int, timestamps: Sequence[float]) -> list[int]:
+        """Token ids of the unpruned placeholder of a (t, h, w) video (vLLM's own layout)."""
+        return list(_video_tokens(self, t, h * w, tuple(timestamps)))
+
+    def _tp_embed_videos(self, mm_input: Any, kwargs: Mapping[str, object]) -> Embeds:
+        embeds = self._process_video_input(mm_input)
+        grids = self._llm_grid(mm_input["video_grid_thw"])
+        items = self._tp_params(
+            kwargs.get(params_key("video")),  # type: ignore[arg-type]
+            [e.shape[0] for e in embeds], grids,
+        )
+        keep = self._tp_select(
+            "video", [self._tp_score_view(e) for e in embeds], items,
+            kwargs.get(text_key("video")),  # type: ignore[arg-type]
+        )
+        timestamps = _timestamps(kwargs["timestamps"])
+        video_token_id = int(self.config.video_token_id)
+        out = []
+        for emb, (t, h, w), idx, stamps in zip(embeds, grids, keep, timestamps, strict=True):
+            tokens = self._tp_video_tokens(t, h, w, stamps)
+            ids = torch.tensor(tokens, dtype=torch.long)
+            visual = ids == video_token_id
+            slots = ~visual  # every timestamp/delimiter slot stays
+            visual_slots = visual.nonzero().flatten()
+            slots[visual_slots if idx is None else visual_slots[idx.cpu()]] = True
+            kept = slots.nonzero().flatten()
+            kept_visual = visual[kept]
+            rows = emb.new_zeros(kept.numel(), emb.shape[1])
+            rows[kept_visual.to(emb.device)] = emb if idx is None else emb.index_select(0, idx)
+            text_ids = ids[kept[~kept_visual]].to(emb.device)
+            text_rows = self.get_language_model().embed_input_ids(text_ids)
+            rows[(~kept_visual).to(emb.device), : self.visual_dim] = text_rows.to(rows.dtype)
+            pos = span_positions(tokens, video_token_id, h, w)
+            out.append(self._tp_with_positions(rows, pos[kept]))
+        return tuple(out)
+
+    def _tp_feature_span(self, feature: Any) -> MediaSpan:
+        if feature.modality != "video":
+            return super()._tp_feature_span(feature)
+        data = feature.data
+        (t, h, w), = self._llm_grid(data["video_grid_thw"].data)
+        (stamps,) = _timestamps([data["timestamps"].data])
+        tokens = self._tp_video_tokens(t, h, w, stamps)
+        pos = span_positions(tokens, int(self.config.video_token_id), h, w)
+        return MediaSpan.of_positions(feature.mm_position.offset, feature.mm_position.length, pos)
+
+
+@lru_cache(maxsize=256)
+def _video_tokens(model: TokenPruneQwen3VLForConditionalGeneration, t: int, frame_tokens: int,
+                  timestamps: tuple[float, ...]) -> tuple[int, ...]:
+    if len(timestamps) != t:
+        raise ValueError(f"{len(timestamps)} timestamps for a video of {t} frames")
+    repl = Qwen3VLMultiModalProcessor.get_video_repl(
+        tokens_per_frame=[frame_tokens] * t,
+        timestamps=list(timestamps),
+        tokenizer=model._tokenizer,
+        vision_start_token_id=model.config.vision_start_token_id,
+        vision_end_token_id=model.config.vision_end_token_id,
+        video_token_id=model.config.video_token_id,
+    )
+    return tuple(int(x) for x in repl.full)
