@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vllm_tokenprune.testing.photos import patch_tokens as photo_patch_tokens
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -42,27 +44,10 @@ from vllm_tokenprune.scoring import list_methods, num_kept, select_tokens  # noq
 
 RATIOS = (0.5, 0.75, 0.889, 0.944)
 IMAGES = ("astronaut", "camera", "coffee", "chelsea")
-CLIP_MEAN = np.array([0.4815, 0.4578, 0.4082])
-CLIP_STD = np.array([0.2686, 0.2613, 0.2758])
-
-
 def patch_tokens(name: str, patch: int = 14, dim: int = 256, seed: int = 0):
     """(N, dim) float32 tokens and per-patch grey-level variance of a scikit-image photo."""
-    import skimage.data as skdata
-
-    img = np.asarray(getattr(skdata, name)(), dtype=np.float64) / 255.0
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    img = img[:, :, :3]
-    h, w = img.shape[0] // patch, img.shape[1] // patch
-    img = img[: h * patch, : w * patch]
-    patches = img.reshape(h, patch, w, patch, 3).transpose(0, 2, 1, 3, 4)
-    patches = patches.reshape(h * w, patch * patch, 3)
-    variance = torch.from_numpy(patches.mean(-1).var(axis=1))
-    flat = torch.from_numpy(((patches - CLIP_MEAN) / CLIP_STD).reshape(h * w, -1))
-    g = torch.Generator().manual_seed(seed)
-    proj = torch.randn(flat.shape[1], dim, generator=g, dtype=torch.float64) / dim**0.5
-    return (flat @ proj).float(), variance
+    tokens, variance, _ = photo_patch_tokens(name, patch, dim, seed)
+    return tokens, variance
 
 
 def planted(seed: int, n: int = 400, d: int = 64, rank: int = 4, n_planted: int = 6):

@@ -20,30 +20,17 @@ import torch
 from vllm_tokenprune.scoring import select_tokens, select_tokens_batch
 from vllm_tokenprune.scoring._common import Batch
 from vllm_tokenprune.scoring._subspace import SubspaceOptions, principal_subspace
+from vllm_tokenprune.testing.photos import patch_tokens as photo_patch_tokens
 
 skdata = pytest.importorskip("skimage.data")
 
 IMAGES = ["astronaut", "camera", "coffee", "chelsea"]  # bundled with scikit-image, no download
 PATCH, DIM = 14, 256
-CLIP_MEAN = np.array([0.4815, 0.4578, 0.4082])
-CLIP_STD = np.array([0.2686, 0.2613, 0.2758])
 
 
 def patch_tokens(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """(N, 256) float32 tokens, per-patch grey-level variance (N,), and the (h, w) patch grid."""
-    img = np.asarray(getattr(skdata, name)(), dtype=np.float64) / 255.0
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    img = img[:, :, :3]
-    h, w = img.shape[0] // PATCH, img.shape[1] // PATCH
-    img = img[: h * PATCH, : w * PATCH]
-    patches = img.reshape(h, PATCH, w, PATCH, 3).transpose(0, 2, 1, 3, 4)
-    patches = patches.reshape(h * w, PATCH * PATCH, 3)
-    variance = torch.from_numpy(patches.mean(-1).var(axis=1))
-    flat = torch.from_numpy(((patches - CLIP_MEAN) / CLIP_STD).reshape(h * w, -1))
-    g = torch.Generator().manual_seed(seed)
-    proj = torch.randn(flat.shape[1], DIM, generator=g, dtype=torch.float64) / DIM**0.5
-    return (flat @ proj).float(), variance, (h, w)
+    return photo_patch_tokens(name, PATCH, DIM, seed)
 
 
 def _top_subspace(x: torch.Tensor, r: int) -> torch.Tensor:
