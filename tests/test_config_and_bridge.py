@@ -14,7 +14,7 @@ from vllm_tokenprune.config import (
     parse_config,
     parse_request_fields,
 )
-from vllm_tokenprune.serving import _BridgeState, rewrite_body
+from vllm_tokenprune.serving import SEAL_KEY, _BridgeState, check_sealed_kwargs, rewrite_body, seal
 
 
 def test_defaults_and_valid_block():
@@ -76,7 +76,9 @@ def test_bridge_moves_fields_into_mm_processor_kwargs():
     assert err is None
     data = json.loads(new)
     assert "prune_ratio" not in data
-    assert data["mm_processor_kwargs"] == {"prune_ratio": 0.75, "prune_method": "lrcp"}
+    kw = data["mm_processor_kwargs"]
+    assert kw.pop(SEAL_KEY) == seal({"prune_ratio": 0.75, "prune_method": "lrcp"})
+    assert kw == {"prune_ratio": 0.75, "prune_method": "lrcp"}
 
 
 def test_bridge_passes_unrelated_bodies_untouched():
@@ -98,8 +100,108 @@ def test_bridge_errors():
     assert status == 400 and json.loads(payload)["error"]["param"] == "mm_processor_kwargs"
     new, err = rewrite_body(body, "/v1/chat/completions", _state(trust=True))
     assert err is None
-    assert json.loads(new)["mm_processor_kwargs"] == {"max_pixels": 1, "prune_ratio": 0.5}
+    kw = json.loads(new)["mm_processor_kwargs"]
+    assert kw == {"max_pixels": 1, "prune_ratio": 0.5, SEAL_KEY: seal({"prune_ratio": 0.5})}
     # fields on routes that cannot carry them
     body = json.dumps({"prune_ratio": 0.5}).encode()
     _, (status, _) = rewrite_body(body, "/v1/embeddings", _state())
     assert status == 400
+
+
+# -- hardening: the bridge sees what vLLM's JSON parser sees
+
+
+def _err(body: bytes, path: str = "/v1/chat/completions", **state):
+    new, err = rewrite_body(body, path, _state(**state))
+    assert err is not None, new
+    status, payload = err
+    assert status == 400
+    return json.loads(payload)["error"]
+
+
+def test_escaped_keys_are_seen_as_vllm_sees_them():
+    # "prune\u005fratio" is prune_ratio once decoded: moved and sealed like the plain spelling
+    body = b'{"model": "m", "messages": [], "prune\\u005fratio": 0.75}'
+    new, err = rewrite_body(body, "/v1/chat/completions", _state())
+    assert err is None
+    assert json.loads(new)["mm_processor_kwargs"]["prune_ratio"] == 0.75
+    assert _err(b'{"prune\\u005fratio": 7}')["param"] == "prune_ratio"
+    # escaped mm_processor_kwargs / media_io_kwargs keep vLLM's untrusted rule
+    for key in ("mm_processor_kwarg\\u0073", "media_io_kwarg\\u0073"):
+        body = b'{"model": "m", "' + key.encode() + b'": {"max_pixels": 1}}'
+        assert _err(body)["param"] == key.replace("\\u0073", "s")
+
+
+@pytest.mark.parametrize("key", ["prune_ratio", "prune_method", "video_prune_ratio",
+                                 "mm_processor_kwargs", "media_io_kwargs", "extra_body"])
+def test_duplicated_guarded_keys_are_refused(key):
+    body = f'{{"{key}": 0.5, "prune\\u005fratio": 0.5, "{key}": 0.25}}'.encode()
+    assert _err(body)["param"] == key
+
+
+def test_nested_and_inner_pruning_fields_are_refused():
+    err = _err(json.dumps({"extra_body": {"prune_ratio": 0.5}}).encode())
+    assert err["param"] == "extra_body.prune_ratio"
+    for trust in (False, True):
+        err = _err(json.dumps({"mm_processor_kwargs": {"prune_ratio": 0.5}}).encode(),
+                   trust=trust)
+        assert err["param"] == "mm_processor_kwargs.prune_ratio"
+        err = _err(json.dumps({"mm_processor_kwargs": {SEAL_KEY: "x"}}).encode(), trust=trust)
+        assert err["param"] == f"mm_processor_kwargs.{SEAL_KEY}"
+    # elsewhere a nested key named like a field is not a request field: untouched
+    body = json.dumps({"metadata": {"prune_ratio": "x"}, "messages": []}).encode()
+    assert rewrite_body(body, "/v1/chat/completions", _state()) == (None, None)
+
+
+def test_every_route_is_parsed():
+    for path in ("/v1/responses", "/tokenize", "/invocations", "/v1/messages", "/pooling"):
+        err = _err(b'{"prune\\u005fratio": 0.5}', path=path)
+        assert err["param"] == "prune_ratio" and path in err["message"]
+        err = _err(b'{"mm_processor_kwarg\\u0073": {"fps": 99}}', path=path)
+        assert err["param"] == "mm_processor_kwargs"
+
+
+def test_seal_check_exempts_only_sealed_keys():
+    from vllm.exceptions import VLLMValidationError
+
+    body = json.dumps({"prune_ratio": 0.5, "prune_method": "norm"}).encode()
+    new, _ = rewrite_body(body, "/v1/chat/completions", _state())
+    kw = json.loads(new)["mm_processor_kwargs"]
+    assert check_sealed_kwargs(kw) is None  # nothing left for vLLM's own rule
+    assert SEAL_KEY not in kw and kw == {"prune_ratio": 0.5, "prune_method": "norm"}
+    assert check_sealed_kwargs(kw) is None  # a second render of the same request passes
+    # trusted client kwargs are left for vLLM's rule
+    body = json.dumps({"mm_processor_kwargs": {"fps": 1}, "prune_ratio": 0.5}).encode()
+    new, _ = rewrite_body(body, "/v1/chat/completions", _state(trust=True))
+    assert check_sealed_kwargs(json.loads(new)["mm_processor_kwargs"]) == {"fps": 1}
+    # unsealed, forged, or tampered values are refused
+    for kw in ({"prune_ratio": 0.5},
+               {"prune_ratio": 0.5, SEAL_KEY: "0" * 64},
+               {"prune_ratio": 0.25, SEAL_KEY: seal({"prune_ratio": 0.5})},
+               {"prune_ratio": 0.5, "prune_method": "norm", SEAL_KEY: seal({"prune_ratio": 0.5})},
+               {SEAL_KEY: 3}):
+        with pytest.raises(VLLMValidationError) as exc:
+            check_sealed_kwargs(dict(kw))
+        assert "mm_processor_kwargs." in exc.value.parameter
+    # no pruning keys: vLLM's rule judges the kwargs unchanged
+    assert check_sealed_kwargs({"fps": 2}) == {"fps": 2}
+    assert check_sealed_kwargs(None) is None
+
+
+def test_guard_wraps_vllms_check_and_keeps_its_rule():
+    from vllm.entrypoints.generate.base.protocol import validate_request_mm_kwargs as original
+    from vllm.exceptions import VLLMValidationError
+    from vllm.renderers import online_renderer
+
+    from vllm_tokenprune.serving import install_request_guard
+
+    install_request_guard()
+    install_request_guard()  # idempotent
+    guarded = online_renderer.validate_request_mm_kwargs
+    assert guarded.__wrapped__ is original
+    kw = {"prune_ratio": 0.5, SEAL_KEY: seal({"prune_ratio": 0.5})}
+    guarded(mm_processor_kwargs=kw, media_io_kwargs=None, trust_request_mm_kwargs=False)
+    kw = {"prune_ratio": 0.5, "max_pixels": 9, SEAL_KEY: seal({"prune_ratio": 0.5})}
+    with pytest.raises(VLLMValidationError) as exc:
+        guarded(mm_processor_kwargs=kw, media_io_kwargs=None, trust_request_mm_kwargs=False)
+    assert exc.value.parameter == "mm_processor_kwargs"
