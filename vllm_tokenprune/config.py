@@ -20,9 +20,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vllm_tokenprune.scoring import list_methods, validate_options
 
@@ -39,15 +47,19 @@ class TokenPruneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str = Field("lrcp", description="Default scorer (see `list_methods()`).")
+    # strict: a JSON string "0.5", true or 2.0 is refused (naming the key), never coerced.
+    method: str = Field("lrcp", strict=True, description="Default scorer (see `list_methods()`).")
     prune_ratio: float = Field(
-        0.0, description="Default fraction of visual tokens dropped per image, in [0, 1)."
+        0.0, strict=True,
+        description="Default fraction of visual tokens dropped per image, in [0, 1).",
     )
     video_prune_ratio: float | None = Field(
-        None, description="Default ratio for video items; None means `prune_ratio`."
+        None, strict=True, description="Default ratio for video items; None means `prune_ratio`."
     )
-    min_keep: int = Field(1, ge=1, description="Never keep fewer tokens than this per item.")
-    allowed_methods: tuple[str, ...] | None = Field(
+    min_keep: int = Field(
+        1, ge=1, strict=True, description="Never keep fewer tokens than this per item."
+    )
+    allowed_methods: tuple[Annotated[str, Strict()], ...] | None = Field(
         None, description="Methods requests may pick with `prune_method`; None means all."
     )
     options: dict[str, dict[str, Any]] = Field(
@@ -60,7 +72,7 @@ class TokenPruneConfig(BaseModel):
     def _ratio_in_range(cls, v: float | None) -> float | None:
         if v is not None and not (0.0 <= v < 1.0):
             raise ValueError(f"must be in [0, 1), got {v!r}")
-        return v
+        return None if v is None else v + 0.0  # -0.0 -> 0.0
 
     @field_validator("method")
     @classmethod
@@ -80,14 +92,18 @@ class TokenPruneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TokenPruneConfig:
+        # No location reaches the error of a model validator: the messages start with the key.
         if self.allowed_methods is not None and self.method not in self.allowed_methods:
-            raise ValueError(f"method {self.method!r} is not in allowed_methods")
+            raise ValueError(f"allowed_methods: method {self.method!r} is not in allowed_methods")
         for name, opts in self.options.items():
             if name not in list_methods():
                 raise ValueError(
-                    f"options: unknown method {name!r}; known: {', '.join(list_methods())}"
+                    f"options.{name}: unknown method {name!r}; known: {', '.join(list_methods())}"
                 )
-            validate_options(name, dict(opts))
+            try:
+                validate_options(name, dict(opts))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"options.{name}: {e}") from None
         return self
 
     def is_allowed(self, method: str) -> bool:
@@ -121,11 +137,11 @@ def parse_config(raw: Mapping[str, Any] | TokenPruneConfig | None) -> TokenPrune
     except ValidationError as e:
         msgs = []
         for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "token_prune"
+            loc = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            msgs.append(f"token_prune.{loc}: {msg}")
+            msgs.append(f"token_prune.{loc}: {msg}" if loc else f"token_prune.{msg}")
         raise TokenPruneConfigError("invalid token_prune config: " + "; ".join(msgs)) from None
 
 
@@ -151,7 +167,7 @@ def _check_ratio(field: str, value: Any) -> float:
     value = float(value)
     if not math.isfinite(value) or not (0.0 <= value < 1.0):
         raise RequestFieldError(field, f"must be a number in [0, 1), got {value!r}")
-    return value
+    return value + 0.0  # -0.0 -> 0.0 (one cache key per meaning)
 
 
 def parse_request_fields(

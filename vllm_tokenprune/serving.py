@@ -140,8 +140,10 @@ def rewrite_body(
     """
     try:
         data = json.loads(body, object_pairs_hook=_pairs)
-    except (ValueError, RecursionError):
-        return None, None  # not JSON (or not JSON vLLM can read): vLLM answers it itself
+    except ValueError:
+        return None, None  # not JSON: vLLM answers it itself (its parser is the same)
+    except RecursionError:  # vLLM's parser would fail the same way, with a 500
+        return None, _error(400, "request body: JSON nested too deeply", None)
     if not isinstance(data, _Obj):
         return None, None
 

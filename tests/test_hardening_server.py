@@ -1,0 +1,445 @@
+"""Hardening against a real CPU server with the plugin (issue 11): abuse, ``--api-key``, faults,
+a bounded fuzz sample and a load run, all on one dedicated server of this module.
+
+The server runs with ``--api-key`` and ``min_keep`` 8 (above the 4 tokens of the tiny model's
+smallest image), so every test also checks that the key is required. Expected prompt lengths
+are computed, not observed: ``T(k) + sum(num_kept(N_i, ratio, min_keep))``, with ``N_i`` from
+transformers' own processor and ``T(k)``, the text tokens of a k-image prompt, measured once at
+ratio 0. Prometheus counters are compared as deltas over the requests of one test.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import QWEN25_ARCH, _start
+from vllm_tokenprune import list_methods, num_kept
+from vllm_tokenprune.config import REQUEST_FIELDS
+from vllm_tokenprune.testing.media import data_url, make_image, qwen_image_tokens
+from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
+
+KEY = "tokenprune-test-key"
+DEFAULT_RATIO = 0.5
+MIN_KEEP = 8
+MAX_IMAGES = 3
+PROMPT = "Describe this image."
+COUNTERS = ("input_visual_tokens", "kept_visual_tokens", "saved_visual_tokens", "media_items",
+            "requests")
+
+
+@dataclass
+class Hard:
+    server: VLLMServer
+    model_dir: Path
+    text_tokens: dict[int, int] = field(default_factory=dict)  # k images -> T(k)
+    n_cache: dict[tuple[int, int, str], int] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.server.base_url
+
+    def tokens(self, image: Image.Image) -> int:
+        key = (*image.size, image.mode)
+        if key not in self.n_cache:
+            self.n_cache[key] = qwen_image_tokens(self.model_dir, image)
+        return self.n_cache[key]
+
+
+def _headers(key: bool = True) -> dict[str, str]:
+    h = {"Content-Type": "application/json"}
+    if key:
+        h["Authorization"] = f"Bearer {KEY}"
+    return h
+
+
+def post(h: Hard, path: str, body: bytes | str | dict, *, key: bool = True,
+         timeout: float = 300) -> requests.Response:
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    return requests.post(h.url + path, data=body, headers=_headers(key), timeout=timeout)
+
+
+def image_url(image: Image.Image) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": data_url(image)}}
+
+
+def chat_body(h: Hard, images: list[Any], **fields: Any) -> dict[str, Any]:
+    content = [im if isinstance(im, dict) else image_url(im) for im in images]
+    content.append({"type": "text", "text": PROMPT})
+    return {"model": h.server.model, "messages": [{"role": "user", "content": content}],
+            "max_tokens": 1, "temperature": 0.0, **fields}
+
+
+def escaped(name: str) -> str:
+    """``name`` as a JSON key with its last character written as a \\u escape."""
+    return name[:-1] + f"\\u{ord(name[-1]):04x}"
+
+
+def with_key(body: dict[str, Any], raw_key: str, value: Any) -> str:
+    """The JSON text of ``body`` plus one member whose key is written verbatim (escapes)."""
+    text = json.dumps(body)
+    return text[:-1] + f', "{raw_key}": {json.dumps(value)}}}'
+
+
+def expected_tokens(h: Hard, images: list[Image.Image], ratio: float) -> int:
+    return h.text_tokens[len(images)] + sum(
+        num_kept(h.tokens(im), ratio, MIN_KEEP) for im in images)
+
+
+def scrape(h: Hard) -> dict[tuple[str, str], float]:
+    """tokenprune_* counter totals by (counter, method) (all labels but method summed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(h.url + "/metrics", timeout=30).text
+    out: dict[tuple[str, str], float] = Counter()
+    for fam in text_string_to_metric_families(text):
+        name = fam.name.removeprefix("tokenprune_")
+        if fam.name.startswith("tokenprune_") and name in COUNTERS:
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    out[(name, s.labels.get("method", ""))] += s.value
+    return out
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def counters_for(h: Hard, reqs: list[tuple[list[Image.Image], float, str]]) -> dict:
+    """What the tokenprune_* counters should gain from these (images, ratio, method) requests."""
+    out: dict[tuple[str, str], float] = Counter()
+    for images, ratio, method in reqs:
+        out[("requests", method)] += 1
+        for im in images:
+            n = h.tokens(im)
+            k = num_kept(n, ratio, MIN_KEEP)
+            out[("input_visual_tokens", method)] += n
+            out[("kept_visual_tokens", method)] += k
+            out[("saved_visual_tokens", method)] += n - k
+            out[("media_items", method)] += 1
+    return {k: v for k, v in out.items() if v}
+
+
+def settled_scrape(h: Hard, wait: float = 20.0) -> dict:
+    """Counters once they stop moving (aborted requests may still be in preprocessing)."""
+    last = scrape(h)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = scrape(h)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+@pytest.fixture(scope="module")
+def hard(tiny_qwen_dir: Path) -> Any:
+    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO,
+                                      min_keep=MIN_KEEP)
+    args = ["--dtype", "float32", "--max-num-batched-tokens", "512", "--seed", "0",
+            "--api-key", KEY, "--limit-mm-per-prompt", json.dumps({"image": MAX_IMAGES}),
+            "--hf-overrides", overrides]
+    server = _start(tiny_qwen_dir, args, "hardening")
+    h = Hard(server, tiny_qwen_dir)
+    im = make_image(56, 56, seed=1)
+    for k in range(1, MAX_IMAGES + 1):
+        r = post(h, "/v1/chat/completions", chat_body(h, [im] * k, prune_ratio=0))
+        assert r.status_code == 200, r.text
+        h.text_tokens[k] = r.json()["usage"]["prompt_tokens"] - k * h.tokens(im)
+    yield h
+    server.stop()
+
+
+def _assert_400(r: requests.Response, param: str) -> None:
+    assert r.status_code == 400, (r.status_code, r.text[:500])
+    assert r.json()["error"]["param"] == param, r.text[:500]
+
+
+def _assert_serves(h: Hard, ratio: float = 0.75, method: str = "norm") -> None:
+    im = make_image(112, 84, seed=77)
+    r = post(h, "/v1/chat/completions", chat_body(h, [im], prune_ratio=ratio,
+                                                 prune_method=method))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == expected_tokens(h, [im], ratio)
+
+
+# --------------------------------------------------------------------------- abuse
+
+
+@pytest.mark.parametrize("name,value", [("prune_ratio", 0.75), ("prune_method", "uniform"),
+                                        ("video_prune_ratio", 0.25)])
+def test_escaped_field_is_handled_as_the_plain_spelling(hard, name, value):
+    im = make_image(140, 112, seed=5)
+    body = chat_body(hard, [im], logprobs=True, top_logprobs=3)
+    plain = post(hard, "/v1/chat/completions", with_key(body, name, value))
+    esc = post(hard, "/v1/chat/completions", with_key(body, escaped(name), value))
+    assert plain.status_code == esc.status_code == 200, (plain.text, esc.text)
+    ratio = value if name == "prune_ratio" else DEFAULT_RATIO
+    assert esc.json()["usage"] == plain.json()["usage"]
+    assert esc.json()["usage"]["prompt_tokens"] == expected_tokens(hard, [im], ratio)
+    assert (esc.json()["choices"][0]["logprobs"] == plain.json()["choices"][0]["logprobs"])
+    bad = "nope" if name == "prune_method" else 7
+    _assert_400(post(hard, "/v1/chat/completions", with_key(body, escaped(name), bad)), name)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("mm_processor_kwargs", {"max_pixels": 10**9}),
+    ("mm_processor_kwargs", {"fps": 1000}),
+    ("media_io_kwargs", {"image": {"mode": "RGB"}}),
+])
+def test_escaped_processor_kwargs_keep_vllms_trust_rule(hard, name, value):
+    body = chat_body(hard, [make_image(56, 56)])
+    for raw in (name, escaped(name)):
+        _assert_400(post(hard, "/v1/chat/completions", with_key(body, raw, value)), name)
+        # also when a pruning field makes the bridge rewrite the body
+        _assert_400(post(hard, "/v1/chat/completions",
+                         with_key({**body, "prune_ratio": 0.5}, raw, value)), name)
+
+
+@pytest.mark.parametrize("inner", [{"prune_ratio": 0.1}, {"prune_method": "norm"},
+                                   {"tokenprune_seal": "0" * 64, "prune_ratio": 0.1}])
+def test_pruning_fields_inside_mm_processor_kwargs_are_refused(hard, inner):
+    body = chat_body(hard, [make_image(56, 56)])
+    for raw in ("mm_processor_kwargs", escaped("mm_processor_kwargs")):
+        r = post(hard, "/v1/chat/completions", with_key(body, raw, inner))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"].startswith("mm_processor_kwargs"), r.text
+
+
+@pytest.mark.parametrize("name", [*REQUEST_FIELDS, "mm_processor_kwargs", "media_io_kwargs"])
+def test_duplicated_keys_are_refused(hard, name):
+    body = chat_body(hard, [make_image(56, 56)])
+    value: Any = {} if name.endswith("kwargs") else ("norm" if name == "prune_method" else 0.5)
+    text = with_key({**body, name: value}, escaped(name), value)
+    _assert_400(post(hard, "/v1/chat/completions", text), name)
+    _assert_serves(hard)
+
+
+def test_nested_fields(hard):
+    im = make_image(84, 84, seed=3)
+    body = chat_body(hard, [im])
+    # the openai client's extra_body, sent literally by a raw-HTTP client
+    _assert_400(post(hard, "/v1/chat/completions",
+                     {**body, "extra_body": {"prune_ratio": 0.1}}), "extra_body.prune_ratio")
+    text = with_key(body, "extra_body", {escaped("prune_ratio"): 0.1}).replace("\\\\u", "\\u")
+    _assert_400(post(hard, "/v1/chat/completions", text), "extra_body.prune_ratio")
+    # anywhere else a nested key is not a request field, escaped or not: the default applies
+    for raw in ("prune_ratio", escaped("prune_ratio")):
+        text = json.dumps(body)[:-1] + f', "metadata_x": {{"{raw}": 0.1}}}}'
+        r = post(hard, "/v1/chat/completions", text)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == expected_tokens(hard, [im], DEFAULT_RATIO)
+
+
+def _post_routes(h: Hard) -> list[str]:
+    spec = requests.get(h.url + "/openapi.json", headers=_headers(), timeout=30).json()
+    return sorted(p for p, ops in spec["paths"].items() if "post" in ops)
+
+
+def test_every_post_route_refuses_guarded_fields(hard):
+    """Every POST route vLLM serves (from the app's own OpenAPI listing): an escaped pruning
+    field or escaped processor kwargs get a 400 naming the field, never a 500 or a pass."""
+    routes = _post_routes(hard)
+    assert {"/v1/chat/completions", "/v1/completions", "/tokenize"} <= set(routes)
+    seen = []
+    for route in routes:
+        path = route.replace("{", "").replace("}", "")  # path parameters: any literal
+        for raw, value, param in (
+            (escaped("prune_ratio"), 7, "prune_ratio"),
+            (escaped("prune_method"), "x", "prune_method"),
+            (escaped("mm_processor_kwargs"), {"max_pixels": 10**9}, "mm_processor_kwargs"),
+            (escaped("media_io_kwargs"), {"image": {}}, "media_io_kwargs"),
+        ):
+            r = post(hard, path, '{"model": "m", "' + raw + '": ' + json.dumps(value) + "}")
+            assert r.status_code == 400, (route, raw, r.status_code, r.text[:300])
+            assert r.json()["error"]["param"] == param, (route, r.text[:300])
+        seen.append(route)
+    assert len(seen) == len(routes) >= 10
+    _assert_serves(hard)
+
+
+# --------------------------------------------------------------------------- --api-key
+
+
+def test_api_key_still_required(hard):
+    body = chat_body(hard, [make_image(56, 56)], prune_ratio=0.5)
+    assert post(hard, "/v1/chat/completions", body, key=False).status_code == 401
+    bad = {**body, "prune_ratio": 7}
+    assert post(hard, "/v1/chat/completions", bad, key=False).status_code == 401
+    assert post(hard, "/v1/completions", {"model": "m", "prompt": "x", "prune_ratio": 0.5},
+                key=False).status_code == 401
+    # the route the plugin adds sits behind the key as well
+    url = hard.url + "/v1/tokenprune/config"
+    assert requests.get(url, timeout=30).status_code == 401
+    r = requests.get(url, headers=_headers(), timeout=30)
+    assert r.status_code == 200 and r.json()["config"]["min_keep"] == MIN_KEEP
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_faults_then_exact_service(hard):
+    h = hard
+    # a corrupt image and a non-image: a clean 4xx
+    corrupt = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAA"}}
+    r = post(h, "/v1/chat/completions", chat_body(h, [corrupt], prune_ratio=0.5))
+    assert 400 <= r.status_code < 500, r.text
+    # too many images for --limit-mm-per-prompt: a clean 4xx
+    r = post(h, "/v1/chat/completions",
+             chat_body(h, [make_image(56, 56)] * (MAX_IMAGES + 1), prune_ratio=0.5))
+    assert 400 <= r.status_code < 500, r.text
+
+    # a client that disconnects mid-stream, and one that gives up while its images are encoded
+    body = chat_body(h, [make_image(224, 224, seed=8)], prune_ratio=0.3, stream=True,
+                     max_tokens=200, ignore_eos=True)
+    with requests.post(h.url + "/v1/chat/completions", data=json.dumps(body), headers=_headers(),
+                       stream=True, timeout=300) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    big = chat_body(h, [make_image(448, 448, seed=s) for s in (20, 21, 22)], prune_ratio=0.5,
+                    prune_method="cdpruner")
+    _send_and_drop(h, json.dumps(big).encode(), after=0.3)
+
+    # degenerate images, every method: 1x1, flat colour, fewer tokens than min_keep, largest
+    flat = Image.new("RGB", (168, 112), (90, 90, 90))
+    tiny = Image.new("RGB", (1, 1), (255, 0, 0))
+    small = make_image(56, 56, seed=4)  # 4 tokens < min_keep
+    largest = make_image(2048, 1536, seed=6)  # resized to the processor's max_pixels
+    before = settled_scrape(h)
+    served = []
+    for i, method in enumerate(list_methods()):
+        images = [flat, small, tiny] if i % 2 else [tiny, flat]
+        ratio = [0.0, 0.5, 0.889, 0.99][i % 4]
+        r = post(h, "/v1/chat/completions",
+                 chat_body(h, images, prune_ratio=ratio, prune_method=method))
+        assert r.status_code == 200, (method, r.text)
+        assert r.json()["usage"]["prompt_tokens"] == expected_tokens(h, images, ratio), method
+        served.append((images, ratio, method))
+    r = post(h, "/v1/chat/completions", chat_body(h, [largest], prune_ratio=0.9))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == expected_tokens(h, [largest], 0.9)
+    served.append(([largest], 0.9, "lrcp"))
+    assert delta(settled_scrape(h), before) == counters_for(h, served)
+    assert h.server.alive()
+
+
+def _send_and_drop(h: Hard, body: bytes, after: float) -> None:
+    """Send a request on a raw socket and close it ``after`` seconds later (no response read)."""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", h.server.port), timeout=30) as s:
+        s.sendall(head + body)
+        time.sleep(after)
+
+
+# --------------------------------------------------------------------------- fuzz sample
+
+
+def test_fuzzed_request_fields_against_the_server(hard):
+    """30 bodies drawn from the unit tests' strategy: each is served as documented or refused
+    with a 400 naming the field."""
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.test_fuzz_fields import expected_outcome, field_values
+
+    im = make_image(112, 112, seed=12)
+
+    @settings(max_examples=30, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(field_values())
+    def one(fields: dict[str, str]) -> None:
+        text = json.dumps(chat_body(hard, [im]))[:-1]
+        for raw, value_text in fields.items():
+            text += f', "{raw}": {value_text}'
+        r = post(hard, "/v1/chat/completions", text + "}")
+        outcome = expected_outcome(fields)
+        if isinstance(outcome, str):
+            _assert_400(r, outcome)
+        else:
+            assert r.status_code == 200, (fields, r.text)
+            ratio = outcome.get("prune_ratio", DEFAULT_RATIO)
+            assert r.json()["usage"]["prompt_tokens"] == expected_tokens(hard, [im], ratio)
+
+    one()
+    _assert_serves(hard)
+
+
+# --------------------------------------------------------------------------- load
+
+
+LOAD_REQUESTS = 300
+IN_FLIGHT = 16
+SIZES = [(56, 56), (84, 56), (112, 84), (140, 140), (168, 112), (224, 168)]
+
+
+def test_load_exact_accounting(hard):
+    h = hard
+    rng = random.Random(0)
+    methods = list_methods()
+    images = [make_image(w, hh, seed=s) for s, (w, hh) in enumerate(SIZES * 3)]
+    plan = []
+    for i in range(LOAD_REQUESTS):
+        ims = rng.sample(images, rng.randint(1, MAX_IMAGES))
+        ratio = rng.choice([0.0, 0.25, 0.5, 0.75, 0.889, DEFAULT_RATIO, None])
+        method = rng.choice([*methods, None])
+        plan.append((ims, ratio, method, i % 3 == 0))
+    for ims, _, _, _ in plan:
+        for im in ims:
+            h.tokens(im)
+    before = settled_scrape(h)
+
+    def one(i: int) -> tuple[int, int | None, str]:
+        ims, ratio, method, stream = plan[i]
+        fields: dict[str, Any] = {}
+        if ratio is not None:
+            fields["prune_ratio"] = ratio
+        if method is not None:
+            fields["prune_method"] = method
+        body = chat_body(h, ims, max_tokens=3, **fields)
+        if not stream:
+            r = post(h, "/v1/chat/completions", body)
+            return r.status_code, (r.json().get("usage") or {}).get("prompt_tokens"), r.text
+        body.update(stream=True, stream_options={"include_usage": True})
+        usage = None
+        with requests.post(h.url + "/v1/chat/completions", data=json.dumps(body),
+                           headers=_headers(), stream=True, timeout=600) as r:
+            if r.status_code != 200:
+                return r.status_code, None, r.text
+            for line in r.iter_lines():
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+        return 200, (usage or {}).get("prompt_tokens"), ""
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        results = list(pool.map(one, range(LOAD_REQUESTS)))
+    elapsed = time.monotonic() - start
+    failures = [(i, r) for i, r in enumerate(results) if r[0] != 200]
+    assert not failures, failures[:3]
+    expected = []
+    served = []
+    for ims, ratio, method, _ in plan:
+        r = DEFAULT_RATIO if ratio is None else ratio
+        expected.append(expected_tokens(h, ims, r))
+        served.append((ims, r, method or "lrcp"))
+    got = [r[1] for r in results]
+    wrong = [(i, got[i], expected[i]) for i in range(LOAD_REQUESTS) if got[i] != expected[i]]
+    assert not wrong, wrong[:5]
+    assert delta(settled_scrape(h), before) == counters_for(h, served)
+    print(f"load: {LOAD_REQUESTS} requests, {IN_FLIGHT} in flight, "
+          f"{sum(len(p[0]) for p in plan)} images in {elapsed:.1f}s")
