@@ -11,6 +11,7 @@ ratio 0. Prometheus counters are compared as deltas over the requests of one tes
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import time
@@ -24,7 +25,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import QWEN25_ARCH, _start
+from tests.conftest import QWEN25_ARCH
 from vllm_tokenprune import list_methods, num_kept
 from vllm_tokenprune.config import REQUEST_FIELDS
 from vllm_tokenprune.testing.media import data_url, make_image, qwen_image_tokens
@@ -34,6 +35,8 @@ KEY = "tokenprune-test-key"
 DEFAULT_RATIO = 0.5
 MIN_KEEP = 8
 MAX_IMAGES = 3
+#: vLLM's own decoded-image limit on this server: the largest image it allows is 2048 x 1536.
+MAX_IMAGE_PIXELS = 2048 * 1536
 PROMPT = "Describe this image."
 COUNTERS = ("input_visual_tokens", "kept_visual_tokens", "saved_visual_tokens", "media_items",
             "requests")
@@ -152,7 +155,10 @@ def hard(tiny_qwen_dir: Path) -> Any:
     args = ["--dtype", "float32", "--max-num-batched-tokens", "512", "--seed", "0",
             "--api-key", KEY, "--limit-mm-per-prompt", json.dumps({"image": MAX_IMAGES}),
             "--hf-overrides", overrides]
-    server = _start(tiny_qwen_dir, args, "hardening")
+    log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = VLLMServer(tiny_qwen_dir, args, log_path=log_dir / "hardening.log",
+                        env={"VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)})
     h = Hard(server, tiny_qwen_dir)
     im = make_image(56, 56, seed=1)
     for k in range(1, MAX_IMAGES + 1):
@@ -255,7 +261,8 @@ def test_every_post_route_refuses_guarded_fields(hard):
     routes = _post_routes(hard)
     assert {"/v1/chat/completions", "/v1/completions", "/tokenize"} <= set(routes)
     seen = []
-    for route in routes:
+    # plus paths outside the schema: the bridge answers before routing
+    for route in [*routes, "/collective_rpc", "/no/such/route"]:
         path = route.replace("{", "").replace("}", "")  # path parameters: any literal
         for raw, value, param in (
             (escaped("prune_ratio"), 7, "prune_ratio"),
@@ -267,7 +274,8 @@ def test_every_post_route_refuses_guarded_fields(hard):
             assert r.status_code == 400, (route, raw, r.status_code, r.text[:300])
             assert r.json()["error"]["param"] == param, (route, r.text[:300])
         seen.append(route)
-    assert len(seen) == len(routes) >= 10
+    assert len(seen) == len(routes) + 2 and len(routes) >= 10
+    print(f"{len(routes)} POST routes: {' '.join(routes)}")
     _assert_serves(hard)
 
 
@@ -318,6 +326,9 @@ def test_faults_then_exact_service(hard):
     tiny = Image.new("RGB", (1, 1), (255, 0, 0))
     small = make_image(56, 56, seed=4)  # 4 tokens < min_keep
     largest = make_image(2048, 1536, seed=6)  # resized to the processor's max_pixels
+    too_big = Image.new("RGB", (2048, 1537), (10, 200, 30))
+    r = post(h, "/v1/chat/completions", chat_body(h, [too_big], prune_ratio=0.5))
+    assert 400 <= r.status_code < 500 and "VLLM_MAX_IMAGE_PIXELS" in r.text, r.text[:300]
     before = settled_scrape(h)
     served = []
     for i, method in enumerate(list_methods()):
