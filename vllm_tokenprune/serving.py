@@ -392,9 +392,9 @@ class TokenPruneEndpointPlugin:
                 "request_fields": list(REQUEST_FIELDS),
             }
 
+        install_request_guard()
         app.include_router(router)
         app.add_middleware(TokenPruneMiddleware)
-        install_request_guard()
         metrics.enable_frontend()
         metrics.register_worker_collector()
 
