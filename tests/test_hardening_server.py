@@ -135,16 +135,19 @@ def counters_for(h: Hard, reqs: list[tuple[list[Image.Image], float, str]]) -> d
     return {k: v for k, v in out.items() if v}
 
 
-def settled_scrape(h: Hard, wait: float = 20.0) -> dict:
-    """Counters once they stop moving (aborted requests may still be in preprocessing)."""
+def settled_scrape(h: Hard, quiet: float = 3.0, wait: float = 60.0) -> dict:
+    """Counters once they have not moved for ``quiet`` seconds (aborted requests may still be
+    in preprocessing)."""
     last = scrape(h)
-    deadline = time.monotonic() + wait
+    since = time.monotonic()
+    deadline = since + wait
     while time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(0.5)
         now = scrape(h)
-        if now == last:
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
             return now
-        last = now
     return last
 
 
