@@ -81,11 +81,15 @@ def test_package_metadata_declares_the_supported_range_for_both_distributions():
 def test_runner_checks():
     """V1 GPU runner, V2 pruner and the (shimmed) CPU runner pass; the CPU runner as vLLM ships
     it (load_model without the pruning switch) is refused."""
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     assert internals.runner_recomputes_mrope(GPUModelRunner, v2=False) is None
     assert internals.runner_recomputes_mrope(GPUModelRunner, v2=True) is None
+    if not current_platform.is_cpu():
+        pytest.skip("the CPU runner and its dev shim exist on vLLM CPU builds only")
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
     shimmed = CPUModelRunner.load_model
     assert getattr(shimmed, "_tokenprune_dev_shim", False), "scripts/cpu_dev_shims.py missing"
     assert internals.runner_recomputes_mrope(CPUModelRunner, v2=False) is None
