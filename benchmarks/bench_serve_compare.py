@@ -75,10 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="--json files of benchmarks/serve.py")
     p.add_argument("--config", default="lrcp@0.889")
+    p.add_argument("--labels", nargs="+", help="column titles after the preset (one per run)")
     args = p.parse_args(argv)
     cols = [column(json.loads(Path(f).read_text()), args.config) for f in args.runs]
     keys = list(cols[0])
-    print("| | " + " | ".join(c["preset"] for c in cols) + " |")
+    labels = args.labels or [""] * len(cols)
+    titles = [f"{c['preset']} {t}".strip() for c, t in zip(cols, labels, strict=True)]
+    print("| | " + " | ".join(titles) + " |")
     print("|---|" + "---|" * len(cols))
     for k in keys[1:]:
         print(f"| {k} | " + " | ".join(c[k] for c in cols) + " |")
