@@ -11,7 +11,6 @@ pruning does, and ``recompute_mrope_positions`` puts them in place (:mod:`.posit
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -154,19 +153,17 @@ class TokenPruneModelMixin:
             if get_method(method).uses_text and text_ids is not None:
                 text = [self._tp_text_embeds(text_ids[i], feats[i].device) for i in items]
                 text = [t if t.shape[0] > 0 else None for t in text]
-            start = time.perf_counter()
-            selected = select_tokens_batch(
-                [feats[i] for i in items],
-                [params[i].num_keep for i in items],
-                method,
-                text_embeds=text,
-                grids=[params[i].grid for i in items],
-                **self.tp_config.options_for(method),
-            )
-            elapsed = time.perf_counter() - start
+            with metrics.time_scorer(method, modality, feats[items[0]].device):
+                selected = select_tokens_batch(
+                    [feats[i] for i in items],
+                    [params[i].num_keep for i in items],
+                    method,
+                    text_embeds=text,
+                    grids=[params[i].grid for i in items],
+                    **self.tp_config.options_for(method),
+                )
             for i, idx in zip(items, selected, strict=True):
                 keep_idx[i] = idx
-            metrics.record_scorer_time(method, modality, elapsed)
         return keep_idx
 
     def _tp_score_view(self, emb: torch.Tensor) -> torch.Tensor:
