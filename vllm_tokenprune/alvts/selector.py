@@ -18,8 +18,10 @@ factors. Rotary embeddings are not applied: the selector scores content, not rel
 (the overlap table in ``docs/alvts.md`` measures what that costs).
 
 Importance of token ``j`` at layer ``l``: the attention it receives from the item's own tokens
-(causal, softmax over the item's tokens only), averaged over heads, normalised to sum 1. Only the
-item's tokens are used, so the result does not depend on what else shares a prefill step.
+(every item token is a query, not causally masked: a causal mask makes early tokens win by
+position alone; softmax over the item's tokens only), averaged over heads, normalised to sum 1.
+Only the item's tokens are used, so the result does not depend on what else shares a prefill
+step.
 Consistency: ``s_l = (1 - w) * a_l + w * s_prev`` with ``s_prev`` the previous routed layer's
 ``s``. The ``num_process`` tokens of largest ``s_l`` go through the layer (ties: lowest index).
 """
@@ -123,27 +125,31 @@ def layer_factors(
 
 
 @torch.no_grad()
-def importance(hidden: Tensor, factors: QKFactors, *, causal: bool = True) -> Tensor:
-    """Approximate attention each of an item's N tokens receives from the item's tokens.
+def importance(hidden: Tensor, factors: QKFactors, *, causal: bool = False,
+               queries: Tensor | None = None) -> Tensor:
+    """Approximate attention each of an item's N tokens receives.
 
-    ``hidden`` (N, D): residual-stream states entering the layer (before its input norm).
-    Returns (N,) float32 summing to 1 (uniform for N == 1).
+    ``hidden`` (N, D): residual-stream states entering the layer (before its input norm), the
+    keys. ``queries`` (M, D): the query tokens' states (default: the item's own tokens).
+    ``causal`` (only without ``queries``): query ``i`` sees keys ``j <= i`` only. The softmax
+    runs over the item's keys. Returns (N,) float32 summing to 1.
     """
     if hidden.dim() != 2 or hidden.shape[1] != factors.left.shape[1]:
         raise ValueError(f"hidden must be (N, {factors.left.shape[1]}), got {tuple(hidden.shape)}")
     n = int(hidden.shape[0])
     if n == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    x = hidden.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + factors.eps)
-    a = torch.einsum("nd,hdr->hnr", x, factors.left)
+    x = _rms(hidden, factors.eps)
+    xq = x if queries is None else _rms(queries, factors.eps)
+    m = int(xq.shape[0])
+    a = torch.einsum("nd,hdr->hnr", xq, factors.left)
     b = torch.einsum("nd,hdr->hnr", x, factors.right)
     kb = None if factors.key_bias is None else (factors.key_bias @ x.T)  # (H, N)
     mask = None
-    if causal:
+    if causal and queries is None:
         mask = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
     received = torch.zeros(n, dtype=torch.float32, device=x.device)
-    step = max(1, _BLOCK_ELEMS // max(1, n * n))
+    step = max(1, _BLOCK_ELEMS // max(1, m * n))
     for h0 in range(0, factors.num_heads, step):
         h1 = min(factors.num_heads, h0 + step)
         logits = torch.bmm(a[h0:h1], b[h0:h1].transpose(1, 2)) * factors.scale
@@ -153,6 +159,11 @@ def importance(hidden: Tensor, factors: QKFactors, *, causal: bool = True) -> Te
             logits = logits.masked_fill(mask, float("-inf"))
         received += logits.softmax(-1).sum(dim=(0, 1))
     return received / received.sum()
+
+
+def _rms(h: Tensor, eps: float) -> Tensor:
+    x = h.to(torch.float32)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def combine(current: Tensor, previous: Tensor | None, consistency: float) -> Tensor:
