@@ -128,3 +128,25 @@ def test_bad_ratio_count_refused(hf: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="2 media items"), \
             routed(hf["model"], hf["inputs"]["input_ids"], [0.5], OPTS):
         pass
+
+
+def test_overlap_benchmark_quick(tmp_path: Path) -> None:
+    """``benchmarks/alvts_overlap.py --quick`` runs and writes its table between the markers;
+    with rank = head_dim and the text's own queries, the selector beats chance at ratio 0.5."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    doc = tmp_path / "alvts.md"
+    doc.write_text("intro\n<!-- alvts-overlap:begin -->\nold\n<!-- alvts-overlap:end -->\nend\n")
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "alvts_overlap.py"),
+                           "--quick", "--cache-dir", str(tmp_path / "models"), "--doc", str(doc)],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
+    assert text.count("| random |") == 2
+    for line in text.splitlines():
+        if line.startswith("| 32 | 0.0 |"):  # tiny models: head_dim 32
+            cells = [float(c) for c in line.strip("|").split("|")[2:]]
+            assert cells[4] > 0.5  # text-q vs text @0.5 beats the random 0.5
