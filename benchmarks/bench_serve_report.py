@@ -709,10 +709,11 @@ def _reading(summary: dict[str, Any]) -> list[str]:
         out.append(
             f"The vision encoder (vLLM's timing, {f['encoder_vllm'] * 1e3:.0f} ms) plus "
             f"preprocessing is {f['floor_used'] / f['ttft_unpruned']:.0%} of the unpruned TTFT "
-            "here: the language model's prefill dominates, as intended for this model size. With "
-            "a larger tower relative to the LM (Qwen2.5-VL-7B's tower is ~8% of its "
-            "parameters but sees 4x the tokens), the floor and so the ideal speed-up move "
-            "accordingly; the 'ideal' column gives the model's figure for this set-up.")
+            "here. Pruning after the encoder cannot touch that floor, so the larger the tower "
+            "relative to the LM, the smaller the gain: the `vl7b` preset's tower costs "
+            "Qwen2.5-VL-7B's share of compute per visual token (0.40x the LM's at 588 tokens, "
+            "`benchmarks/model_flops.py`), the `mid` preset's about 0.03x (LM-bound, an upper "
+            "bound on the gain); the 'ideal' column gives the figure for this set-up.")
     return [" ".join(out), ""] if out else []
 
 

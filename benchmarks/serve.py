@@ -27,16 +27,19 @@ configurations side by side, interleaved, on the same running server in one run:
 
 Examples::
 
-    python benchmarks/serve.py                          # full default run (mid-size model)
+    python benchmarks/serve.py                          # full default run (vl7b preset)
+    python benchmarks/serve.py --model mid              # the LM-bound preset
     python benchmarks/serve.py --quick                  # ~3 min: LRCP at 0 and 0.889
     python benchmarks/serve.py --docs docs              # also write docs/benchmarks.md + plots
     python benchmarks/serve.py --base-url http://127.0.0.1:8000 --no-evs   # a running server
 
 Nothing is downloaded: the model is a random-weight Qwen2.5-VL built locally with
-``vllm_tokenprune.testing.tiny_model.build_qwen2_5_vl`` (``--model mid``, the default: a
-20-layer, 225M-parameter LM with a 4-block, 2M-parameter vision tower, 1024x1024 max pixels,
-784x588 images of 588 visual tokens; ``--model tiny``: the tests' model) and cached under
-``--cache-dir``.
+``vllm_tokenprune.testing.tiny_model.build_qwen2_5_vl`` and cached under ``--cache-dir``:
+``--model vl7b`` (the default) a 20-layer, 225M-parameter LM with an 8-block, 19M-parameter vision
+tower that costs Qwen2.5-VL-7B's share of compute per visual token (``PRESETS``,
+``benchmarks/model_flops.py``); ``--model mid`` the same LM with a 4-block, 2M-parameter tower
+(LM-bound: the encoder is ~4% of the unpruned TTFT); both 1024x1024 max pixels, 784x588 images of
+588 visual tokens; ``--model tiny``: the tests' model.
 """
 
 from __future__ import annotations
@@ -70,14 +73,25 @@ ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
 PROMPT = "Describe this image in detail."
 VIDEO_PROMPT = "Describe this video in detail."
 
+_MID_LM = {"text_layers": 20, "hidden": 1024, "intermediate_size": 2816, "num_heads": 16,
+           "num_kv_heads": 4, "max_pixels": 1024 * 1024, "init_std": 0.02}
+
 #: Model presets for ``build_qwen2_5_vl``: (builder kwargs, default image size).
+#: ``vl7b`` (the default, the one the README quotes): the mid LM with a vision tower whose
+#: multiply-accumulates per LM token are Qwen2.5-VL-7B's share of its LM's (0.40 vs 0.41 at 588
+#: tokens, 0.450 vs 0.449 at 2880; ``benchmarks/model_flops.py``): 8 blocks (1 of them full
+#: attention, as 4 of 32 in the 7B), width 448, MLP 1216 (the 7B's 2.67 MLP/width ratio), 4 patches
+#: per LM token. ``mid``: the same LM with a 2M-parameter tower (vision = 3% of the LM's compute
+#: per token): LM-bound, an upper bound on what pruning after the encoder can save.
 PRESETS: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {
     "tiny": ({}, (448, 336)),
-    "mid": ({"text_layers": 20, "hidden": 1024, "intermediate_size": 2816, "num_heads": 16,
-             "num_kv_heads": 4, "vision_depth": 4, "vision_hidden": 128,
-             "vision_intermediate": 512, "vision_heads": 2, "max_pixels": 1024 * 1024,
-             "init_std": 0.02}, (784, 588)),
+    "mid": ({**_MID_LM, "vision_depth": 4, "vision_hidden": 128, "vision_intermediate": 512,
+             "vision_heads": 2}, (784, 588)),
+    "vl7b": ({**_MID_LM, "vision_depth": 8, "vision_hidden": 448, "vision_intermediate": 1216,
+              "vision_heads": 7}, (784, 588)),
 }
+PRESET_LABELS = {"tiny": "the tests' model", "mid": "LM-bound",
+                 "vl7b": "Qwen2.5-VL-7B's vision/LM compute ratio"}
 DEFAULT_METHODS = ["lrcp", "svd_prune", "resprune", "random", "uniform"]
 DEFAULT_RATIOS = [0.0, 0.5, 0.75, 0.889, 0.944]
 
@@ -457,6 +471,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = Path(args.model_dir)
     elif not args.base_url:
         model_dir = ensure_model(args.model, Path(args.cache_dir))
+        meta["preset"] = {"name": args.model, "label": PRESET_LABELS.get(args.model, "")}
     else:  # a running server: its model id is often a local checkpoint directory
         served = Path(asyncio.run(bc.served_model(args.base_url)))
         model_dir = served if (served / "config.json").exists() else None
@@ -529,8 +544,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true",
                    help="LRCP at ratios 0 and 0.889, fewer requests, no video (~3 min)")
-    p.add_argument("--model", choices=sorted(PRESETS), default="mid",
-                   help="model preset to build (default: mid)")
+    p.add_argument("--model", choices=sorted(PRESETS), default="vl7b",
+                   help="model preset to build: vl7b (default; Qwen2.5-VL-7B's vision/LM compute "
+                        "ratio), mid (LM-bound: a 2M-parameter vision tower), tiny")
     p.add_argument("--model-dir", help="use this Qwen2.5-VL checkpoint instead of a preset")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/vllm-tokenprune/bench"))
     p.add_argument("--base-url", help="target a running TokenPrune server instead of starting one")

@@ -32,14 +32,12 @@ from pydantic import (
     model_validator,
 )
 
+from vllm_tokenprune.alvts import refuse_unserved
 from vllm_tokenprune.scoring import list_methods, validate_options
 
 #: Request fields (top level of a chat/completions JSON body) and the same names inside
 #: ``mm_processor_kwargs``.
 REQUEST_FIELDS = ("prune_ratio", "prune_method", "video_prune_ratio")
-
-#: Methods whose selection depends on the prompt text (their cache keys include the prompt).
-TEXT_CONDITIONED_METHODS = frozenset({"resprune", "cdpruner"})
 
 
 class TokenPruneConfig(BaseModel):
@@ -77,6 +75,7 @@ class TokenPruneConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
+        refuse_unserved(v)
         if v not in list_methods():
             raise ValueError(f"unknown method {v!r}; known: {', '.join(list_methods())}")
         return v
@@ -85,6 +84,8 @@ class TokenPruneConfig(BaseModel):
     @classmethod
     def _known_methods(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if v is not None:
+            for m in v:
+                refuse_unserved(m)
             unknown = [m for m in v if m not in list_methods()]
             if unknown:
                 raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(list_methods())}")
@@ -96,6 +97,10 @@ class TokenPruneConfig(BaseModel):
         if self.allowed_methods is not None and self.method not in self.allowed_methods:
             raise ValueError(f"allowed_methods: method {self.method!r} is not in allowed_methods")
         for name, opts in self.options.items():
+            try:
+                refuse_unserved(name)
+            except ValueError as exc:
+                raise ValueError(f"options: {exc}") from None
             if name not in list_methods():
                 raise ValueError(
                     f"options.{name}: unknown method {name!r}; known: {', '.join(list_methods())}"
@@ -185,6 +190,10 @@ def parse_request_fields(
         method = fields["prune_method"]
         if not isinstance(method, str):
             raise RequestFieldError("prune_method", f"must be a string, got {method!r}")
+        try:
+            refuse_unserved(method)
+        except ValueError as exc:
+            raise RequestFieldError("prune_method", str(exc)) from None
         if method not in list_methods():
             raise RequestFieldError(
                 "prune_method",

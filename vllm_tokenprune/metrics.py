@@ -12,6 +12,8 @@ name                                         type       meaning
 ``tokenprune_requests_total``                counter    requests with media, by method
 ``tokenprune_prune_ratio``                   histogram  the ratio requests asked for
 ``tokenprune_scorer_seconds``                histogram  scorer time per batched scorer call
+                                                        (CPU: wall time; CUDA: event time,
+                                                        :class:`ScorerTimer`)
 ===========================================  =========  ====================================
 
 Where they are measured:
@@ -38,7 +40,10 @@ import os
 import shutil
 import tempfile
 import threading
+import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 METRICS_DIR_ENV = "VLLM_TOKENPRUNE_METRICS_DIR"
@@ -180,22 +185,144 @@ def init_worker(model_name: str) -> None:
 def record_scorer_time(method: str, modality: str, seconds: float) -> None:
     """One batched scorer call took ``seconds`` (worker process)."""
     if _worker is not None:
-        _worker.observe(method, modality, seconds)
+        with _record_lock:
+            _worker.observe(method, modality, seconds)
+
+
+_record_lock = threading.Lock()
+
+
+class ScorerTimer:
+    """Times the scorer calls of one worker; the only writer of ``tokenprune_scorer_seconds``.
+
+    * CPU (and any non-CUDA device): ``time.perf_counter()`` around the call; the work is
+      synchronous, so that is the scorer's time.
+    * CUDA: the scorer's kernels run asynchronously behind the vision encoder's, so host time
+      would measure the encoder's tail (the scorer's first synchronisation waits for it). Two
+      CUDA events with timing are recorded on the current stream around the call instead, and
+      read later, off the hot path and without synchronising: pending (start, end) pairs are
+      polled with ``end.query()`` (``cudaEventQuery``, non-blocking) at the next timed call and by
+      a daemon thread every ``poll_s`` while any are pending; a completed pair is recorded with
+      ``start.elapsed_time(end)``, the GPU time from the scorer's first kernel's queue position
+      to its last (launch gaps included: a launch-bound scorer shows its real latency).
+    """
+
+    def __init__(self, record: Any = None, poll_s: float = 0.2, max_pending: int = 4096) -> None:
+        self._record = record or record_scorer_time
+        self.poll_s = poll_s
+        self.max_pending = max_pending
+        self.pending: deque[tuple[str, str, Any, Any]] = deque()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def time(self, method: str, modality: str, device: Any) -> Iterator[None]:
+        """Time the body: one scorer call of ``method`` on ``device``'s items."""
+        import torch
+
+        self.poll()
+        if getattr(device, "type", device) != "cuda":
+            start = time.perf_counter()
+            yield
+            self._record(method, modality, time.perf_counter() - start)
+            return
+        stream = torch.cuda.current_stream(device)
+        begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        begin.record(stream)
+        yield
+        end.record(stream)
+        with self._lock:
+            if len(self.pending) >= self.max_pending:  # a stalled GPU: drop, never block
+                self.pending.popleft()
+            self.pending.append((method, modality, begin, end))
+        self._ensure_thread()
+
+    def poll(self) -> int:
+        """Record every completed pending pair (in order; non-blocking). Returns how many."""
+        done = []
+        with self._lock:
+            while self.pending and self.pending[0][3].query():
+                done.append(self.pending.popleft())
+        for method, modality, begin, end in done:
+            self._record(method, modality, begin.elapsed_time(end) / 1e3)
+        return len(done)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread = threading.Thread(target=self._poll_loop, name="tokenprune-scorer-timer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _poll_loop(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            self.poll()
+            with self._lock:
+                if not self.pending:
+                    self._thread = None
+                    return
+
+
+_timer = ScorerTimer()
+
+
+def time_scorer(method: str, modality: str, device: Any) -> AbstractContextManager[None]:
+    """``with metrics.time_scorer(method, modality, device): <one batched scorer call>``."""
+    return _timer.time(method, modality, device)
 
 
 # --------------------------------------------------------------------------- API server
 
 
-def ensure_metrics_dir() -> str:
-    """Create the worker-to-API-server directory in the API server (before the engine starts)."""
+#: Where the worker-to-API-server directory is tried when VLLM_TOKENPRUNE_METRICS_DIR is unset:
+#: the temp dir (TMPDIR), then /dev/shm (writable on most read-only-root containers).
+FALLBACK_PARENTS: tuple[str | None, ...] = (None, "/dev/shm")
+
+
+def ensure_metrics_dir(parents: tuple[str | None, ...] = FALLBACK_PARENTS) -> str | None:
+    """Create the worker-to-API-server directory in the API server (before the engine starts).
+
+    ``VLLM_TOKENPRUNE_METRICS_DIR`` if set (created if missing), else a fresh directory under
+    the first writable of ``parents``. Never fails the server's start: on a read-only root
+    filesystem without a writable fallback it logs once and returns None (the token counters
+    work; only ``tokenprune_scorer_seconds`` stays empty).
+    """
     path = os.environ.get(METRICS_DIR_ENV)
     if path:
+        try:
+            os.makedirs(path, exist_ok=True)
+            return path
+        except OSError as e:
+            _warn_no_dir(f"{path}: {e}")
+            os.environ.pop(METRICS_DIR_ENV, None)
+            return None
+    errors = []
+    for parent in parents:
+        try:
+            path = tempfile.mkdtemp(prefix="vllm-tokenprune-metrics-", dir=parent)
+        except OSError as e:
+            errors.append(f"{parent or tempfile.gettempdir()}: {e}")
+            continue
+        os.environ[METRICS_DIR_ENV] = path
+        atexit.register(_remove_dir, path, os.getpid())
         return path
-    path = tempfile.mkdtemp(prefix="vllm-tokenprune-metrics-")
-    os.environ[METRICS_DIR_ENV] = path
-    pid = os.getpid()
-    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
-    return path
+    _warn_no_dir("; ".join(errors))
+    return None
+
+
+def _remove_dir(path: str, pid: int) -> None:
+    if os.getpid() == pid:  # not in forked children
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _warn_no_dir(reason: str) -> None:
+    from vllm.logger import init_logger
+
+    init_logger(__name__).warning(
+        "vllm-tokenprune: no writable directory for worker scorer timings (%s); "
+        "tokenprune_scorer_seconds will stay empty. Set %s to a writable directory "
+        "(e.g. an emptyDir volume) to get them.", reason, METRICS_DIR_ENV)
 
 
 class WorkerScorerCollector:

@@ -23,16 +23,14 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune.models._mixin import (
-    ItemLayout,
-    TokenPruneModelMixin,
-    TokenPruneProcessorMixin,
-    params_key,
-    text_key,
-)
+from vllm_tokenprune.models.model import TokenPruneModelMixin
+from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
+from vllm_tokenprune.models.wire import ItemLayout, params_key, text_key
 
 
 class TokenPruneLlavaMultiModalProcessor(TokenPruneProcessorMixin, LlavaMultiModalProcessor):
+    tp_prunes_embeds = False
+
     def _tp_item_layouts(self, modality: str, hf_out: Mapping[str, Any]) -> list[ItemLayout] | None:
         pixel_values = hf_out.get("pixel_values")
         if modality != "image" or pixel_values is None:
