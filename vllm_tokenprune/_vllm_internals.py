@@ -233,11 +233,19 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.config.multimodal:MultiModalConfig", "config field",
              "models/model.py", "video_pruning_rate > 0 (EVS) is refused with TokenPrune",
              "stays", _has_field("video_pruning_rate")),
-    Internal("vllm.renderers.online_renderer:OnlineRenderer.__init__", "mutated flag",
-             "serving.py (init_state)", "trust_request_mm_kwargs set True on the API server's "
-             "state objects: the bridge itself writes mm_processor_kwargs after enforcing "
-             "vLLM's untrusted-kwargs rule on client input", "vLLM lets endpoint plugins pass "
-             "trusted processor kwargs", _uses("trust_request_mm_kwargs")),
+    # -- wrapped function (the request bridge's guard; never switches vLLM's check off)
+    *(Internal(f"{mod}:validate_request_mm_kwargs", "wrapped module global",
+               "serving.py (install_request_guard)",
+               "vLLM's --trust-request-mm-kwargs check for online requests; rebound to a wrapper "
+               "that exempts exactly the pruning keys sealed by the bridge (HMAC under a "
+               "per-process key) and hands everything else to vLLM's own function; a missing "
+               "name stops the server at start-up",
+               "vLLM lets endpoint plugins pass trusted processor kwargs",
+               _params("mm_processor_kwargs", "media_io_kwargs", "trust_request_mm_kwargs"))
+      for mod in ("vllm.renderers.online_renderer", "vllm.entrypoints.pooling.base.serving")),
+    Internal("vllm.exceptions:VLLMValidationError", "class", "serving.py (check_sealed_kwargs)",
+             "raised for unsealed pruning keys so vLLM answers 400 with `param` set", "stays",
+             _params("parameter")),
     # -- runner contracts
     Internal(f"{_V1}.load_model", "runner contract (V1)", "_vllm_internals.check_mrope_runner",
              "sets is_multimodal_pruning_enabled from the model and the mm config",

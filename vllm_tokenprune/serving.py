@@ -32,8 +32,8 @@ vLLM's own routes). vLLM loads it when ``VLLM_PLUGINS`` names ``tokenprune``; a 
 refuses to start in an API server where it would not load (see
 :func:`vllm_tokenprune.plugin.check_request_bridge`).
 
-vLLM internals touched
-----------------------
+vLLM internals touched (also in :data:`vllm_tokenprune._vllm_internals.INTERNALS`)
+-------------------------------------------------------------------------------------
 * ``vllm.renderers.online_renderer.validate_request_mm_kwargs`` (module global, rebound to a
   wrapper) and, when that module is importable, the same name in
   ``vllm.entrypoints.pooling.base.serving``: the only places vLLM applies
