@@ -50,6 +50,8 @@ SCORER_ERROR = "scorer_error"
 COUNT_MISMATCH = "count_mismatch"
 LAYOUT = "layout"
 POSITION_OVERFLOW = "position_overflow"
+#: Method name of items the model side serves by the fallback without scoring.
+FALLBACK_METHOD = "-fallback-"
 
 _lock = threading.Lock()
 _warned: set[str] = set()

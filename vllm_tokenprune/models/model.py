@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from vllm.logger import init_logger
 
+from vllm_tokenprune import guard
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
 from vllm_tokenprune.models.positions import fill_media_positions, full_positions
 from vllm_tokenprune.models.wire import (
@@ -28,9 +29,16 @@ from vllm_tokenprune.models.wire import (
     decode_positions,
     encode_positions,
 )
-from vllm_tokenprune.scoring import get_method, select_tokens_batch
+from vllm_tokenprune.scoring import get_method, list_methods, select_tokens_batch
 
 logger = init_logger(__name__)
+
+
+def rows_of(value: Any, items: range) -> Any:
+    """The rows of a batched per-item field (tensor or list; None stays None) for ``items``."""
+    if value is None or (items.start == 0 and len(value) == items.stop):
+        return value
+    return value[items.start: items.stop]
 
 
 class TokenPruneModelMixin:
@@ -69,6 +77,34 @@ class TokenPruneModelMixin:
         # before the model builds its layers (Qwen3-VL sizes its M-RoPE cache from it).
         if self.tp_mrope and mm_config is not None:
             object.__setattr__(mm_config, "is_multimodal_pruning_enabled", lambda: True)
+        self._tp_disable_encoder_cudagraphs(vllm_config)
+
+    def _tp_disable_encoder_cudagraphs(self, vllm_config: Any) -> None:
+        """Switch vLLM's encoder CUDA graphs off for this model, saying so once.
+
+        With ``compilation_config.cudagraph_mm_encoder`` on, both model runners run the vision
+        tower through ``EncoderCudaGraphManager`` and never call ``embed_multimodal``, where
+        every item is pruned: the rows would arrive unpruned (more rows than the prompt's
+        placeholders) and, for M-RoPE models, without their position channels. The graph path
+        is chosen per modality for a whole batch, not per item, so it cannot be kept even for
+        items at ratio 0 while other items of the same batch are pruned. Both runners read the
+        flag only after the model is built (V1: ``_create_encoder_cudagraph_manager``; V2:
+        ``ModelState.__init__``), so clearing it here means no encoder graphs are captured at
+        all (no capture time, no graph memory). ``get_encoder_cudagraph_config`` of the Qwen
+        family also reports no graph modality, in case a runner builds a manager anyway.
+        """
+        from vllm.model_executor.models.interfaces import supports_encoder_cudagraph
+
+        compilation = getattr(vllm_config, "compilation_config", None)
+        if compilation is None or not getattr(compilation, "cudagraph_mm_encoder", False):
+            return
+        compilation.cudagraph_mm_encoder = False
+        if supports_encoder_cudagraph(type(self)):
+            logger.warning(
+                "vllm-tokenprune: encoder CUDA graphs (compilation_config.cudagraph_mm_encoder) "
+                "are switched off for %s, for images and videos: the graph path bypasses "
+                "embed_multimodal, where visual tokens are pruned. The language model's CUDA "
+                "graphs are not affected.", type(self).__name__)
 
     def _tp_setup(self, vllm_config: Any) -> None:
         from vllm_tokenprune import metrics
@@ -80,6 +116,78 @@ class TokenPruneModelMixin:
         metrics.init_worker(model_config.served_model_name)
         if self.tp_mrope:
             self.is_multimodal_pruning_enabled = True
+        self._tp_setup_encoder_cap(vllm_config)
+
+    def _tp_setup_encoder_cap(self, vllm_config: Any) -> None:
+        """The unpruned tokens one vision-tower call may take: what vLLM's profile run
+        measured (see :mod:`vllm_tokenprune.guard`)."""
+        self._tp_encoder_cap: int | None = None
+        self._tp_profile_sweep_done = False
+        self._tp_sweep_now = False
+        try:
+            self._tp_encoder_cap, _ = guard.profiled_encoder_tokens(vllm_config)
+        except Exception as e:  # noqa: BLE001 - serve without the guard rather than not at all
+            logger.warning("vllm-tokenprune: cannot compute the profiled encoder budget (%s); "
+                           "vision-tower calls are not split", e)
+        if self._tp_encoder_cap:
+            logger.info("vllm-tokenprune: vision-tower calls are limited to %d unpruned tokens "
+                        "(the profiled encoder batch)", self._tp_encoder_cap)
+
+    def _tp_charge(self, p: ItemParams) -> int:
+        """What vLLM would charge an item against the encoder budget if it were not pruned."""
+        return p.num_tokens
+
+    def _tp_encode_in_chunks(
+        self,
+        charges: Sequence[int],
+        mm_input: Any,
+        flat: dict[str, Sequence[int]] | None,
+        run: Callable[[Any, range], Sequence[torch.Tensor]],
+    ) -> tuple[torch.Tensor, ...]:
+        """Run ``run(sub_input, items)`` (vision tower + pruning) on consecutive sub-batches
+        whose unpruned token count stays within the profiled encoder batch."""
+        cap = self._tp_encoder_cap
+        total = sum(charges)
+        guard.log_encoder_call("batch", total, cap)
+        chunks = guard.plan_chunks(charges, cap)
+        # vLLM's profile run feeds exactly the profiled batch; the first such batch also runs
+        # every allowed scorer at its worst, so profiling measures the scorer's memory too.
+        self._tp_sweep_now = bool(cap) and total == cap and not self._tp_profile_sweep_done
+        out: tuple[torch.Tensor, ...] = ()
+        for items in chunks:
+            guard.log_encoder_call("call", sum(charges[i] for i in items), cap)
+            sub = mm_input if len(chunks) == 1 else guard.slice_items(
+                mm_input, items, len(charges), flat)
+            out += tuple(run(sub, items))
+        self._tp_sweep_now = False
+        return out
+
+    def _tp_profile_sweep(self, feats: Sequence[torch.Tensor],
+                          params: Sequence[ItemParams]) -> None:
+        """Every method this server allows, on every item, keeping N - 1 tokens (the largest
+        selection a request can ask for), results discarded: the scorer's working memory at
+        its worst, inside vLLM's memory profiling."""
+        self._tp_profile_sweep_done = True
+        cfg = self.tp_config
+        methods = cfg.allowed_methods or tuple(list_methods())
+        keep = [max(1, f.shape[0] - 1) for f in feats]
+        grids = [p.grid if p.grid and p.grid[0] * p.grid[1] * p.grid[2] == f.shape[0] else None
+                 for p, f in zip(params, feats, strict=True)]
+        start = time.perf_counter()
+        for method in methods:
+            text = None
+            if get_method(method).uses_text:
+                from vllm_tokenprune.models.processor import MAX_TEXT_TOKENS
+
+                ids = torch.zeros(MAX_TEXT_TOKENS, dtype=torch.long)
+                text = [self._tp_text_embeds(ids, f.device) for f in feats]
+            try:
+                select_tokens_batch(list(feats), keep, method, text_embeds=text, grids=grids,
+                                    **cfg.options_for(method))
+            except Exception as e:  # noqa: BLE001 - profiling must not stop the server
+                logger.warning("vllm-tokenprune: profiling %s failed: %s", method, e)
+        logger.info("vllm-tokenprune: profiled the scorers (%s) on %d items in %.2f s",
+                    ", ".join(methods), len(feats), time.perf_counter() - start)
 
     def _tp_embed_width(self) -> int:
         """Width of a media embedding row as the LM's ``embed_input_ids`` expects it."""
@@ -120,12 +228,15 @@ class TokenPruneModelMixin:
             return [ItemParams(n, method, n, g, ()) for n, g in zip(sizes, grids, strict=True)]
         rows = params.reshape(len(sizes), -1).tolist()
         out = [ItemParams.from_row(r) for r in rows]
-        for p, n in zip(out, sizes, strict=True):
+        for i, (p, n) in enumerate(zip(out, sizes, strict=True)):
             if p.num_tokens != n:
-                raise RuntimeError(
-                    f"vllm-tokenprune: the encoder produced {n} tokens for an item the "
-                    f"processor counted {p.num_tokens} for"
-                )
+                guard.report_fallback(
+                    p.method, guard.COUNT_MISMATCH,
+                    f"the encoder produced {n} tokens for an item the processor counted "
+                    f"{p.num_tokens} for")
+                # keep exactly num_keep of the n rows, evenly spread (FALLBACK: no scorer)
+                out[i] = ItemParams(p.num_keep, guard.FALLBACK_METHOD, n,
+                                    grids[i] if grids else None, p.extra)
         return out
 
     def _tp_select(
@@ -143,29 +254,61 @@ class TokenPruneModelMixin:
         from vllm_tokenprune import metrics
 
         keep_idx: list[torch.Tensor | None] = [None] * len(feats)
+        feats = guard.poison_for_test(feats, [p.num_tokens for p in params])
+        if self._tp_sweep_now:
+            self._tp_profile_sweep(feats, params)
         by_method: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            if p.num_keep < feats[i].shape[0]:
+            if p.method == guard.FALLBACK_METHOD:
+                keep_idx[i] = guard.uniform_fallback(feats[i].shape[0], p.num_keep,
+                                                     feats[i].device)
+            elif p.num_keep != feats[i].shape[0]:
                 by_method[p.method].append(i)
         for method, items in by_method.items():
-            text = None
-            if get_method(method).uses_text and text_ids is not None:
-                text = [self._tp_text_embeds(text_ids[i], feats[i].device) for i in items]
-                text = [t if t.shape[0] > 0 else None for t in text]
             start = time.perf_counter()
-            selected = select_tokens_batch(
-                [feats[i] for i in items],
-                [params[i].num_keep for i in items],
-                method,
-                text_embeds=text,
-                grids=[params[i].grid for i in items],
-                **self.tp_config.options_for(method),
-            )
-            elapsed = time.perf_counter() - start
+            try:
+                selected = self._tp_score(method, feats, params, items, text_ids)
+            except Exception:  # noqa: BLE001 - retried item by item below
+                selected = [self._tp_score_or_fallback(method, feats, params, i, text_ids)
+                            for i in items]
+            else:
+                metrics.record_scorer_time(method, modality, time.perf_counter() - start)
             for i, idx in zip(items, selected, strict=True):
                 keep_idx[i] = idx
-            metrics.record_scorer_time(method, modality, elapsed)
         return keep_idx
+
+    def _tp_score(self, method: str, feats: Sequence[torch.Tensor],
+                  params: Sequence[ItemParams], items: Sequence[int],
+                  text_ids: torch.Tensor | None) -> list[torch.Tensor]:
+        """One batched scorer call for ``items`` (all scored with ``method``)."""
+        text = None
+        if get_method(method).uses_text and text_ids is not None:
+            text = [self._tp_text_embeds(text_ids[i], feats[i].device) for i in items]
+            text = [t if t.shape[0] > 0 else None for t in text]
+        selected = select_tokens_batch(
+            [feats[i] for i in items],
+            [params[i].num_keep for i in items],
+            method,
+            text_embeds=text,
+            grids=[params[i].grid for i in items],
+            **self.tp_config.options_for(method),
+        )
+        for i, idx in zip(items, selected, strict=True):
+            if idx.shape != (params[i].num_keep,):
+                raise RuntimeError(f"{method} returned {tuple(idx.shape)} indices, expected "
+                                   f"{params[i].num_keep}")
+        return selected
+
+    def _tp_score_or_fallback(self, method: str, feats: Sequence[torch.Tensor],
+                              params: Sequence[ItemParams], i: int,
+                              text_ids: torch.Tensor | None) -> torch.Tensor:
+        """One item alone; if scoring it fails, a uniform subset of exactly num_keep rows."""
+        try:
+            return self._tp_score(method, feats, params, [i], text_ids)[0]
+        except Exception as e:  # noqa: BLE001 - a request's media must not kill the engine
+            guard.report_fallback(method, guard.classify(e), str(e))
+            return guard.uniform_fallback(feats[i].shape[0], params[i].num_keep,
+                                          feats[i].device)
 
     def _tp_score_view(self, emb: torch.Tensor) -> torch.Tensor:
         """The part of an item's embedding rows the scorer sees (Qwen3-VL: not the deepstack
@@ -216,7 +359,12 @@ class TokenPruneModelMixin:
     @staticmethod
     def _tp_with_positions(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Append (n, 3) relative positions to (n, D) rows as POS_CHANNELS channels."""
-        enc = encode_positions(pos, rows.dtype).to(rows.device, non_blocking=True)
+        try:
+            enc = encode_positions(pos, rows.dtype)
+        except ValueError as e:  # the processor refuses such items; never crash here
+            guard.report_fallback("-", guard.POSITION_OVERFLOW, str(e))
+            enc = encode_positions(pos.clamp(max=256 * 256 - 1), rows.dtype)
+        enc = enc.to(rows.device, non_blocking=True)
         return torch.cat([rows, enc], dim=1)
 
     def _tp_recompute_mrope_positions(
