@@ -166,8 +166,9 @@ def _processor_stub(max_tokens: dict[str, int]):  # noqa: ANN202
 
 
 def test_processor_refuses_items_above_the_profiled_item_size():
-    stub = _processor_stub({"video": 1000})
+    stub = _processor_stub({"video": 1000, "image": 256})
     stub._tp_check_item("video", ItemLayout(1000, (10, 10, 10)), 1000)
+    stub._tp_check_item("image", ItemLayout(400, (1, 20, 20)), 400)  # vLLM's bound: any modality
     with pytest.raises(ValueError, match="1001 tokens before pruning.*profiled with \\(1000\\)"):
         stub._tp_check_item("video", ItemLayout(1001, (7, 11, 13)), 1001)
 

@@ -274,12 +274,18 @@ class TokenPruneProcessorMixin:
         return cached
 
     def _tp_check_item(self, modality: str, layout: ItemLayout, charge: int) -> None:
-        """Refuse (ValueError: a 400 for this request) what the worker cannot serve safely."""
-        bound = self._tp_max_item_tokens().get(modality)
+        """Refuse (ValueError: a 400 for this request) what the worker cannot serve safely.
+
+        vLLM refuses an item with more embeddings than its encoder cache holds (at least the
+        largest profiled item of any modality, ``compute_mm_encoder_budget``); a pruned item's
+        prompt only shows its kept tokens, so the same bound is applied here to its unpruned
+        count (the part of vLLM's bound the processor can see)."""
+        sizes = self._tp_max_item_tokens()
+        bound = max(sizes.values()) if sizes else None
         if bound is not None and charge > bound:
             raise ValueError(
                 f"vllm-tokenprune: this {modality} has {charge} tokens before pruning, more "
-                f"than the largest {modality} the server's encoder was profiled with ({bound}); "
+                f"than the largest media item the server's encoder was profiled with ({bound}); "
                 f"send a smaller {modality} (or raise --max-model-len on the server)")
         if layout.grid is not None and max(layout.grid) >= 256 * 256:
             raise ValueError(
