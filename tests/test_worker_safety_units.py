@@ -15,7 +15,7 @@ from vllm_tokenprune import guard, metrics, select_tokens
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
 from vllm_tokenprune.config import TokenPruneConfig
 from vllm_tokenprune.models import model as model_mod
-from vllm_tokenprune.models.wire import ItemLayout, ItemParams
+from vllm_tokenprune.models.wire import METHODS_BY_ID, ItemLayout, ItemParams
 
 # --------------------------------------------------------------------------- chunking
 
@@ -50,6 +50,22 @@ def test_slice_items_on_vllm_qwen_pixel_inputs():
     assert torch.equal(sub["pixel_values"], pixels[4:28])
     assert torch.equal(sub["image_grid_thw"], grids[1:])
     assert mm_input["pixel_values"].shape[0] == 28  # the original is untouched
+
+
+def test_slice_items_on_vllm_qwen_video_inputs():
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLVideoPixelInputs
+
+    grids = torch.tensor([[2, 2, 2], [4, 2, 4]])
+    rows = grids.prod(-1).tolist()  # 8, 32
+    pixels = torch.randn(sum(rows), 6)
+    mm_input = Qwen2_5_VLVideoPixelInputs(
+        type="pixel_values_videos", pixel_values_videos=pixels, video_grid_thw=grids,
+        second_per_grid_ts=torch.tensor([1.0, 0.5]), timestamps=[[0.0, 1.0], [0.0, 0.5]])
+    sub = guard.slice_items(mm_input, range(1, 2), 2, {"pixel_values_videos": rows})
+    assert torch.equal(sub["pixel_values_videos"], pixels[8:])
+    assert sub["video_grid_thw"].tolist() == [[4, 2, 4]]
+    assert sub["second_per_grid_ts"].tolist() == [0.5]
+    assert sub["timestamps"] == [[0.0, 0.5]]
 
 
 # --------------------------------------------------------------------------- fallbacks
@@ -113,8 +129,7 @@ def test_count_mismatch_falls_back(fallback_counts):
     assert items[0].method == guard.FALLBACK_METHOD and items[0].num_tokens == 36
     keep = stub._tp_select("image", [torch.randn(36, 8)], items)
     assert keep[0].shape == (10,)
-    assert fallback_counts == [(model_mod.ItemParams.from_row([0, 0, 0, 0, 0, 0]).method,
-                                guard.COUNT_MISMATCH)]
+    assert fallback_counts == [(METHODS_BY_ID[0], guard.COUNT_MISMATCH)]
 
 
 def test_profile_sweep_runs_every_allowed_method_at_its_worst(monkeypatch):
