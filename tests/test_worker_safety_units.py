@@ -14,6 +14,7 @@ import torch
 from vllm_tokenprune import guard, metrics, select_tokens
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
 from vllm_tokenprune.config import TokenPruneConfig
+from vllm_tokenprune.models import encoder_budget as budget_mod
 from vllm_tokenprune.models import model as model_mod
 from vllm_tokenprune.models.wire import METHODS_BY_ID, ItemLayout, ItemParams
 
@@ -143,6 +144,7 @@ def test_profile_sweep_runs_every_allowed_method_at_its_worst(monkeypatch):
         return real(feats, keep, method, **kw)
 
     monkeypatch.setattr(model_mod, "select_tokens_batch", spy)
+    monkeypatch.setattr(budget_mod, "select_tokens_batch", spy)
     stub = _Stub(TokenPruneConfig(allowed_methods=("lrcp", "resprune", "divprune")))
     stub._tp_sweep_now = True
     feats = [torch.randn(16, 8), torch.randn(16, 8)]
