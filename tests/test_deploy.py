@@ -664,7 +664,9 @@ def test_k8s_objects_reference_each_other(variant: str):
         worker_script = pods[1]["spec"]["containers"][0]["args"][0]
         assert '--hf-overrides "$TOKENPRUNE_HF_OVERRIDES"' in leader_script
         assert "--distributed-executor-backend ray" in leader_script
-        assert '--pipeline-parallel-size "$LWS_GROUP_SIZE"' in leader_script
+        # M-RoPE TokenPrune models refuse pipeline parallelism (docs/gpu.md): TP across nodes
+        assert "--pipeline-parallel-size 1 " in leader_script
+        assert '--tensor-parallel-size "$((8 * LWS_GROUP_SIZE))"' in leader_script
         assert "ray start --head" in leader_script
         assert 'ray start --address="$LWS_LEADER_ADDRESS:6379"' in worker_script
         for script in (leader_script, worker_script):

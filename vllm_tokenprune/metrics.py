@@ -235,16 +235,54 @@ def record_scorer_time(method: str, modality: str, seconds: float) -> None:
 # --------------------------------------------------------------------------- API server
 
 
-def ensure_metrics_dir() -> str:
-    """Create the worker-to-API-server directory in the API server (before the engine starts)."""
+#: Where the worker-to-API-server directory is tried when VLLM_TOKENPRUNE_METRICS_DIR is unset:
+#: the temp dir (TMPDIR), then /dev/shm (writable on most read-only-root containers).
+FALLBACK_PARENTS: tuple[str | None, ...] = (None, "/dev/shm")
+
+
+def ensure_metrics_dir(parents: tuple[str | None, ...] = FALLBACK_PARENTS) -> str | None:
+    """Create the worker-to-API-server directory in the API server (before the engine starts).
+
+    ``VLLM_TOKENPRUNE_METRICS_DIR`` if set (created if missing), else a fresh directory under
+    the first writable of ``parents``. Never fails the server's start: on a read-only root
+    filesystem without a writable fallback it logs once and returns None (the token counters
+    work; only ``tokenprune_scorer_seconds`` stays empty).
+    """
     path = os.environ.get(METRICS_DIR_ENV)
     if path:
+        try:
+            os.makedirs(path, exist_ok=True)
+            return path
+        except OSError as e:
+            _warn_no_dir(f"{path}: {e}")
+            os.environ.pop(METRICS_DIR_ENV, None)
+            return None
+    errors = []
+    for parent in parents:
+        try:
+            path = tempfile.mkdtemp(prefix="vllm-tokenprune-metrics-", dir=parent)
+        except OSError as e:
+            errors.append(f"{parent or tempfile.gettempdir()}: {e}")
+            continue
+        os.environ[METRICS_DIR_ENV] = path
+        atexit.register(_remove_dir, path, os.getpid())
         return path
-    path = tempfile.mkdtemp(prefix="vllm-tokenprune-metrics-")
-    os.environ[METRICS_DIR_ENV] = path
-    pid = os.getpid()
-    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
-    return path
+    _warn_no_dir("; ".join(errors))
+    return None
+
+
+def _remove_dir(path: str, pid: int) -> None:
+    if os.getpid() == pid:  # not in forked children
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _warn_no_dir(reason: str) -> None:
+    from vllm.logger import init_logger
+
+    init_logger(__name__).warning(
+        "vllm-tokenprune: no writable directory for worker scorer timings (%s); "
+        "tokenprune_scorer_seconds will stay empty. Set %s to a writable directory "
+        "(e.g. an emptyDir volume) to get them.", reason, METRICS_DIR_ENV)
 
 
 class WorkerScorerCollector:

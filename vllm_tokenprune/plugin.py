@@ -38,8 +38,16 @@ PLUGIN_NAME = "tokenprune"
 
 
 def register() -> None:
-    """Register the TokenPrune architectures with vLLM's model registry (idempotent, cheap)."""
+    """Register the TokenPrune architectures with vLLM's model registry (idempotent, cheap).
+
+    Refuses an unsupported vLLM first (:func:`vllm_tokenprune._vllm_internals.check_vllm_version`):
+    vLLM runs general plugins in every process, so ``vllm serve`` stops before loading anything.
+    """
     from vllm import ModelRegistry
+
+    from vllm_tokenprune._vllm_internals import check_vllm_version
+
+    check_vllm_version()
 
     supported = set(ModelRegistry.get_supported_archs())
     for arch, target in ARCHITECTURES.items():

@@ -30,6 +30,8 @@ from vllm_tokenprune.models.wire import ItemLayout, ItemParams, params_key, text
 
 
 class TokenPruneLlavaMultiModalProcessor(TokenPruneProcessorMixin, LlavaMultiModalProcessor):
+    tp_prunes_embeds = False
+
     def _tp_item_layouts(self, modality: str, hf_out: Mapping[str, Any]) -> list[ItemLayout] | None:
         pixel_values = hf_out.get("pixel_values")
         if modality != "image" or pixel_values is None:

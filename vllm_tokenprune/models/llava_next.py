@@ -50,6 +50,8 @@ from vllm_tokenprune.models.wire import ItemLayout, ItemParams, params_key, text
 class TokenPruneLlavaNextMultiModalProcessor(
     TokenPruneProcessorMixin, LlavaNextMultiModalProcessor
 ):
+    tp_prunes_embeds = False
+
     def _tp_anyres_layout(self, height: int, width: int) -> tuple[int, int, int]:
         """(base tokens, rows, tokens per row) of an image of this size, with vLLM's helpers."""
         info = self.info

@@ -20,6 +20,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_tokenprune import guard
+from vllm_tokenprune._vllm_internals import check_mrope_runner, check_pipeline_parallel
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
 from vllm_tokenprune.models.encoder_budget import EncoderBudgetMixin
 from vllm_tokenprune.models.positions import fill_media_positions, full_positions
@@ -65,7 +66,12 @@ class TokenPruneModelMixin(EncoderBudgetMixin):
         self._tp_setup(vllm_config)
 
     def _tp_pre_init(self, vllm_config: Any) -> None:
-        """Before the model's own ``__init__``: refuse EVS; switch multimodal pruning on."""
+        """Before the model's own ``__init__``: refuse EVS, and for M-RoPE families pipeline
+        parallelism and runners that would not recompute positions; switch multimodal
+        pruning on."""
+        if self.tp_mrope:
+            check_pipeline_parallel(vllm_config)
+            check_mrope_runner(vllm_config)
         mm_config = vllm_config.model_config.multimodal_config
         if mm_config is not None and (mm_config.video_pruning_rate or 0) > 0:
             raise ValueError(
@@ -126,20 +132,16 @@ class TokenPruneModelMixin(EncoderBudgetMixin):
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: Any = None,
                         **kwargs: Any) -> torch.Tensor:
         """Guard: rows still carrying position channels mean the model runner never called
-        ``recompute_mrope_positions`` (vLLM 0.32's ``CPUModelRunner.load_model`` skips the
-        switch; ``scripts/cpu_dev_shims.py`` restores it). Serve rather than crash: strip the
-        channels, keep the provisional positions, and say so once."""
+        ``recompute_mrope_positions``. :func:`.._vllm_internals.check_mrope_runner` refuses such
+        runners at start-up; reaching this is a vLLM contract change, never approximate
+        positions."""
         if self.tp_mrope and multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
             if multimodal_embeddings[0].shape[-1] == self._tp_embed_width() + POS_CHANNELS:
-                if not getattr(self, "_tp_warned_no_recompute", False):
-                    self._tp_warned_no_recompute = True
-                    logger.error(
-                        "vllm-tokenprune: the model runner did not call "
-                        "recompute_mrope_positions, so kept visual tokens get approximate "
-                        "positions. On vLLM CPU builds install scripts/cpu_dev_shims.py "
-                        "(scripts/setup-cpu.sh does)."
-                    )
-                multimodal_embeddings = [m[:, :-POS_CHANNELS] for m in multimodal_embeddings]
+                raise RuntimeError(
+                    "vllm-tokenprune: the model runner did not call recompute_mrope_positions "
+                    "for pruned media rows (a vLLM runner contract listed in "
+                    "vllm_tokenprune/_vllm_internals.py changed)."
+                )
         return super().embed_input_ids(  # type: ignore[misc]
             input_ids, multimodal_embeddings, **kwargs
         )

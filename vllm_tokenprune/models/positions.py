@@ -119,7 +119,7 @@ def fill_media_positions(
     this step carries: the media placeholder tokens from ``num_computed_tokens`` on, in prompt
     order (a chunk may end or start inside an item, or span several items), so each row is
     matched to its placeholder token directly; its item's base position is that of the token
-    before the item's placeholder run, plus one.
+    before the item's placeholder run, plus one (0 for an item at the prompt's first token).
     """
     ids = torch.as_tensor(input_ids).cpu().long()
     positions_cpu = mrope_positions.cpu().clone()
@@ -138,7 +138,9 @@ def fill_media_positions(
             "media placeholders left in the prompt"
         )
     item_start = starts[run_index[targets]]
-    base = positions_cpu[0, (item_start - 1).clamp(min=0)] + 1
+    # An item's base is the position after the token before it; an item at index 0 starts at 0.
+    prev = positions_cpu[0, (item_start - 1).clamp(min=0)] + 1
+    base = torch.where(item_start > 0, prev, torch.zeros_like(prev))
     positions_cpu[:, targets] = rel + base
     return positions_cpu
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextvars
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -68,6 +68,10 @@ class TokenPruneProcessorMixin:
     """
 
     info: Any
+    #: Whether precomputed embedding items (``image_embeds``) are pruned like pixel items.
+    #: Qwen-VL: yes (their embedding input carries ``image_grid_thw``, which lays the item
+    #: out); LLaVA / LLaVA-NeXT: no (no grid or image size comes with the embeddings).
+    tp_prunes_embeds: ClassVar[bool] = True
 
     # -- per-architecture hooks
     def _tp_grid(self, modality: str, item_grid: torch.Tensor) -> Grid:
@@ -300,10 +304,29 @@ class TokenPruneProcessorMixin:
         """Run the model's own HF processing without our request fields, then add the per-item
         pruning fields to its output (only for the items processed now: cached items keep
         theirs, and the cache key includes the request fields)."""
+        self._tp_check_embeds(mm_items, hf_kwargs)
         clean = {k: v for k, v in hf_kwargs.items() if k not in REQUEST_FIELDS}
         out = super()._apply_hf_processor_main(mm_items, clean)  # type: ignore[misc]
         self._tp_add_fields(out, hf_kwargs)
         return out
+
+    def _tp_check_embeds(self, mm_items: Any, mm_kwargs: Mapping[str, object]) -> None:
+        """Refuse a non-zero ratio for precomputed embedding items (``image_embeds``) on
+        families that serve them unpruned (:attr:`tp_prunes_embeds` False), rather than ignore
+        it: a ValueError naming ``prune_ratio``, which vLLM answers with a 400."""
+        if self.tp_prunes_embeds:
+            return
+        for modality, items in mm_items.items():
+            if not items or not items.get_passthrough_data():
+                continue
+            ratio, _ = self._tp_resolve(mm_kwargs, modality)
+            if ratio > 0:
+                field = "video_prune_ratio" if modality == "video" else "prune_ratio"
+                raise ValueError(
+                    f"{field}: precomputed {modality} embeddings ({modality}_embeds) are not "
+                    f"pruned by {type(self).__name__.removesuffix('MultiModalProcessor')}; "
+                    f"send {field}=0 with them, or send the {modality} itself"
+                )
 
     def _tp_add_fields(self, out: Any, mm_kwargs: Mapping[str, object]) -> None:
         cfg = self._tp_config()

