@@ -14,9 +14,10 @@ features), and feeds the language model only the kept embeddings:
   embeddings (found by value: transformers inserts its ``image_newline`` parameter) are all
   kept and never scored; the budget is global over the image's other tokens.
 
-Text-conditioned methods (ResPrune, CDPruner) get the embeddings of the prompt's text tokens
-as the integration documents them: the chat prompt before media expansion, special and media
-tokens removed, the last 256.
+Text-conditioned methods (ResPrune, CDPruner) get the embeddings of the text tokens as the
+integration documents them (docs/worker-safety.md): the text of the media's own chat message
+(between the special tokens around it), media tokens removed, the last 256. Every media item
+of these prompts sits in the one user message, so all items get the same text.
 
 Videos are decoded with OpenCV (as vLLM's default loader does) and handed to the HF processor
 with the same metadata vLLM gives it. Nothing here touches vLLM.
@@ -45,7 +46,7 @@ def _load(model_dir: str) -> tuple[Any, Any]:
 
 #: Methods whose selection depends on the prompt text (mirrors vllm_tokenprune.config).
 TEXT_METHODS = ("resprune", "cdpruner")
-#: The integration hands text-conditioned scorers the prompt's last 256 text tokens.
+#: The integration hands text-conditioned scorers the last 256 text tokens of the message.
 MAX_TEXT_TOKENS = 256
 
 
@@ -61,18 +62,23 @@ def _select(feat: torch.Tensor, ratio: float, method: str, min_keep: int,
 
 
 def _prompt_text_embeds(processor: Any, model: Any, prompt: str) -> torch.Tensor | None:
-    """Embeddings of the prompt's text tokens as text-conditioned scorers get them: the chat
-    prompt (media placeholders not expanded) without special and media tokens, last 256."""
+    """Embeddings of the text tokens text-conditioned scorers get: the chat message holding the
+    media (media placeholders not expanded), between the nearest non-media special tokens
+    around the first media token, media tokens removed, last 256."""
     tok = processor.tokenizer
     cfg = model.config
-    special = set(tok.all_special_ids)
+    media = set()
     for name in ("image_token_id", "video_token_id", "vision_start_token_id",
                  "vision_end_token_id", "image_token_index", "video_token_index"):
         value = getattr(cfg, name, None)
         if isinstance(value, int):
-            special.add(value)
-    ids = [i for i in tok(prompt, add_special_tokens=False)["input_ids"] if i not in special]
-    ids = ids[-MAX_TEXT_TOKENS:]
+            media.add(value)
+    boundary = set(tok.all_special_ids) - media
+    all_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    first = next(i for i, t in enumerate(all_ids) if t in media)
+    lo = max((i + 1 for i in range(first) if all_ids[i] in boundary), default=0)
+    hi = next((i for i in range(first, len(all_ids)) if all_ids[i] in boundary), len(all_ids))
+    ids = [t for t in all_ids[lo:hi] if t not in media][-MAX_TEXT_TOKENS:]
     if not ids:
         return None
     return model.get_input_embeddings()(torch.tensor(ids))

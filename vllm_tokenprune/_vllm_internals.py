@@ -201,8 +201,12 @@ INTERNALS: tuple[Internal, ...] = (
       for meth, why, chk in (
           ("apply", "keeps the prompt text for text-conditioned scorers; counts tokens for "
            "metrics", _params("inputs")),
-          ("_get_mm_hashes", "salts the item hash of text-conditioned methods with the prompt",
-           _params("inputs")),
+          ("_get_mm_hashes", "salts the hash of every pruned item with the plugin version, "
+           "method, options, min_keep and (text-conditioned methods) its message text "
+           "(cache_keys.py, docs/worker-safety.md)", _params("inputs")),
+          ("_get_cache_missing_processor_kwargs", "learns which items the processor cache "
+           "missed (the ones processed now), to give each its own scorer text",
+           _params("inputs", "mm_is_cached")),
           ("_apply_hf_processor_main", "hides the request fields from the HF processor, adds the "
            "per-item params rows", _params("mm_items", "hf_kwargs")),
           ("_get_mm_fields_config", "declares the params rows as batched CPU fields",
@@ -288,6 +292,48 @@ INTERNALS: tuple[Internal, ...] = (
              _uses("get_mrope_input_positions")),
     Internal("vllm.config.vllm:VllmConfig.use_v2_model_runner", "config property",
              "check_mrope_runner", "which runner (V1/V2) the workers build", "stays"),
+    # -- worker safety (docs/worker-safety.md)
+    Internal("vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
+             "scheduler contract", "models/encoder_budget.py",
+             "charges an item its (pruned) placeholder embeds against the encoder budget: why "
+             "vision-tower calls are split to the profiled batch",
+             "vLLM charges unpruned counts", _uses("get_num_embeds")),
+    Internal("vllm.multimodal.encoder_budget:MultiModalBudget.__init__", "class",
+             "guard.profiled_encoder_tokens", "the profiled encoder batch, as profile_run "
+             "computes it", "vLLM exposes the profiled budget to models",
+             _uses("mm_max_items_per_batch", "mm_max_toks_per_item")),
+    Internal("vllm.multimodal.encoder_budget:MultiModalBudget.get_modality_with_max_tokens",
+             "method", "guard.profiled_encoder_tokens", "the modality profile_run uses",
+             "vLLM exposes the profiled budget to models"),
+    Internal(f"{_V1}.profile_run", "runner contract (V1)", "models/encoder_budget.py",
+             "profiles the encoder with one embed_multimodal call on the dummy batch, where the "
+             "scorer sweep runs", "stays", _uses("embed_multimodal")),
+    Internal("vllm.v1.worker.gpu.mm.encoder_runner:EncoderRunner.profile_encoder_cache",
+             "runner contract (V2)", "models/encoder_budget.py",
+             "V2 profiles the encoder through execute_mm_encoder (embed_multimodal)", "stays",
+             _uses("execute_mm_encoder")),
+    Internal("vllm.multimodal.processing.context:BaseProcessingInfo.get_mm_max_tokens_per_item",
+             "method", "models/processor.py (_tp_check_item)",
+             "the largest profiled item: a pruned item above it gets a 400 (vLLM's own check "
+             "sees only the kept count)", "vLLM bounds items by their unpruned size",
+             _params("seq_len", "mm_counts")),
+    Internal("vllm.utils.tensor_schema:TensorSchema", "class", "guard.slice_items",
+             "sub-batches are shallow copies of the parsed input with sliced attributes",
+             "vLLM splits encoder batches itself"),
+    Internal("vllm.config.compilation:CompilationConfig", "mutated flag",
+             "models/model.py (_tp_disable_encoder_cudagraphs)",
+             "cudagraph_mm_encoder cleared: the encoder graph path bypasses embed_multimodal",
+             "the graph path calls a pruning hook", _has_field("cudagraph_mm_encoder")),
+    Internal(f"{_V1}._create_encoder_cudagraph_manager", "runner contract (V1)",
+             "models/model.py", "reads cudagraph_mm_encoder after the model is built",
+             "the graph path calls a pruning hook", _uses("cudagraph_mm_encoder")),
+    Internal("vllm.v1.worker.gpu.model_states.interface:ModelState.__init__",
+             "runner contract (V2)", "models/model.py",
+             "reads cudagraph_mm_encoder after the model is built",
+             "the graph path calls a pruning hook", _uses("cudagraph_mm_encoder")),
+    Internal(f"{_MODELS}.qwen2_vl:Qwen2VLForConditionalGeneration.get_encoder_cudagraph_config",
+             "model method", "models/_qwen.py", "overridden to list no graph modality",
+             "the graph path calls a pruning hook"),
     Internal("vllm.distributed:get_tensor_model_parallel_rank", "function", "metrics.py",
              "only TP rank 0 records scorer timings", "stays (public)"),
 )

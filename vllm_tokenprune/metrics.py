@@ -14,6 +14,8 @@ name                                         type       meaning
 ``tokenprune_scorer_seconds``                histogram  scorer time per batched scorer call
                                                         (CPU: wall time; CUDA: event time,
                                                         :class:`ScorerTimer`)
+``tokenprune_scorer_fallbacks_total``        counter    items served by the fallback (labels
+                                                        ``model_name``, ``method``, ``reason``)
 ===========================================  =========  ====================================
 
 Where they are measured:
@@ -163,13 +165,58 @@ class _WorkerScorerRecorder:
                     "tokenprune_scorer_seconds will miss this worker", self.dir, e)
 
 
+class _WorkerFallbackCounter:
+    """Items the worker served by the fallback (:mod:`vllm_tokenprune.guard`), published like
+    the scorer histogram: a JSON file per worker read at scrape time, or a prometheus_client
+    counter in multiprocess mode."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.dir = os.environ.get(METRICS_DIR_ENV)
+        self.counts: dict[tuple[str, str], float] = {}
+        self.counter = None
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import Counter
+
+            self.counter = Counter("tokenprune_scorer_fallbacks", FALLBACKS_HELP,
+                                   ["model_name", "method", "reason"])
+
+    def inc(self, method: str, reason: str) -> None:
+        if self.counter is not None:
+            self.counter.labels(self.model_name, method, reason).inc()
+            return
+        if not self.dir:
+            return
+        self.counts[(method, reason)] = self.counts.get((method, reason), 0.0) + 1
+        payload = {"model_name": self.model_name,
+                   "series": [{"method": m, "reason": r, "value": v}
+                              for (m, r), v in self.counts.items()]}
+        path = os.path.join(self.dir, f"fallbacks-{os.getpid()}.json")
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(payload, f)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass  # the scorer recorder already warns about an unusable directory
+
+
+FALLBACKS_HELP = "Media items served by the fallback (uniform subset) because pruning failed."
+_fallbacks: _WorkerFallbackCounter | None = None
+
+
+def record_fallback(method: str, reason: str) -> None:
+    """One media item was served by the fallback (worker process)."""
+    if _fallbacks is not None:
+        _fallbacks.inc(method, reason)
+
+
 def init_worker(model_name: str) -> None:
     """Called when a TokenPrune model is built in a worker.
 
     With tensor parallelism every rank runs the scorer on the same batch; only the first rank
     records, so the histogram counts scorer calls, not calls x ranks.
     """
-    global _worker
+    global _worker, _fallbacks
     try:
         from vllm.distributed import get_tensor_model_parallel_rank
 
@@ -180,6 +227,8 @@ def init_worker(model_name: str) -> None:
     with _lock:
         if _worker is None:
             _worker = _WorkerScorerRecorder(model_name)
+        if _fallbacks is None:
+            _fallbacks = _WorkerFallbackCounter(model_name)
 
 
 def record_scorer_time(method: str, modality: str, seconds: float) -> None:
@@ -381,4 +430,37 @@ def register_worker_collector() -> None:
         from prometheus_client import REGISTRY
 
         REGISTRY.register(WorkerScorerCollector(path))
+        REGISTRY.register(WorkerFallbackCollector(path))
         _collector_registered = True
+
+
+class WorkerFallbackCollector:
+    """Reads the workers' fallback counts at scrape time (registered in the API server)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily("tokenprune_scorer_fallbacks", FALLBACKS_HELP,
+                                  labels=["model_name", "method", "reason"])
+        merged: dict[tuple[str, str, str], float] = {}
+        try:
+            names = sorted(os.listdir(self.path))
+        except OSError:
+            names = []
+        for name in names:
+            if not (name.startswith("fallbacks-") and name.endswith(".json")):
+                continue
+            try:
+                with open(os.path.join(self.path, name)) as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                continue
+            for s in data["series"]:
+                key = (data["model_name"], s["method"], s["reason"])
+                merged[key] = merged.get(key, 0.0) + float(s["value"])
+        for labels, value in sorted(merged.items()):
+            fam.add_metric(list(labels), value)
+        yield fam

@@ -12,12 +12,12 @@ steps scale by ``second_per_grid_ts * tokens_per_second`` when the processor pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from vllm_tokenprune.models.model import TokenPruneModelMixin
+from vllm_tokenprune.models.model import TokenPruneModelMixin, rows_of
 from vllm_tokenprune.models.positions import MediaSpan, mrope_positions_for_spans
 from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
 from vllm_tokenprune.models.wire import Grid, params_key, text_key
@@ -63,30 +63,61 @@ class TokenPruneQwenVLModelMixin(TokenPruneModelMixin):
         return out
 
     def _tp_embed_images(self, mm_input: Any, kwargs: Mapping[str, object]) -> Embeds:
-        embeds = self._process_image_input(mm_input)  # type: ignore[attr-defined]
-        grids = self._llm_grid(mm_input["image_grid_thw"])
-        return self._tp_prune(
-            "image", embeds, grids, [1.0] * len(grids),
-            kwargs.get(params_key("image")),  # type: ignore[arg-type]
-            kwargs.get(text_key("image")),  # type: ignore[arg-type]
-        )
+        params = kwargs.get(params_key("image"))
+        text = kwargs.get(text_key("image"))
 
-    def _tp_embed_videos(self, mm_input: Any, kwargs: Mapping[str, object]) -> Embeds:
-        embeds = self._process_video_input(mm_input)  # type: ignore[attr-defined]
-        grids = self._llm_grid(mm_input["video_grid_thw"])
+        def run(sub: Any, items: range) -> Embeds:
+            embeds = self._process_image_input(sub)  # type: ignore[attr-defined]
+            grids = self._llm_grid(sub["image_grid_thw"])
+            return self._tp_prune("image", embeds, grids, [1.0] * len(grids),
+                                  rows_of(params, items), rows_of(text, items))
+
+        return self._tp_in_chunks(mm_input, "image", run)
+
+    def _tp_video_seconds(self, kwargs: Mapping[str, object], num: int) -> list[float]:
         seconds = kwargs.get("second_per_grid_ts")
         if isinstance(seconds, torch.Tensor):
-            secs = [float(s) for s in seconds.reshape(-1).tolist()]
-        elif isinstance(seconds, (list, tuple)):
-            secs = [float(torch.as_tensor(s).reshape(-1)[0]) for s in seconds]
-        else:
-            secs = [1.0] * len(grids)
+            return [float(s) for s in seconds.reshape(-1).tolist()]
+        if isinstance(seconds, (list, tuple)):
+            return [float(torch.as_tensor(s).reshape(-1)[0]) for s in seconds]
+        return [1.0] * num
+
+    def _tp_embed_videos(self, mm_input: Any, kwargs: Mapping[str, object]) -> Embeds:
+        params = kwargs.get(params_key("video"))
+        text = kwargs.get(text_key("video"))
         tps = self._tp_tokens_per_second()
-        return self._tp_prune(
-            "video", embeds, grids, [s * tps for s in secs],
-            kwargs.get(params_key("video")),  # type: ignore[arg-type]
-            kwargs.get(text_key("video")),  # type: ignore[arg-type]
-        )
+        secs = self._tp_video_seconds(kwargs, int(mm_input["video_grid_thw"].shape[0]))
+
+        def run(sub: Any, items: range) -> Embeds:
+            embeds = self._process_video_input(sub)  # type: ignore[attr-defined]
+            grids = self._llm_grid(sub["video_grid_thw"])
+            return self._tp_prune("video", embeds, grids, [secs[i] * tps for i in items],
+                                  rows_of(params, items), rows_of(text, items))
+
+        return self._tp_in_chunks(mm_input, "video", run)
+
+    def _tp_in_chunks(self, mm_input: Any, modality: str,
+                      run: Callable[[Any, range], Embeds]) -> Embeds:
+        """``run`` on sub-batches within the profiled encoder budget (pixel inputs only;
+        precomputed embeddings do not go through the vision tower)."""
+        grid_thw = mm_input[f"{modality}_grid_thw"]
+        num = int(grid_thw.shape[0])
+        if not str(mm_input["type"]).startswith("pixel_values"):
+            return tuple(run(mm_input, range(num)))
+        merge = self.config.vision_config.spatial_merge_size
+        patches = grid_thw.prod(-1).tolist()
+        charges = [int(p) // (merge * merge) for p in patches]
+        key = "pixel_values" if modality == "image" else "pixel_values_videos"
+        return self._tp_encode_in_chunks(charges, mm_input, {key: patches}, run)
+
+    def get_encoder_cudagraph_config(self) -> Any:
+        """vLLM's config with no graph modality: every item must go through
+        ``embed_multimodal`` (see :meth:`TokenPruneModelMixin._tp_disable_encoder_cudagraphs`;
+        vLLM's own Qwen2-VL lists images and videos unconditionally)."""
+        from dataclasses import replace
+
+        return replace(super().get_encoder_cudagraph_config(),  # type: ignore[misc]
+                       modalities=[])
 
     # -- positions
     def _tp_feature_span(self, feature: Any) -> MediaSpan:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -23,9 +24,9 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune.models.model import TokenPruneModelMixin
+from vllm_tokenprune.models.model import TokenPruneModelMixin, rows_of
 from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
-from vllm_tokenprune.models.wire import ItemLayout, params_key, text_key
+from vllm_tokenprune.models.wire import ItemLayout, ItemParams, params_key, text_key
 
 
 class TokenPruneLlavaMultiModalProcessor(TokenPruneProcessorMixin, LlavaMultiModalProcessor):
@@ -55,9 +56,15 @@ class TokenPruneLlavaForConditionalGeneration(TokenPruneModelMixin, LlavaForCond
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        embeds = list(self._process_image_input(image_input))
-        return self._tp_keep_rows(
-            "image", embeds,
-            kwargs.get(params_key("image")),  # type: ignore[arg-type]
-            kwargs.get(text_key("image")),  # type: ignore[arg-type]
-        )
+        params = kwargs.get(params_key("image"))
+        text = kwargs.get(text_key("image"))
+
+        def run(sub: Any, items: range) -> tuple[torch.Tensor, ...]:
+            embeds = list(self._process_image_input(sub))
+            return self._tp_keep_rows("image", embeds, rows_of(params, items),
+                                      rows_of(text, items))
+
+        if image_input["type"] != "pixel_values" or not isinstance(params, torch.Tensor):
+            return run(image_input, range(0, len(params) if params is not None else 0))
+        charges = [self._tp_charge(ItemParams.from_row(r)) for r in params.tolist()]
+        return self._tp_encode_in_chunks(charges, image_input, None, run)

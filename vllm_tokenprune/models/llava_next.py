@@ -40,7 +40,8 @@ from vllm.model_executor.models.llava_next import (
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune.models.model import TokenPruneModelMixin
+from vllm_tokenprune import guard
+from vllm_tokenprune.models.model import TokenPruneModelMixin, rows_of
 from vllm_tokenprune.models.positions import row_separator_mask
 from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
 from vllm_tokenprune.models.wire import ItemLayout, ItemParams, params_key, text_key
@@ -90,6 +91,9 @@ class TokenPruneLlavaNextMultiModalProcessor(
             out.append(ItemLayout(base + rows * row_width, None, (base, rows, row_width)))
         return out
 
+    def _tp_layout_charge(self, layout: ItemLayout) -> int:
+        return layout.num_tokens + layout.extra[1]  # + one newline token per row
+
     def _tp_pruned_tokens(self, modality: str, full: list[int], params: ItemParams) -> list[int]:
         _, rows, _ = params.extra
         if len(set(full)) != 1 or len(full) != params.num_tokens + rows:
@@ -110,21 +114,45 @@ class TokenPruneLlavaNextForConditionalGeneration(
 ):
     tp_mrope = False
 
+    def _tp_charge(self, p: ItemParams) -> int:
+        return p.num_tokens + (p.extra[1] if len(p.extra) > 1 else 0)  # + newline tokens
+
     def embed_multimodal(self, **kwargs: object) -> Any:
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        merged = list(self._process_image_input(image_input))
         params = kwargs.get(params_key("image"))
         if not isinstance(params, torch.Tensor):  # e.g. precomputed embeddings: no layout
-            return merged
+            return list(self._process_image_input(image_input))
+        text = kwargs.get(text_key("image"))
+
+        def run(sub: Any, items: range) -> list[torch.Tensor]:
+            merged = list(self._process_image_input(sub))
+            return self._tp_prune_merged(merged, rows_of(params, items), rows_of(text, items))
+
+        charges = [self._tp_charge(ItemParams.from_row(r)) for r in params.tolist()]
+        if image_input["type"] != "pixel_values":
+            return run(image_input, range(len(charges)))
+        return self._tp_encode_in_chunks(charges, image_input, None, run)
+
+    def _tp_prune_merged(self, merged: list[torch.Tensor], params: torch.Tensor,
+                         text: Any) -> list[torch.Tensor]:
         rows = [ItemParams.from_row(r) for r in params.reshape(len(merged), -1).tolist()]
-        newlines = [row_separator_mask(m.shape[0], *p.extra)
-                    for m, p in zip(merged, rows, strict=True)]
+        newlines = []
+        for m, p in zip(merged, rows, strict=True):
+            try:
+                newlines.append(row_separator_mask(m.shape[0], *p.extra))
+            except (RuntimeError, TypeError) as e:  # never let a layout surprise kill the engine
+                guard.report_fallback(p.method, guard.LAYOUT, str(e))
+                newlines.append(None)
+        if any(nl is None for nl in newlines):
+            return [m if nl is not None or p.num_keep >= p.num_tokens
+                    else m.index_select(0, guard.uniform_fallback(
+                        m.shape[0], p.num_keep + p.extra[1], m.device))
+                    for m, nl, p in zip(merged, newlines, rows, strict=True)]
         feats = [m[~nl.to(m.device)] for m, nl in zip(merged, newlines, strict=True)]
         items = self._tp_params(params, [f.shape[0] for f in feats])
-        keep = self._tp_select("image", feats, items,
-                               kwargs.get(text_key("image")))  # type: ignore[arg-type]
+        keep = self._tp_select("image", feats, items, text)
         out = []
         for m, nl, idx in zip(merged, newlines, keep, strict=True):
             if idx is None:

@@ -18,8 +18,10 @@ from typing import Any, ClassVar
 import torch
 from vllm.logger import init_logger
 
+from vllm_tokenprune import guard
 from vllm_tokenprune._vllm_internals import check_mrope_runner, check_pipeline_parallel
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
+from vllm_tokenprune.models.encoder_budget import EncoderBudgetMixin
 from vllm_tokenprune.models.positions import fill_media_positions, full_positions
 from vllm_tokenprune.models.wire import (
     POS_CHANNELS,
@@ -33,7 +35,14 @@ from vllm_tokenprune.scoring import get_method, select_tokens_batch
 logger = init_logger(__name__)
 
 
-class TokenPruneModelMixin:
+def rows_of(value: Any, items: range) -> Any:
+    """The rows of a batched per-item field (tensor or list; None stays None) for ``items``."""
+    if value is None or (items.start == 0 and len(value) == items.stop):
+        return value
+    return value[items.start: items.stop]
+
+
+class TokenPruneModelMixin(EncoderBudgetMixin):
     """Mix into a vLLM multimodal model class, before it in the MRO.
 
     ``__init__`` runs the model's own and then :meth:`_tp_setup`. Subclasses implement
@@ -74,6 +83,34 @@ class TokenPruneModelMixin:
         # before the model builds its layers (Qwen3-VL sizes its M-RoPE cache from it).
         if self.tp_mrope and mm_config is not None:
             object.__setattr__(mm_config, "is_multimodal_pruning_enabled", lambda: True)
+        self._tp_disable_encoder_cudagraphs(vllm_config)
+
+    def _tp_disable_encoder_cudagraphs(self, vllm_config: Any) -> None:
+        """Switch vLLM's encoder CUDA graphs off for this model, saying so once.
+
+        With ``compilation_config.cudagraph_mm_encoder`` on, both model runners run the vision
+        tower through ``EncoderCudaGraphManager`` and never call ``embed_multimodal``, where
+        every item is pruned: the rows would arrive unpruned (more rows than the prompt's
+        placeholders) and, for M-RoPE models, without their position channels. The graph path
+        is chosen per modality for a whole batch, not per item, so it cannot be kept even for
+        items at ratio 0 while other items of the same batch are pruned. Both runners read the
+        flag only after the model is built (V1: ``_create_encoder_cudagraph_manager``; V2:
+        ``ModelState.__init__``), so clearing it here means no encoder graphs are captured at
+        all (no capture time, no graph memory). ``get_encoder_cudagraph_config`` of the Qwen
+        family also reports no graph modality, in case a runner builds a manager anyway.
+        """
+        from vllm.model_executor.models.interfaces import supports_encoder_cudagraph
+
+        compilation = getattr(vllm_config, "compilation_config", None)
+        if compilation is None or not getattr(compilation, "cudagraph_mm_encoder", False):
+            return
+        compilation.cudagraph_mm_encoder = False
+        if supports_encoder_cudagraph(type(self)):
+            logger.warning(
+                "vllm-tokenprune: encoder CUDA graphs (compilation_config.cudagraph_mm_encoder) "
+                "are switched off for %s, for images and videos: the graph path bypasses "
+                "embed_multimodal, where visual tokens are pruned. The language model's CUDA "
+                "graphs are not affected.", type(self).__name__)
 
     def _tp_setup(self, vllm_config: Any) -> None:
         from vllm_tokenprune import metrics
@@ -85,6 +122,7 @@ class TokenPruneModelMixin:
         metrics.init_worker(model_config.served_model_name)
         if self.tp_mrope:
             self.is_multimodal_pruning_enabled = True
+        self._tp_setup_encoder_cap(vllm_config)
 
     def _tp_embed_width(self) -> int:
         """Width of a media embedding row as the LM's ``embed_input_ids`` expects it."""
@@ -121,12 +159,15 @@ class TokenPruneModelMixin:
             return [ItemParams(n, method, n, g, ()) for n, g in zip(sizes, grids, strict=True)]
         rows = params.reshape(len(sizes), -1).tolist()
         out = [ItemParams.from_row(r) for r in rows]
-        for p, n in zip(out, sizes, strict=True):
+        for i, (p, n) in enumerate(zip(out, sizes, strict=True)):
             if p.num_tokens != n:
-                raise RuntimeError(
-                    f"vllm-tokenprune: the encoder produced {n} tokens for an item the "
-                    f"processor counted {p.num_tokens} for"
-                )
+                guard.report_fallback(
+                    p.method, guard.COUNT_MISMATCH,
+                    f"the encoder produced {n} tokens for an item the processor counted "
+                    f"{p.num_tokens} for")
+                # keep exactly num_keep of the n rows, evenly spread (FALLBACK: no scorer)
+                out[i] = ItemParams(p.num_keep, guard.FALLBACK_METHOD, n,
+                                    grids[i] if grids else None, p.extra)
         return out
 
     def _tp_select(
@@ -144,27 +185,59 @@ class TokenPruneModelMixin:
         from vllm_tokenprune import metrics
 
         keep_idx: list[torch.Tensor | None] = [None] * len(feats)
+        feats = guard.poison_for_test(feats, [p.num_tokens for p in params])
+        if self._tp_sweep_now:
+            self._tp_profile_sweep(feats, params)
         by_method: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            if p.num_keep < feats[i].shape[0]:
+            if p.method == guard.FALLBACK_METHOD:
+                keep_idx[i] = guard.uniform_fallback(feats[i].shape[0], p.num_keep,
+                                                     feats[i].device)
+            elif p.num_keep != feats[i].shape[0]:
                 by_method[p.method].append(i)
         for method, items in by_method.items():
-            text = None
-            if get_method(method).uses_text and text_ids is not None:
-                text = [self._tp_text_embeds(text_ids[i], feats[i].device) for i in items]
-                text = [t if t.shape[0] > 0 else None for t in text]
-            with metrics.time_scorer(method, modality, feats[items[0]].device):
-                selected = select_tokens_batch(
-                    [feats[i] for i in items],
-                    [params[i].num_keep for i in items],
-                    method,
-                    text_embeds=text,
-                    grids=[params[i].grid for i in items],
-                    **self.tp_config.options_for(method),
-                )
+            try:
+                with metrics.time_scorer(method, modality, feats[items[0]].device):
+                    selected = self._tp_score(method, feats, params, items, text_ids)
+            except Exception:  # noqa: BLE001 - retried item by item below
+                selected = [self._tp_score_or_fallback(method, feats, params, i, text_ids)
+                            for i in items]
             for i, idx in zip(items, selected, strict=True):
                 keep_idx[i] = idx
         return keep_idx
+
+    def _tp_score(self, method: str, feats: Sequence[torch.Tensor],
+                  params: Sequence[ItemParams], items: Sequence[int],
+                  text_ids: torch.Tensor | None) -> list[torch.Tensor]:
+        """One batched scorer call for ``items`` (all scored with ``method``)."""
+        text = None
+        if get_method(method).uses_text and text_ids is not None:
+            text = [self._tp_text_embeds(text_ids[i], feats[i].device) for i in items]
+            text = [t if t.shape[0] > 0 else None for t in text]
+        selected = select_tokens_batch(
+            [feats[i] for i in items],
+            [params[i].num_keep for i in items],
+            method,
+            text_embeds=text,
+            grids=[params[i].grid for i in items],
+            **self.tp_config.options_for(method),
+        )
+        for i, idx in zip(items, selected, strict=True):
+            if idx.shape != (params[i].num_keep,):
+                raise RuntimeError(f"{method} returned {tuple(idx.shape)} indices, expected "
+                                   f"{params[i].num_keep}")
+        return selected
+
+    def _tp_score_or_fallback(self, method: str, feats: Sequence[torch.Tensor],
+                              params: Sequence[ItemParams], i: int,
+                              text_ids: torch.Tensor | None) -> torch.Tensor:
+        """One item alone; if scoring it fails, a uniform subset of exactly num_keep rows."""
+        try:
+            return self._tp_score(method, feats, params, [i], text_ids)[0]
+        except Exception as e:  # noqa: BLE001 - a request's media must not kill the engine
+            guard.report_fallback(method, guard.classify(e), str(e))
+            return guard.uniform_fallback(feats[i].shape[0], params[i].num_keep,
+                                          feats[i].device)
 
     def _tp_score_view(self, emb: torch.Tensor) -> torch.Tensor:
         """The part of an item's embedding rows the scorer sees (Qwen3-VL: not the deepstack
@@ -215,7 +288,12 @@ class TokenPruneModelMixin:
     @staticmethod
     def _tp_with_positions(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Append (n, 3) relative positions to (n, D) rows as POS_CHANNELS channels."""
-        enc = encode_positions(pos, rows.dtype).to(rows.device, non_blocking=True)
+        try:
+            enc = encode_positions(pos, rows.dtype)
+        except ValueError as e:  # the processor refuses such items; never crash here
+            guard.report_fallback("-", guard.POSITION_OVERFLOW, str(e))
+            enc = encode_positions(pos.clamp(max=256 * 256 - 1), rows.dtype)
+        enc = enc.to(rows.device, non_blocking=True)
         return torch.cat([rows, enc], dim=1)
 
     def _tp_recompute_mrope_positions(

@@ -6,20 +6,26 @@ server).
   block, and computes the keep-count with :func:`vllm_tokenprune.num_kept` *before* the encoder
   runs: the prompt gets exactly the placeholder tokens of the pruned item;
 * carries one params row per item to the model (:mod:`.wire`);
-* for text-conditioned methods, carries the prompt's text token ids too and mixes them into the
-  item's cache hash, so the encoder cache never serves a selection made for another prompt.
+* for text-conditioned methods, carries the text of the item's own chat message
+  (:mod:`vllm_tokenprune.cache_keys`);
+* salts the cache hash of every pruned item with what its selection depends on beyond the
+  media and the request's kwargs (plugin version, method, options, min_keep, the scorer's
+  text), see :mod:`vllm_tokenprune.cache_keys`;
+* refuses (400) an item the worker could not serve safely: more tokens before pruning than the
+  largest item vLLM profiled the encoder with (pruning would otherwise let such an item in, as
+  the prompt only holds its kept tokens), or a grid too large for the position encoding.
 """
 
 from __future__ import annotations
 
 import contextvars
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
+from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
 from vllm_tokenprune.config import (
     REQUEST_FIELDS,
     TokenPruneConfig,
@@ -45,6 +51,13 @@ MAX_TEXT_TOKENS = 256
 _prompt_text_ids: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
     "tokenprune_prompt_text_ids", default=None
 )
+#: Per modality, the text ids each item's scorer sees (its own message), for this request.
+_item_text_ids: contextvars.ContextVar[dict[str, list[tuple[int, ...]]] | None] = (
+    contextvars.ContextVar("tokenprune_item_text_ids", default=None))
+#: Per modality, the original indices of the items vLLM's processor cache missed (the items
+#: ``_apply_hf_processor_main`` processes now), for this request.
+_missing_items: contextvars.ContextVar[dict[str, list[int]] | None] = contextvars.ContextVar(
+    "tokenprune_missing_items", default=None)
 
 class TokenPruneProcessorMixin:
     """Mix into a ``BaseMultiModalProcessor`` subclass, before the vLLM class in the MRO.
@@ -115,10 +128,14 @@ class TokenPruneProcessorMixin:
     # -- vLLM hooks
     def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         token = _prompt_text_ids.set(self._tp_text_ids(inputs.prompt))
+        token_items = _item_text_ids.set(self._tp_item_texts(inputs))
+        token_missing = _missing_items.set(None)
         try:
             result = super().apply(inputs, *args, **kwargs)  # type: ignore[misc]
         finally:
             _prompt_text_ids.reset(token)
+            _item_text_ids.reset(token_items)
+            _missing_items.reset(token_missing)
         self._tp_record(result, inputs.hf_processor_mm_kwargs)
         return result
 
@@ -182,17 +199,106 @@ class TokenPruneProcessorMixin:
                  "vision_end_token_id", "image_token_index", "video_token_index")
         return {int(v) for n in names if isinstance(v := getattr(hf, n, None), int)}
 
+    def _tp_item_texts(self, inputs: Any) -> dict[str, list[tuple[int, ...]]]:
+        """Per modality, each item's scorer text: the text of its own chat message
+        (:func:`vllm_tokenprune.cache_keys.message_text_ids`); the prompt's last text tokens
+        when the prompt's placeholders cannot be matched to the items."""
+        prompt = inputs.prompt
+        if isinstance(prompt, str):
+            prompt = self.info.get_tokenizer().encode(prompt, add_special_tokens=False)
+        self._tp_text_ids(())  # fills the special-id cache
+        media = self._tp_media_token_ids()
+        boundaries = self._tp_special_ids - media
+        hf = self.info.get_hf_config()
+        out: dict[str, list[tuple[int, ...]]] = {}
+        for modality, items in inputs.mm_data_items.items():
+            count = items.get_count()
+            token_id = None
+            for name in (f"{modality}_token_id", f"{modality}_token_index"):
+                if isinstance(value := getattr(hf, name, None), int):
+                    token_id = value
+                    break
+            texts = None if token_id is None else message_text_ids(
+                prompt, token_id, count, media, boundaries, MAX_TEXT_TOKENS)
+            if texts is None:
+                texts = [self._tp_text_ids(prompt)] * count
+            out[modality] = texts
+        return out
+
+    def _tp_salt(self, mm_kwargs: Mapping[str, object], modality: str, index: int) -> str | None:
+        """The hash suffix of item ``index`` of ``modality`` (None: not pruned, vLLM's key)."""
+        from vllm_tokenprune import __version__
+
+        ratio, method = self._tp_resolve(mm_kwargs, modality)
+        if ratio <= 0.0:
+            return None
+        cfg = self._tp_config()
+        text = None
+        if get_method(method).uses_text:
+            texts = (_item_text_ids.get() or {}).get(modality)
+            text = texts[index] if texts is not None and index < len(texts) else ()
+        return pruned_item_salt(__version__, method, cfg.options_for(method), cfg.min_keep,
+                                text)
+
     def _get_mm_hashes(self, inputs: Any) -> Any:
         hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
-        text_ids = _prompt_text_ids.get()
         out = {}
         for modality, items in hashes.items():
-            _, method = self._tp_resolve(inputs.hf_processor_mm_kwargs, modality)
-            if get_method(method).uses_text and text_ids is not None:
-                salt = hashlib.sha256(repr(text_ids).encode()).hexdigest()[:32]
-                items = [f"{h}-tp{salt}" for h in items]
-            out[modality] = items
+            salted = []
+            for i, h in enumerate(items):
+                salt = self._tp_salt(inputs.hf_processor_mm_kwargs, modality, i)
+                salted.append(h if salt is None else f"{h}-tp{salt}")
+            out[modality] = salted
         return out
+
+    def _get_cache_missing_processor_kwargs(self, inputs: Any, mm_is_cached: Any) -> Any:
+        """Remember which items the processor cache missed: they are the ones processed now,
+        and each needs its own scorer text."""
+        _missing_items.set({m: [i for i, cached in enumerate(flags) if not cached]
+                            for m, flags in mm_is_cached.items()})
+        return super()._get_cache_missing_processor_kwargs(  # type: ignore[misc]
+            inputs, mm_is_cached)
+
+    def _tp_max_item_tokens(self) -> dict[str, int]:
+        """The largest item per modality vLLM profiles the encoder with (its
+        ``mm_max_toks_per_item``, from the same ``get_mm_max_tokens_per_item`` call)."""
+        cached = getattr(self, "_tp_max_tokens", None)
+        if cached is None:
+            cached = {}
+            try:
+                info = self.info
+                limits = info.allowed_mm_limits
+                counts = {m: 1 for m in info.supported_mm_limits if limits.get(m, 0) > 0}
+                got = info.get_mm_max_tokens_per_item(
+                    seq_len=info.ctx.model_config.max_model_len, mm_counts=counts)
+                cached = {m: int(v) for m, v in (got or {}).items()}
+            except Exception:  # noqa: BLE001 - no bound known: vLLM's own checks only
+                cached = {}
+            self._tp_max_tokens = cached
+        return cached
+
+    def _tp_check_item(self, modality: str, layout: ItemLayout, charge: int) -> None:
+        """Refuse (ValueError: a 400 for this request) what the worker cannot serve safely.
+
+        vLLM refuses an item with more embeddings than its encoder cache holds (at least the
+        largest profiled item of any modality, ``compute_mm_encoder_budget``); a pruned item's
+        prompt only shows its kept tokens, so the same bound is applied here to its unpruned
+        count (the part of vLLM's bound the processor can see)."""
+        sizes = self._tp_max_item_tokens()
+        bound = max(sizes.values()) if sizes else None
+        if bound is not None and charge > bound:
+            raise ValueError(
+                f"vllm-tokenprune: this {modality} has {charge} tokens before pruning, more "
+                f"than the largest media item the server's encoder was profiled with ({bound}); "
+                f"send a smaller {modality} (or raise --max-model-len on the server)")
+        if layout.grid is not None and max(layout.grid) >= 256 * 256:
+            raise ValueError(
+                f"vllm-tokenprune: this {modality}'s token grid {layout.grid} is too large "
+                "for pruning (positions must stay below 65536)")
+
+    def _tp_layout_charge(self, layout: ItemLayout) -> int:
+        """What vLLM charges the unpruned item (its full placeholder count)."""
+        return layout.num_tokens
 
     def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> Any:
         """Run the model's own HF processing without our request fields, then add the per-item
@@ -224,12 +330,17 @@ class TokenPruneProcessorMixin:
 
     def _tp_add_fields(self, out: Any, mm_kwargs: Mapping[str, object]) -> None:
         cfg = self._tp_config()
-        text_ids = _prompt_text_ids.get() or ()
+        prompt_text = _prompt_text_ids.get() or ()
+        item_texts = _item_text_ids.get() or {}
+        missing = _missing_items.get()
         for modality in ("image", "video"):
             layouts = self._tp_item_layouts(modality, out)
             if layouts is None:
                 continue
             ratio, method = self._tp_resolve(mm_kwargs, modality)
+            if ratio > 0.0:
+                for lay in layouts:
+                    self._tp_check_item(modality, lay, self._tp_layout_charge(lay))
             rows = [
                 lay.row(num_kept(lay.num_tokens, ratio, cfg.min_keep), METHOD_IDS[method])
                 for lay in layouts
@@ -237,9 +348,15 @@ class TokenPruneProcessorMixin:
             width = max((len(r) for r in rows), default=PARAMS_HEAD)
             out[params_key(modality)] = torch.tensor(rows, dtype=torch.long).reshape(-1, width)
             if get_method(method).uses_text:
+                # item j processed now is the prompt's item original[j] (cache misses only)
+                texts = item_texts.get(modality)
+                original = (missing or {}).get(modality, list(range(len(rows))))
                 ids = torch.full((len(rows), MAX_TEXT_TOKENS), -1, dtype=torch.long)
-                if text_ids:
-                    ids[:, : len(text_ids)] = torch.tensor(text_ids, dtype=torch.long)
+                for j in range(len(rows)):
+                    k = original[j] if j < len(original) else j
+                    text = texts[k] if texts is not None and k < len(texts) else prompt_text
+                    if text:
+                        ids[j, : len(text)] = torch.tensor(text, dtype=torch.long)
                 out[text_key(modality)] = ids
 
     def _tp_fields_config(self, hf_inputs: Mapping[str, object]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from vllm_tokenprune.models._qwen import (
     Embeds,
     TokenPruneQwenVLModelMixin,
     TokenPruneQwenVLProcessorMixin,
+    rows_of,
 )
 from vllm_tokenprune.models.positions import MediaSpan, span_positions
 from vllm_tokenprune.models.wire import ItemParams, params_key, text_key
@@ -92,17 +93,22 @@ class TokenPruneQwen3VLForConditionalGeneration(
         return list(_video_tokens(self, t, h * w, tuple(timestamps)))
 
     def _tp_embed_videos(self, mm_input: Any, kwargs: Mapping[str, object]) -> Embeds:
+        params = kwargs.get(params_key("video"))
+        text = kwargs.get(text_key("video"))
+        timestamps = _timestamps(kwargs["timestamps"])
+
+        def run(sub: Any, items: range) -> Embeds:
+            return self._tp_embed_video_items(sub, rows_of(params, items), rows_of(text, items),
+                                              timestamps[items.start: items.stop])
+
+        return self._tp_in_chunks(mm_input, "video", run)
+
+    def _tp_embed_video_items(self, mm_input: Any, params: Any, text: Any,
+                              timestamps: list[list[float]]) -> Embeds:
         embeds = self._process_video_input(mm_input)
         grids = self._llm_grid(mm_input["video_grid_thw"])
-        items = self._tp_params(
-            kwargs.get(params_key("video")),  # type: ignore[arg-type]
-            [e.shape[0] for e in embeds], grids,
-        )
-        keep = self._tp_select(
-            "video", [self._tp_score_view(e) for e in embeds], items,
-            kwargs.get(text_key("video")),  # type: ignore[arg-type]
-        )
-        timestamps = _timestamps(kwargs["timestamps"])
+        items = self._tp_params(params, [e.shape[0] for e in embeds], grids)
+        keep = self._tp_select("video", [self._tp_score_view(e) for e in embeds], items, text)
         video_token_id = int(self.config.video_token_id)
         out = []
         for emb, (t, h, w), idx, stamps in zip(embeds, grids, keep, timestamps, strict=True):

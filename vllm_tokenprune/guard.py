@@ -1,0 +1,188 @@
+"""Worker-side safety of the pruning hook: vision-tower call budget, fallbacks, test hooks.
+
+Three jobs, all in the worker (inside vLLM's batched encoder step), none of them scoring:
+
+* **Encoder-call budget** (:func:`plan_chunks`, :func:`profiled_encoder_tokens`). vLLM's
+  scheduler charges a media item its placeholder count against the encoder budget. A pruned
+  item's placeholder count is its *kept* count, so at ratio r one step can bring the vision tower
+  about 1/(1-r) times more patches than vLLM's memory profiling measured. The hook therefore runs
+  the tower (and the scorer) on consecutive sub-batches whose *unpruned* token count stays within
+  what profiling measured: ``mm_max_items_per_batch x mm_max_toks_per_item`` of the modality
+  vLLM profiles with (:class:`vllm.multimodal.encoder_budget.MultiModalBudget`, the same numbers
+  ``profile_run`` uses). A single item is never split (the vision tower attends over a whole
+  item); the processor refuses, with a 400, any item whose unpruned token count exceeds
+  ``mm_max_toks_per_item`` (see :meth:`TokenPruneProcessorMixin._tp_check_item`), so one item
+  alone always fits what profiling measured.
+* **Fallbacks** (:func:`uniform_fallback`, :func:`report_fallback`). vLLM marks the engine dead
+  when ``execute_model`` raises, so nothing in the hook may raise because of what a request
+  sent. When scoring an item fails (NaN/Inf features, a scorer error, an encoder/processor count
+  mismatch, an unexpected layout) the item keeps a uniform subset of exactly ``num_keep`` rows
+  (its placeholder count in the prompt is fixed), the failure is logged once per reason and
+  counted in ``tokenprune_scorer_fallbacks_total{model_name,method,reason}``.
+* **Test-only hooks**, inert unless their environment variable is set when the worker starts:
+  ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG=<file>`` appends one line per vision-tower call
+  (``call <unpruned tokens> <cap>``) and per encoder batch (``batch <unpruned tokens> <cap>``);
+  ``VLLM_TOKENPRUNE_TEST_NAN_TOKENS=<N>`` makes the scorer see NaN features for every item of
+  exactly N tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+ENCODER_LOG_ENV = "VLLM_TOKENPRUNE_TEST_ENCODER_LOG"
+NAN_TOKENS_ENV = "VLLM_TOKENPRUNE_TEST_NAN_TOKENS"
+
+_ENCODER_LOG = os.environ.get(ENCODER_LOG_ENV) or None
+_NAN_TOKENS = int(os.environ[NAN_TOKENS_ENV]) if os.environ.get(NAN_TOKENS_ENV) else None
+
+#: Fallback reasons (the ``reason`` label of ``tokenprune_scorer_fallbacks_total``).
+NON_FINITE = "non_finite"
+SCORER_ERROR = "scorer_error"
+COUNT_MISMATCH = "count_mismatch"
+LAYOUT = "layout"
+POSITION_OVERFLOW = "position_overflow"
+#: Method name of items the model side serves by the fallback without scoring.
+FALLBACK_METHOD = "-fallback-"
+
+_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+# --------------------------------------------------------------------------- encoder budget
+
+
+def plan_chunks(charges: Sequence[int], cap: int | None) -> list[range]:
+    """Split items (in order) into consecutive groups whose charges sum to at most ``cap``.
+
+    An item whose charge alone exceeds ``cap`` forms a group of its own (items are never
+    split). ``cap`` None or <= 0: one group.
+    """
+    n = len(charges)
+    if n == 0:
+        return []
+    if not cap or cap <= 0:
+        return [range(n)]
+    out: list[range] = []
+    start, total = 0, 0
+    for i, c in enumerate(charges):
+        if i > start and total + c > cap:
+            out.append(range(start, i))
+            start, total = i, 0
+        total += c
+    out.append(range(start, n))
+    return out
+
+
+def profiled_encoder_tokens(vllm_config: Any) -> tuple[int | None, dict[str, int]]:
+    """(tokens one vision-tower call was profiled with, largest item per modality).
+
+    The same numbers vLLM's ``profile_run`` uses: its dummy batch holds
+    ``mm_max_items_per_batch[m]`` items of ``mm_max_toks_per_item[m]`` tokens of the modality
+    ``m`` with the most tokens per item. (None, {}) when there is no encoder budget.
+    """
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.encoder_budget import MultiModalBudget
+
+    budget = MultiModalBudget(vllm_config, MULTIMODAL_REGISTRY, enable_cache=False)
+    per_item = dict(budget.mm_max_toks_per_item)
+    if budget.get_encoder_budget() <= 0 or not per_item:
+        return None, per_item
+    modality = budget.get_modality_with_max_tokens()
+    return budget.mm_max_items_per_batch[modality] * per_item[modality], per_item
+
+
+def slice_items(mm_input: Any, items: range, num_items: int,
+                flat: dict[str, Sequence[int]] | None = None) -> Any:
+    """A copy of a parsed multimodal input (vLLM ``TensorSchema`` or dict) holding only
+    ``items``.
+
+    Every field with one entry per item (``len == num_items``) is sliced by item; fields named
+    in ``flat`` are concatenations over items, sliced by the given per-item row counts (Qwen's
+    ``pixel_values``). Everything else (e.g. ``type``) is kept as is.
+    """
+    flat = flat or {}
+    if isinstance(mm_input, dict):
+        fields = dict(mm_input)
+    else:
+        fields = {k: v for k, v in vars(mm_input).items() if not k.startswith("_")}
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key in flat:
+            rows = list(flat[key])
+            lo = sum(rows[: items.start])
+            hi = lo + sum(rows[items.start: items.stop])
+            out[key] = value[lo:hi]
+        elif isinstance(value, (torch.Tensor, list, tuple)) and len(value) == num_items:
+            out[key] = value[items.start: items.stop]
+        else:
+            out[key] = value
+    if isinstance(mm_input, dict):
+        return out
+    import copy
+
+    sub = copy.copy(mm_input)
+    for key, value in out.items():
+        setattr(sub, key, value)
+    return sub
+
+
+def log_encoder_call(kind: str, tokens: int, cap: int | None) -> None:
+    """Test-only: record one vision-tower call or encoder batch (inert unless the env is set)."""
+    if _ENCODER_LOG is None:
+        return
+    with _lock, open(_ENCODER_LOG, "a") as f:
+        f.write(f"{kind} {tokens} {cap if cap else 0}\n")
+
+
+# --------------------------------------------------------------------------- fallbacks
+
+
+def uniform_fallback(num_rows: int, num_keep: int, device: torch.device | str = "cpu"
+                     ) -> torch.Tensor:
+    """Exactly ``num_keep`` ascending row indices spread evenly over ``num_rows`` rows.
+
+    Indices repeat only when ``num_rows < num_keep`` (an encoder that produced fewer rows than
+    the prompt has placeholders): the prompt's placeholder count is what must match.
+    """
+    if num_rows <= 0 or num_keep <= 0:
+        return torch.zeros(max(num_keep, 0), dtype=torch.long, device=device)
+    idx = (torch.arange(num_keep, dtype=torch.long) * num_rows) // num_keep
+    return idx.to(device)
+
+
+def classify(exc: BaseException) -> str:
+    """The fallback reason for a scorer exception."""
+    return NON_FINITE if "NaN or Inf" in str(exc) else SCORER_ERROR
+
+
+def report_fallback(method: str, reason: str, detail: str) -> None:
+    """Log (once per reason) and count one item served by the fallback."""
+    from vllm_tokenprune import metrics
+
+    with _lock:
+        first = reason not in _warned
+        _warned.add(reason)
+    if first:
+        logger.warning(
+            "vllm-tokenprune: a media item could not be pruned with %s (%s: %s); it keeps a "
+            "uniform subset of its tokens. Further %s fallbacks are counted in "
+            "tokenprune_scorer_fallbacks_total without logging.", method, reason, detail, reason)
+    metrics.record_fallback(method, reason)
+
+
+def poison_for_test(feats: Sequence[torch.Tensor], num_tokens: Sequence[int]
+                    ) -> list[torch.Tensor]:
+    """Test-only: NaN features for items of ``VLLM_TOKENPRUNE_TEST_NAN_TOKENS`` tokens."""
+    if _NAN_TOKENS is None:
+        return list(feats)
+    return [f * float("nan") if n == _NAN_TOKENS else f
+            for f, n in zip(feats, num_tokens, strict=True)]
