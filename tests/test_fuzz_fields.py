@@ -161,7 +161,7 @@ def test_num_kept_properties(n, ratio, min_keep, other):
 # -- the token_prune start-up block
 
 _BLOCK_KEYS = ["method", "prune_ratio", "video_prune_ratio", "min_keep", "allowed_methods",
-               "options", "ratio", "Method", "prune\u005fratio"]
+               "options", "max_greedy_keep", "ratio", "Method", "prune\u005fratio"]
 
 
 def _block_value() -> st.SearchStrategy[Any]:
@@ -180,7 +180,7 @@ def _block_value() -> st.SearchStrategy[Any]:
 def _block_ok(block: dict[str, Any]) -> bool | None:
     """The documented rule for the keys whose rule is simple; None: options decide."""
     known = {"method", "prune_ratio", "video_prune_ratio", "min_keep", "allowed_methods",
-             "options"}
+             "options", "max_greedy_keep"}
     if set(block) - known:
         return False
     method = block.get("method", "lrcp")
@@ -190,8 +190,9 @@ def _block_ok(block: dict[str, Any]) -> bool | None:
         if k in block and not (block[k] is None and k == "video_prune_ratio") \
                 and not _ratio_ok(block[k]):
             return False
-    if "min_keep" in block and not (type(block["min_keep"]) is int and block["min_keep"] >= 1):
-        return False
+    for k in ("min_keep", "max_greedy_keep"):
+        if k in block and not (type(block[k]) is int and block[k] >= 1):
+            return False
     allowed = block.get("allowed_methods")
     if allowed is not None and not (
             isinstance(allowed, list) and all(type(m) is str and m in list_methods()
@@ -224,6 +225,7 @@ def test_token_prune_block_accepted_as_documented_or_refused_naming_the_key(bloc
     if block.get("video_prune_ratio") is None:
         assert cfg.ratio_for("video") == cfg.ratio_for("image")
     assert cfg.min_keep == block.get("min_keep", 1)
+    assert cfg.max_greedy_keep == block.get("max_greedy_keep", 2048)
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"a":' * 100_000])

@@ -34,6 +34,9 @@ from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 KEY = "tokenprune-test-key"
 DEFAULT_RATIO = 0.5
 MIN_KEEP = 8
+#: token_prune.max_greedy_keep on this server: below the largest image's 234 tokens, above every
+#: greedy selection the other tests ask for (the 448x448 CDPruner image at 0.5 keeps 128).
+MAX_GREEDY_KEEP = 150
 MAX_IMAGES = 3
 #: vLLM's own decoded-image limit on this server: the largest image it allows is 2048 x 1536.
 MAX_IMAGE_PIXELS = 2048 * 1536
@@ -154,7 +157,7 @@ def settled_scrape(h: Hard, quiet: float = 3.0, wait: float = 60.0) -> dict:
 @pytest.fixture(scope="module")
 def hard(tiny_qwen_dir: Path) -> Any:
     overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO,
-                                      min_keep=MIN_KEEP)
+                                      min_keep=MIN_KEEP, max_greedy_keep=MAX_GREEDY_KEEP)
     args = ["--dtype", "float32", "--max-num-batched-tokens", "512", "--seed", "0",
             "--api-key", KEY, "--limit-mm-per-prompt", json.dumps({"image": MAX_IMAGES}),
             "--hf-overrides", overrides]
@@ -332,6 +335,12 @@ def test_faults_then_exact_service(hard):
     too_big = Image.new("RGB", (2048, 1537), (10, 200, 30))
     r = post(h, "/v1/chat/completions", chat_body(h, [too_big], prune_ratio=0.5))
     assert 400 <= r.status_code < 500 and "VLLM_MAX_IMAGE_PIXELS" in r.text, r.text[:300]
+    # a greedy method asked to keep more than max_greedy_keep of one image: 400
+    r = post(h, "/v1/chat/completions",
+             chat_body(h, [largest], prune_ratio=0.1, prune_method="resprune"))
+    assert num_kept(h.tokens(largest), 0.1, MIN_KEEP) > MAX_GREEDY_KEEP
+    assert r.status_code == 400 and "max_greedy_keep" in r.text and "prune_ratio" in r.text, \
+        r.text[:300]
     before = settled_scrape(h)
     served = []
     for i, method in enumerate(list_methods()):

@@ -403,3 +403,11 @@ def test_cuda_same_device_and_no_sync(method):
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= allowed, [str(w.message) for w in syncs]
+
+
+def test_greedy_methods_are_the_sequential_ones():
+    """``token_prune.max_greedy_keep`` bounds exactly the methods with one step per kept token."""
+    from vllm_tokenprune.scoring import get_method
+
+    assert {m for m in list_methods() if get_method(m).greedy} == {
+        "resprune", "divprune", "cdpruner"}

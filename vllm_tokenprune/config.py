@@ -57,6 +57,11 @@ class TokenPruneConfig(BaseModel):
     min_keep: int = Field(
         1, ge=1, strict=True, description="Never keep fewer tokens than this per item."
     )
+    max_greedy_keep: int = Field(
+        2048, ge=1, strict=True,
+        description="Most tokens a greedy method (resprune, divprune, cdpruner: one sequential "
+        "step per kept token) may keep of one item; a request that needs more is refused (400).",
+    )
     allowed_methods: tuple[Annotated[str, Strict()], ...] | None = Field(
         None, description="Methods requests may pick with `prune_method`; None means all."
     )

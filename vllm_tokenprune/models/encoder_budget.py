@@ -80,12 +80,13 @@ class EncoderBudgetMixin:
     def _tp_profile_sweep(self, feats: Sequence[torch.Tensor],
                           params: Sequence[ItemParams]) -> None:
         """Every method this server allows, on every item, keeping N - 1 tokens (the largest
-        selection a request can ask for), results discarded: the scorer's working memory at
+        selection a request can ask for; greedy methods at most ``max_greedy_keep``), results
+        discarded: the scorer's working memory at
         its worst, inside vLLM's memory profiling."""
         self._tp_profile_sweep_done = True
         cfg = self.tp_config
         methods = cfg.allowed_methods or tuple(list_methods())
-        keep = [max(1, f.shape[0] - 1) for f in feats]
+        full = [max(1, f.shape[0] - 1) for f in feats]
         grids = [p.grid if p.grid and p.grid[0] * p.grid[1] * p.grid[2] == f.shape[0] else None
                  for p, f in zip(params, feats, strict=True)]
         start = time.perf_counter()
@@ -96,6 +97,9 @@ class EncoderBudgetMixin:
 
                 ids = torch.zeros(MAX_TEXT_TOKENS, dtype=torch.long)
                 text = [self._tp_text_embeds(ids, f.device) for f in feats]
+            # greedy methods: the processor refuses keeping more than max_greedy_keep
+            keep = [min(k, cfg.max_greedy_keep) for k in full] if get_method(method).greedy \
+                else full
             try:
                 select_tokens_batch(list(feats), keep, method, text_embeds=text, grids=grids,
                                     **cfg.options_for(method))

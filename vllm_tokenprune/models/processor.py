@@ -296,6 +296,24 @@ class TokenPruneProcessorMixin:
                 f"vllm-tokenprune: this {modality}'s token grid {layout.grid} is too large "
                 "for pruning (positions must stay below 65536)")
 
+    def _tp_check_greedy(self, modality: str, method: str, layouts: Sequence[ItemLayout],
+                         keeps: Sequence[int]) -> None:
+        """Refuse (a 400) an item a greedy method would need more than
+        ``token_prune.max_greedy_keep`` sequential steps for: their cost grows with the
+        keep-count, and one such item stalls every request of the engine's batch."""
+        if not get_method(method).greedy:
+            return
+        cap = self._tp_config().max_greedy_keep
+        for lay, k in zip(layouts, keeps, strict=True):
+            if cap < k < lay.num_tokens:
+                field = "video_prune_ratio" if modality == "video" else "prune_ratio"
+                raise ValueError(
+                    f"{field}: {method} would keep {k} of this {modality}'s {lay.num_tokens} "
+                    f"tokens, more than this server allows for a greedy method "
+                    f"(token_prune.max_greedy_keep = {cap}); send a higher {field}, a smaller "
+                    f"{modality}, or a prune_method such as lrcp"
+                )
+
     def _tp_layout_charge(self, layout: ItemLayout) -> int:
         """What vLLM charges the unpruned item (its full placeholder count)."""
         return layout.num_tokens
@@ -341,10 +359,9 @@ class TokenPruneProcessorMixin:
             if ratio > 0.0:
                 for lay in layouts:
                     self._tp_check_item(modality, lay, self._tp_layout_charge(lay))
-            rows = [
-                lay.row(num_kept(lay.num_tokens, ratio, cfg.min_keep), METHOD_IDS[method])
-                for lay in layouts
-            ]
+            keeps = [num_kept(lay.num_tokens, ratio, cfg.min_keep) for lay in layouts]
+            self._tp_check_greedy(modality, method, layouts, keeps)
+            rows = [lay.row(k, METHOD_IDS[method]) for lay, k in zip(layouts, keeps, strict=True)]
             width = max((len(r) for r in rows), default=PARAMS_HEAD)
             out[params_key(modality)] = torch.tensor(rows, dtype=torch.long).reshape(-1, width)
             if get_method(method).uses_text:

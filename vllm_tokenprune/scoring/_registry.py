@@ -81,6 +81,12 @@ class MethodSpec:
     uses_text: bool
     uses_grid: bool
 
+    @property
+    def greedy(self) -> bool:
+        """One sequential step per kept token: cost grows with the keep-count (see
+        ``token_prune.max_greedy_keep``)."""
+        return self.batched_kind == "padded-greedy"
+
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
