@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vllm_tokenprune.config import TokenPruneConfig, parse_config
+from vllm_tokenprune.config import TokenPruneConfig, TokenPruneConfigError, parse_config
 from vllm_tokenprune.preview import draw
 from vllm_tokenprune.preview._extract import (
     SUPPORTED_TYPES,
@@ -93,13 +93,22 @@ def server_config(model: str, hf_overrides: Mapping[str, Any] | str | None = Non
             hf_overrides = json.loads(hf_overrides)
         except ValueError as e:
             raise PreviewError(f"--hf-overrides is not valid JSON: {e}") from None
+    try:
+        hf_config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise PreviewError(f"cannot load a model config from {model!r}: {e}") from None
+    if hf_config.model_type not in SUPPORTED_TYPES:
+        raise PreviewError(
+            f"model type {hf_config.model_type!r} is not supported by the preview; supported: "
+            f"{', '.join(SUPPORTED_TYPES)}"
+        )
     block = (hf_overrides or {}).get("token_prune")
     if block is None:
-        try:
-            block = getattr(AutoConfig.from_pretrained(model), "token_prune", None)
-        except (OSError, ValueError) as e:
-            raise PreviewError(f"cannot load a model config from {model!r}: {e}") from None
-    return parse_config(block)
+        block = getattr(hf_config, "token_prune", None)
+    try:
+        return parse_config(block)
+    except TokenPruneConfigError as e:
+        raise PreviewError(str(e)) from None
 
 
 def load_media(source: str | Path | Image.Image | bytes) -> Image.Image | bytes:
