@@ -6,10 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_tokenprune.models._mixin import (
-    METHOD_IDS,
-    ItemLayout,
-    ItemParams,
+from vllm_tokenprune.models.positions import (
     MediaSpan,
     full_positions,
     mrope_positions_for_pruned_prompt,
@@ -17,6 +14,7 @@ from vllm_tokenprune.models._mixin import (
     row_separator_mask,
     span_positions,
 )
+from vllm_tokenprune.models.wire import METHOD_IDS, ItemLayout, ItemParams
 
 
 def test_params_row_roundtrip():

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_tokenprune.models._mixin import (
-    decode_positions,
-    encode_positions,
-    full_positions,
-    mrope_positions_for_pruned_prompt,
-)
+from vllm_tokenprune.models.positions import full_positions, mrope_positions_for_pruned_prompt
+from vllm_tokenprune.models.wire import decode_positions, encode_positions
 
 
 def test_full_positions_grid_and_next_offset():
@@ -39,7 +35,7 @@ def test_text_after_pruned_media_keeps_unpruned_positions():
 
 def test_recompute_fills_kept_positions_across_any_chunking():
     """Two pruned images; embeddings arrive split at every possible chunk boundary."""
-    from vllm_tokenprune.models._mixin import TokenPruneModelMixin
+    from vllm_tokenprune.models.model import TokenPruneModelMixin
 
     img = 7
     kept_a = torch.tensor([0, 5, 11, 23])  # of a (1, 4, 6) grid

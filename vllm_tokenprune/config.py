@@ -30,9 +30,6 @@ from vllm_tokenprune.scoring import list_methods, validate_options
 #: ``mm_processor_kwargs``.
 REQUEST_FIELDS = ("prune_ratio", "prune_method", "video_prune_ratio")
 
-#: Methods whose selection depends on the prompt text (their cache keys include the prompt).
-TEXT_CONDITIONED_METHODS = frozenset({"resprune", "cdpruner"})
-
 
 class TokenPruneConfig(BaseModel):
     """Server configuration: the ``token_prune`` block of ``--hf-overrides``."""

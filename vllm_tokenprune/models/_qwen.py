@@ -1,4 +1,4 @@
-"""What the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) shares on top of :mod:`._mixin`.
+"""What the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) shares on top of the shared mixins.
 
 Processor side: an item's LM token grid is its ``<modality>_grid_thw`` divided by the spatial
 merge size. Model side: ``embed_multimodal`` runs the model's own vision tower per modality and
@@ -17,15 +17,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from vllm_tokenprune.models._mixin import (
-    Grid,
-    MediaSpan,
-    TokenPruneModelMixin,
-    TokenPruneProcessorMixin,
-    mrope_positions_for_spans,
-    params_key,
-    text_key,
-)
+from vllm_tokenprune.models.model import TokenPruneModelMixin
+from vllm_tokenprune.models.positions import MediaSpan, mrope_positions_for_spans
+from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
+from vllm_tokenprune.models.wire import Grid, params_key, text_key
 
 Embeds = tuple[torch.Tensor, ...]
 

@@ -23,13 +23,9 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune.models._mixin import (
-    ItemLayout,
-    TokenPruneModelMixin,
-    TokenPruneProcessorMixin,
-    params_key,
-    text_key,
-)
+from vllm_tokenprune.models.model import TokenPruneModelMixin
+from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
+from vllm_tokenprune.models.wire import ItemLayout, params_key, text_key
 
 
 class TokenPruneLlavaMultiModalProcessor(TokenPruneProcessorMixin, LlavaMultiModalProcessor):

@@ -40,15 +40,10 @@ from vllm.model_executor.models.llava_next import (
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune.models._mixin import (
-    ItemLayout,
-    ItemParams,
-    TokenPruneModelMixin,
-    TokenPruneProcessorMixin,
-    params_key,
-    row_separator_mask,
-    text_key,
-)
+from vllm_tokenprune.models.model import TokenPruneModelMixin
+from vllm_tokenprune.models.positions import row_separator_mask
+from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
+from vllm_tokenprune.models.wire import ItemLayout, ItemParams, params_key, text_key
 
 
 class TokenPruneLlavaNextMultiModalProcessor(

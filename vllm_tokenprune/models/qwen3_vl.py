@@ -37,18 +37,13 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune.models._mixin import (
-    ItemParams,
-    MediaSpan,
-    params_key,
-    span_positions,
-    text_key,
-)
 from vllm_tokenprune.models._qwen import (
     Embeds,
     TokenPruneQwenVLModelMixin,
     TokenPruneQwenVLProcessorMixin,
 )
+from vllm_tokenprune.models.positions import MediaSpan, span_positions
+from vllm_tokenprune.models.wire import ItemParams, params_key, text_key
 
 
 class TokenPruneQwen3VLMultiModalProcessor(

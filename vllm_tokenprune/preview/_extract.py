@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vllm_tokenprune.config import TEXT_CONDITIONED_METHODS, TokenPruneConfig
-from vllm_tokenprune.scoring import num_kept, select_tokens
+from vllm_tokenprune.config import TokenPruneConfig
+from vllm_tokenprune.scoring import get_method, num_kept, select_tokens
 
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 LLAVA_TYPES = ("llava", "llava_next")
@@ -164,7 +164,7 @@ def select(prep: Prepared, item: Item, ratio: float, method: str,
     rows = item.feat.shape[0]
     if k >= n:
         return torch.arange(rows)
-    text = prep.text_embeds if method in TEXT_CONDITIONED_METHODS else None
+    text = prep.text_embeds if get_method(method).uses_text else None
     feat = item.feat.index_select(0, item.scored.to(item.feat.device))
     idx = select_tokens(feat, k, method, grid=item.grid, text_embeds=text,
                         **config.options_for(method)).cpu()

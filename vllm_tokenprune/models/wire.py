@@ -1,0 +1,90 @@
+"""The per-item wire format between the processor side and the model side.
+
+The processor (API server) carries one row of ints per media item to the model (worker) as a
+batched multimodal field (``<modality>_prune_params``, kept on CPU so reading it never syncs a
+device): ``[num_keep, method_id, num_tokens, t, h, w, *extra]`` (see :data:`PARAMS_HEAD`), where
+``num_tokens`` is how many tokens the scorer chooses from, ``(t, h, w)`` their grid (``t = 0``:
+no grid) and ``extra`` whatever else the architecture's model side needs (LLaVA-NeXT: where its
+image-newline tokens sit). Text-conditioned methods also get ``<modality>_prune_text_ids``.
+
+For M-RoPE models the kept embedding rows carry their unpruned ``(t, h, w)`` positions as
+:data:`POS_CHANNELS` extra channels (base-256 digit pairs, so they survive bf16 exactly at any
+grid size) until ``recompute_mrope_positions`` strips them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from vllm_tokenprune.scoring import list_methods
+
+#: Stable method <-> integer id mapping used in the per-item tensor field.
+METHOD_IDS: dict[str, int] = {m: i for i, m in enumerate(sorted(list_methods()))}
+METHODS_BY_ID: dict[int, str] = {i: m for m, i in METHOD_IDS.items()}
+
+#: Leading columns of a per-item params row: num_keep, method_id, num_tokens, t, h, w.
+PARAMS_HEAD = 6
+#: Channels appended to each kept embedding row: its (t, h, w) position as base-256 digits.
+POS_CHANNELS = 6
+
+Grid = tuple[int, int, int]
+
+
+def params_key(modality: str) -> str:
+    return f"{modality}_prune_params"
+
+
+def text_key(modality: str) -> str:
+    return f"{modality}_prune_text_ids"
+
+
+class ItemLayout(NamedTuple):
+    """What the processor knows about one media item before its encoder runs.
+
+    ``num_tokens``: tokens the scorer chooses from; ``grid``: their (t, h, w) layout, or None;
+    ``extra``: architecture-specific ints for the model side.
+    """
+
+    num_tokens: int
+    grid: Grid | None = None
+    extra: tuple[int, ...] = ()
+
+    def row(self, num_keep: int, method_id: int) -> list[int]:
+        t, h, w = self.grid or (0, 0, 0)
+        return [num_keep, method_id, self.num_tokens, t, h, w, *self.extra]
+
+
+class ItemParams(NamedTuple):
+    """A params row as the model side reads it."""
+
+    num_keep: int
+    method: str
+    num_tokens: int
+    grid: Grid | None
+    extra: tuple[int, ...]
+
+    @classmethod
+    def from_row(cls, row: Sequence[int]) -> ItemParams:
+        t, h, w = (int(v) for v in row[3:6])
+        return cls(int(row[0]), METHODS_BY_ID[int(row[1])], int(row[2]),
+                   (t, h, w) if t > 0 else None, tuple(int(v) for v in row[PARAMS_HEAD:]))
+
+
+def encode_positions(pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 3) int64 -> (n, 6) ``dtype``: each value as (value // 256, value % 256).
+
+    Every digit is an integer in [0, 256), exact in bf16/fp16/fp32 alike.
+    """
+    if pos.numel() and int(pos.max()) >= 256 * 256:
+        raise ValueError("media grid too large for position encoding (>= 65536)")
+    return torch.cat([pos // 256, pos % 256], dim=1).to(dtype)
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """(n, 6) float -> (3, n) int64, inverse of :func:`encode_positions`."""
+    digits = channels.round().long()
+    return (digits[:, :3] * 256 + digits[:, 3:]).permute(1, 0)
+
