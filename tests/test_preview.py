@@ -143,3 +143,26 @@ def test_response_field_helpers() -> None:
     content = json.dumps({"choices": [{"index": 0}], "usage": usage}).encode()
     assert add_field(content, field, stream_chunk=True) is None  # continuous usage stats
     assert add_field(json.dumps({"choices": []}).encode(), field, stream_chunk=False) is None
+
+
+def test_image_from_url(image_file: Path) -> None:
+    """--image takes http(s) URLs (a local HTTP server here; no outside network in tests)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from vllm_tokenprune.preview import load_media
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(image_file.parent))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{image_file.name}"
+        got = load_media(url)
+        assert np.array_equal(np.asarray(got), np.asarray(Image.open(image_file).convert("RGB")))
+        with pytest.raises(PreviewError, match="cannot read media"):
+            load_media(url + ".missing")
+    finally:
+        server.shutdown()
+        server.server_close()
