@@ -166,3 +166,33 @@ def test_image_from_url(image_file: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_renderer_executors_carry_the_request_context() -> None:
+    """vLLM's make_async (loop.run_in_executor) drops context variables; after
+    propagate_context the processor thread sees the request's RequestDetails."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from vllm.utils.async_utils import make_async
+
+    from vllm_tokenprune import response
+
+    def processor() -> None:  # what the model's processor does in the renderer's thread
+        response.note_request("lrcp", [("image", "lrcp", 10, 3)], {"image": 0.7})
+
+    async def request(run: object) -> dict | None:
+        details = response.RequestDetails()
+        response._current.set(details)
+        await run()
+        return details.to_json()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        renderer = SimpleNamespace(_mm_executor=pool)
+        run = make_async(processor, executor=renderer._mm_executor)
+        assert asyncio.run(request(run)) is None  # vLLM's own behaviour
+        assert response.propagate_context(renderer)
+        assert response.propagate_context(renderer)  # idempotent
+        got = asyncio.run(request(run))
+        assert got is not None and got["items"][0]["kept"] == 3

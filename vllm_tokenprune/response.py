@@ -31,8 +31,8 @@ Prometheus counters get, including items served from vLLM's processor cache).
 :class:`PruneDetailsMiddleware` puts a fresh :class:`RequestDetails` in a context variable
 before the route runs; the processor reports into it (:func:`note_request`). vLLM runs the
 processor in a thread pool (``loop.run_in_executor``, which does not carry context variables),
-so the middleware wraps the renderer's ``_process_multimodal_async`` once to run the same call
-on the same executor inside a copy of the caller's context (:func:`propagate_context`).
+so the middleware makes the renderer's thread pools run each job inside a copy of the
+submitting task's context (:func:`propagate_context`), as ``asyncio.to_thread`` does.
 
 The kept *indices* are not returned: they exist only in the worker, after the encoder ran in
 the engine's batched step, and vLLM has no channel from a model's ``embed_multimodal`` back
@@ -44,11 +44,9 @@ scorers (see docs/visibility.md).
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import json
 from collections.abc import Iterable
-from functools import partial
 from typing import Any
 
 from vllm.logger import init_logger
@@ -111,30 +109,38 @@ def note_request(method: str, items: Iterable[tuple[str, str, int, int]],
 # --------------------------------------------------------------------------- context
 
 
+#: Renderer attributes holding the thread pools its ``make_async`` wrappers submit to.
+RENDERER_EXECUTORS = ("_mm_executor", "_executor")
+
+
 def propagate_context(renderer: Any) -> bool:
-    """Make the renderer run multimodal preprocessing inside a copy of the caller's context.
+    """Make work the renderer runs in its thread pools run inside a copy of the submitter's
+    context (what ``asyncio.to_thread`` does; ``loop.run_in_executor`` does not).
 
-    vLLM internal touched: ``BaseRenderer._process_multimodal_async`` (an attribute bound at
-    construction to ``make_async(self._process_multimodal, executor=self._mm_executor)``) is
-    replaced by the same call on the same single-worker executor, wrapped in
-    ``contextvars.copy_context().run``. Returns False (and the field is not sent) when the
-    renderer does not have that shape.
+    vLLM internal touched: the renderer's executors (``BaseRenderer._mm_executor``, where
+    multimodal preprocessing runs, and ``_executor``). Their ``make_async`` wrappers captured
+    the executor objects when the renderer was built, so each object's ``submit`` is wrapped in
+    place: ``submit(fn, *args)`` becomes ``submit(copy_context().run, fn, *args)``. asyncio's
+    ``run_in_executor`` calls ``submit`` in the awaiting task, so the copy is that request's
+    context. Returns False (the field is then not sent) when no executor is found.
     """
-    if getattr(renderer, "_tp_context_propagated", False):
-        return True
-    func = getattr(renderer, "_process_multimodal", None)
-    executor = getattr(renderer, "_mm_executor", None)
-    if func is None or executor is None or not hasattr(renderer, "_process_multimodal_async"):
-        return False
+    found = False
+    for name in RENDERER_EXECUTORS:
+        executor = getattr(renderer, name, None)
+        submit = getattr(executor, "submit", None)
+        if submit is None:
+            continue
+        found = True
+        if getattr(executor, "_tp_context_submit", False):
+            continue
 
-    def run_in_context(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        ctx = contextvars.copy_context()
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(executor, partial(ctx.run, func, *args, **kwargs))
+        def submit_in_context(fn: Any, /, *args: Any, _submit: Any = submit,
+                              **kwargs: Any) -> Any:
+            return _submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
-    renderer._process_multimodal_async = run_in_context
-    renderer._tp_context_propagated = True
-    return True
+        executor.submit = submit_in_context
+        executor._tp_context_submit = True
+    return found
 
 
 # --------------------------------------------------------------------------- middleware
