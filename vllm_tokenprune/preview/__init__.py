@@ -176,7 +176,8 @@ def preview(model: str | Path, media: Sequence[Any], method: str | None = None,
 def _item_picture(item: Item, kept: Sequence[int]) -> Image.Image:
     mask = torch.zeros(item.num_tokens, dtype=torch.bool)
     mask[list(kept)] = True
-    pictures = [draw.overlay(p.image, mask[p.offset:p.offset + p.h * p.w], p.h, p.w)
+    pictures = [draw.labelled(draw.overlay(p.image, mask[p.offset:p.offset + p.h * p.w],
+                                           p.h, p.w), p.label)
                 for p in item.panels]
     if not pictures:
         raise PreviewError("no drawable layout for this item")

@@ -25,6 +25,17 @@ def overlay(image: Image.Image, kept: torch.Tensor | np.ndarray, h: int, w: int)
     return Image.fromarray(out.round().astype(np.uint8))
 
 
+def labelled(image: Image.Image, label: str) -> Image.Image:
+    """``image`` under a one-line caption strip (unchanged when ``label`` is empty)."""
+    if not label:
+        return image
+    strip = 14
+    out = Image.new("RGB", (image.width, image.height + strip), _BG)
+    ImageDraw.Draw(out).text((2, 1), label, fill=_FG)
+    out.paste(image, (0, strip))
+    return out
+
+
 def hstack(images: Sequence[Image.Image], gap: int = 4, height: int | None = None) -> Image.Image:
     """Images side by side, scaled to one height, ``gap`` white pixels apart."""
     height = height or max(im.height for im in images)
