@@ -14,10 +14,9 @@ features), and feeds the language model only the kept embeddings:
   embeddings (found by value: transformers inserts its ``image_newline`` parameter) are all
   kept and never scored; the budget is global over the image's other tokens.
 
-Text-conditioned methods (ResPrune, CDPruner) get the embeddings of the text tokens as the
-integration documents them (docs/worker-safety.md): the text of the media's own chat message
-(between the special tokens around it), media tokens removed, the last 256. Every media item
-of these prompts sits in the one user message, so all items get the same text.
+Text-conditioned methods (ResPrune, CDPruner) get the embeddings of the prompt's text tokens
+as the integration documents them: the chat prompt before media expansion, special and media
+tokens removed, the last 256.
 
 Videos are decoded with OpenCV (as vLLM's default loader does) and handed to the HF processor
 with the same metadata vLLM gives it. Nothing here touches vLLM.
@@ -25,89 +24,48 @@ with the same metadata vLLM gives it. Nothing here touches vLLM.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vllm_tokenprune import num_kept, select_tokens
-from vllm_tokenprune.testing.media import decode_video
+from vllm_tokenprune.config import TokenPruneConfig
+from vllm_tokenprune.preview._extract import Prepared, load, prepare, select
 
 
-@lru_cache(maxsize=2)
 def _load(model_dir: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    return processor, model.eval()
+    return load(model_dir)
 
 
-#: Methods whose selection depends on the prompt text (mirrors vllm_tokenprune.config).
-TEXT_METHODS = ("resprune", "cdpruner")
-#: The integration hands text-conditioned scorers the last 256 text tokens of the message.
-MAX_TEXT_TOKENS = 256
-
-
-def _select(feat: torch.Tensor, ratio: float, method: str, min_keep: int,
-            grid: tuple[int, int, int] | None,
-            text: torch.Tensor | None = None) -> torch.Tensor:
-    n = feat.shape[0]
-    k = num_kept(n, ratio, min_keep)
-    if k >= n:
-        return torch.arange(n)
-    return select_tokens(feat, k, method, grid=grid,
-                         text_embeds=text if method in TEXT_METHODS else None)
-
-
-def _prompt_text_embeds(processor: Any, model: Any, prompt: str) -> torch.Tensor | None:
-    """Embeddings of the text tokens text-conditioned scorers get: the chat message holding the
-    media (media placeholders not expanded), between the nearest non-media special tokens
-    around the first media token, media tokens removed, last 256."""
-    tok = processor.tokenizer
-    cfg = model.config
-    media = set()
-    for name in ("image_token_id", "video_token_id", "vision_start_token_id",
-                 "vision_end_token_id", "image_token_index", "video_token_index"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int):
-            media.add(value)
-    boundary = set(tok.all_special_ids) - media
-    all_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    first = next(i for i, t in enumerate(all_ids) if t in media)
-    lo = max((i + 1 for i in range(first) if all_ids[i] in boundary), default=0)
-    hi = next((i for i in range(first, len(all_ids)) if all_ids[i] in boundary), len(all_ids))
-    ids = [t for t in all_ids[lo:hi] if t not in media][-MAX_TEXT_TOKENS:]
-    if not ids:
-        return None
-    return model.get_input_embeddings()(torch.tensor(ids))
-
-
-def _messages(media: list[Any], text: str) -> list[dict[str, Any]]:
-    content: list[dict[str, Any]] = [
-        {"type": "video"} if isinstance(m, bytes) else {"type": "image"} for m in media
-    ]
-    content.append({"type": "text", "text": text})
-    return [{"role": "user", "content": content}]
+def _kept_rows(prep: Prepared, ratios: dict[str, float], method: str, min_keep: int,
+               kept: list[list[int]] | None) -> list[set[int]]:
+    """Each item's kept rows: the preview's selection (:mod:`vllm_tokenprune.preview`), or the
+    given ``kept`` (rows per item, in ``prep.items`` order)."""
+    if kept is not None:
+        assert len(kept) == len(prep.items), "one kept list per media item"
+        return [set(k) for k in kept]
+    cfg = TokenPruneConfig(min_keep=min_keep)
+    return [set(select(prep, item, ratios[item.modality], method, cfg).tolist())
+            for item in prep.items]
 
 
 def reference_logprobs(model_dir: str | Path, media: list[Any], text: str, prune_ratio: float,
                        method: str = "lrcp", *, video_prune_ratio: float | None = None,
-                       min_keep: int = 1) -> tuple[torch.Tensor, int]:
+                       min_keep: int = 1,
+                       kept: list[list[int]] | None = None) -> tuple[torch.Tensor, int]:
     """(log-probabilities of the first generated token (vocab,), pruned prompt length).
 
     ``media``: PIL images and mp4 bytes, in prompt order (videos: Qwen families only).
+    ``kept``: each item's kept rows (as the preview reports them in ``ItemResult.kept_rows``,
+    images before videos); None: select them here with the preview's selection.
     """
-    processor, model = _load(str(model_dir))
-    model_type = model.config.model_type
-    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        ratios = {"image": prune_ratio,
-                  "video": prune_ratio if video_prune_ratio is None else video_prune_ratio}
-        return _qwen(processor, model, media, text, ratios, method, min_keep)
-    if model_type in ("llava", "llava_next"):
-        return _llava(processor, model, media, text, prune_ratio, method, min_keep)
-    raise ValueError(f"no reference for model type {model_type!r}")
+    prep = prepare(str(model_dir), media, text)
+    ratios = {"image": prune_ratio,
+              "video": prune_ratio if video_prune_ratio is None else video_prune_ratio}
+    keep = _kept_rows(prep, ratios, method, min_keep, kept)
+    if prep.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        return _qwen(prep, keep)
+    return _llava(prep, keep)
 
 
 def qwen_reference_logprobs(model_dir: str | Path, images: list[Any], text: str,
@@ -118,52 +76,18 @@ def qwen_reference_logprobs(model_dir: str | Path, images: list[Any], text: str,
 
 
 @torch.no_grad()
-def _qwen(processor: Any, model: Any, media: list[Any], text: str, ratios: dict[str, float],
-          method: str, min_keep: int) -> tuple[torch.Tensor, int]:
-    from transformers.video_utils import VideoMetadata
-
-    prompt = processor.apply_chat_template(_messages(media, text), tokenize=False,
-                                           add_generation_prompt=True)
-    images = [m for m in media if not isinstance(m, bytes)]
-    videos, metadata = [], []
-    for m in media:
-        if isinstance(m, bytes):
-            frames, fps = decode_video(m)
-            n = len(frames)
-            videos.append(frames)
-            metadata.append(VideoMetadata(total_num_frames=n, fps=fps, duration=n / fps,
-                                          frames_indices=list(range(n)),
-                                          video_backend="opencv"))
-    inputs = processor(text=[prompt], images=images or None, videos=videos or None,
-                       video_metadata=metadata or None, return_tensors="pt",
-                       return_mm_token_type_ids=True)
+def _qwen(prep: Prepared, keep: list[set[int]]) -> tuple[torch.Tensor, int]:
+    model, inputs = prep.model, prep.inputs
     input_ids = inputs["input_ids"]
-    cfg = model.config
-    merge = cfg.vision_config.spatial_merge_size
-    text = _prompt_text_embeds(processor, model, prompt)
-    deepstack = cfg.model_type == "qwen3_vl"
+    deepstack = model.config.model_type == "qwen3_vl"
 
-    # per modality: the items' features (main, deepstack levels), grids, kept indices
+    # per modality: the items (features, deepstack levels, kept rows) in prompt order
     items: dict[str, list[dict[str, Any]]] = {}
-    for modality, pixels, grid_key, token_id in (
-        ("image", "pixel_values", "image_grid_thw", cfg.image_token_id),
-        ("video", "pixel_values_videos", "video_grid_thw", cfg.video_token_id),
-    ):
-        if pixels not in inputs:
-            continue
-        get = model.model.get_image_features if modality == "image" \
-            else model.model.get_video_features
-        out = get(inputs[pixels], inputs[grid_key], return_dict=True)
-        levels = list(zip(*out.deepstack_features, strict=True)) if deepstack else None
-        items[modality] = []
-        for i, feat in enumerate(out.pooler_output):
-            t, h, w = (int(x) for x in inputs[grid_key][i])
-            grid = (t, h // merge, w // merge)
-            idx = _select(feat, ratios[modality], method, min_keep, grid, text)
-            items[modality].append({
-                "feat": feat, "levels": levels[i] if levels else None,
-                "keep": set(idx.tolist()), "token": token_id,
-            })
+    for item, kept_rows in zip(prep.items, keep, strict=True):
+        items.setdefault(item.modality, []).append({
+            "feat": item.feat, "levels": item.levels, "keep": kept_rows,
+            "token": item.token_id,
+        })
 
     rope_kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw",
                                           "second_per_grid_ts") if k in inputs}
@@ -244,37 +168,12 @@ def _text_after_media_at_max_plus_one(positions: torch.Tensor,
 
 
 @torch.no_grad()
-def _llava(processor: Any, model: Any, images: list[Any], text: str, ratio: float, method: str,
-           min_keep: int) -> tuple[torch.Tensor, int]:
-    if any(isinstance(m, bytes) for m in images):
-        raise ValueError("LLaVA models take images only")
-    prompt = processor.apply_chat_template(_messages(images, text), tokenize=False,
-                                           add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=images, return_tensors="pt")
-    input_ids = inputs["input_ids"]
+def _llava(prep: Prepared, keep: list[set[int]]) -> tuple[torch.Tensor, int]:
+    model, input_ids = prep.model, prep.inputs["input_ids"]
     cfg = model.config
-    text = _prompt_text_embeds(processor, model, prompt)
-    next_style = cfg.model_type == "llava_next"
-    kwargs = {"image_sizes": inputs["image_sizes"]} if next_style else {}
-    feats = model.model.get_image_features(
-        inputs["pixel_values"], vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True,
-        **kwargs).pooler_output
+    feats = [item.feat for item in prep.items]
     text_embeds = model.get_input_embeddings()(input_ids[0])
-
-    kept_rows_per_image = []
-    for feat in feats:
-        if next_style:
-            newline = (feat == model.model.image_newline.to(feat.dtype)).all(dim=-1)
-            visual = (~newline).nonzero().flatten()
-            idx = _select(feat[visual], ratio, method, min_keep, None, text)
-            keep = newline.clone()
-            keep[visual[idx]] = True
-            kept_rows_per_image.append(feat[keep])
-        else:
-            side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-            grid = (1, side, side) if feat.shape[0] == side * side else None
-            kept_rows_per_image.append(feat[_select(feat, ratio, method, min_keep, grid, text)])
+    kept_rows_per_image = [feat[sorted(k)] for feat, k in zip(feats, keep, strict=True)]
 
     image_token_id = getattr(cfg, "image_token_id", None) or cfg.image_token_index
     rows: list[torch.Tensor] = []

@@ -12,7 +12,9 @@ prompts and media across steps in every request. Everything is checked through t
 * ``usage.prompt_tokens`` is exactly the plain count minus ``N - num_kept(N, ratio)`` per
   item, for every media case and several ratios (N from transformers' own processor/model);
 * next-token logprobs with pruning equal transformers' model fed only the kept embeddings at
-  the positions the integration claims (:mod:`tests._hf_reference`), for several methods;
+  the positions the integration claims (:mod:`tests._hf_reference`), for every method, where
+  the kept embeddings are the ones ``vllm_tokenprune.preview`` reports (so the preview shows
+  what the server keeps) and its counts are the response's ``token_prune`` field;
 * a concurrent batch mixing media kinds, ratios and methods is exact too.
 """
 
@@ -28,6 +30,8 @@ import pytest
 
 from tests._hf_reference import reference_logprobs, scored_tokens
 from vllm_tokenprune import list_methods, num_kept
+from vllm_tokenprune.preview import preview
+from vllm_tokenprune.response import FIELD
 from vllm_tokenprune.testing.media import make_image, make_video, media_messages
 from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 
@@ -114,6 +118,11 @@ class FamilyServerSuite:
     #: every method meets both).
     MIXED_MEDIA: ClassVar[list[Spec]]
 
+    @classmethod
+    def overrides(cls) -> str:
+        """The TokenPrune server's ``--hf-overrides``."""
+        return token_prune_overrides(cls.ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO)
+
     # -- fixtures (a subclass may override them, e.g. to reuse session servers)
     @pytest.fixture(scope="class")
     @classmethod
@@ -123,9 +132,8 @@ class FamilyServerSuite:
     @pytest.fixture(scope="class")
     @classmethod
     def servers(cls, model_dir: Path) -> Iterator[tuple[VLLMServer, VLLMServer]]:
-        overrides = token_prune_overrides(cls.ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO)
         started = start_servers(
-            {"tp": (model_dir, [*SERVER_ARGS, "--hf-overrides", overrides]),
+            {"tp": (model_dir, [*SERVER_ARGS, "--hf-overrides", cls.overrides()]),
              "plain": (model_dir, list(SERVER_ARGS))},
             cls.NAME,
         )
@@ -193,8 +201,15 @@ class FamilyServerSuite:
         if has_video:
             extra["video_prune_ratio"] = video_ratio
         res = chat(tp, media, logprobs=True, **extra)
+        # the kept set the preview reports, fed alone to transformers' LM, gives the server's
+        # logprobs; the preview's counts are the response's token_prune field
+        shown = preview(model_dir, media, method, ratio, prompt=PROMPT,
+                        video_ratio=video_ratio if has_video else None,
+                        hf_overrides=self.overrides())
+        assert [(i.modality, i.tokens, i.kept) for i in shown.items] == [
+            (i["modality"], i["tokens"], i["kept"]) for i in res.model_extra[FIELD]["items"]]
         ref, ref_len = reference_logprobs(model_dir, media, PROMPT, ratio, method,
-                                          video_prune_ratio=video_ratio if has_video else None)
+                                          kept=[i.kept_rows for i in shown.items])
         assert res.usage.prompt_tokens == ref_len
         top = res.choices[0].logprobs.content[0].top_logprobs
         assert len(top) == 5

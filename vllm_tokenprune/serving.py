@@ -66,6 +66,7 @@ from vllm_tokenprune.config import (
     config_from_hf_config,
     parse_request_fields,
 )
+from vllm_tokenprune.response import PruneDetailsMiddleware
 from vllm_tokenprune.scoring import list_methods
 
 #: Routes whose JSON body may carry the pruning fields.
@@ -395,6 +396,7 @@ class TokenPruneEndpointPlugin:
         install_request_guard()
         app.include_router(router)
         app.add_middleware(TokenPruneMiddleware)
+        app.add_middleware(PruneDetailsMiddleware)
         metrics.enable_frontend()
         metrics.register_worker_collector()
 

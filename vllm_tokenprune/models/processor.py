@@ -145,7 +145,7 @@ class TokenPruneProcessorMixin:
         Items served from vLLM's processor cache come back without their data (``None``), so
         each item's (method, tokens, kept) is remembered by its cache hash when first seen.
         """
-        from vllm_tokenprune import metrics
+        from vllm_tokenprune import metrics, response
 
         if metrics._frontend is None:
             return
@@ -180,6 +180,7 @@ class TokenPruneProcessorMixin:
             _, method = self._tp_resolve(mm_kwargs, "image")
             model_name = self.info.ctx.model_config.served_model_name
             metrics.record_request(model_name, method, items, ratios)
+            response.note_request(method, items, ratios)
 
     def _tp_text_ids(self, prompt: Sequence[int] | str) -> tuple[int, ...]:
         if isinstance(prompt, str):

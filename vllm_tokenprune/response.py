@@ -1,0 +1,277 @@
+"""Per-request pruning details in chat and completions responses (the ``token_prune`` field).
+
+A response to a request whose media went through a TokenPrune model carries, next to
+``usage``, what happened to its media::
+
+    "usage": {"prompt_tokens": 52, ...},
+    "token_prune": {
+      "method": "lrcp",
+      "ratios": {"image": 0.889},
+      "tokens": 192, "kept": 21,
+      "items": [{"modality": "image", "index": 0, "tokens": 192, "kept": 21}]
+    }
+
+``tokens``/``kept`` count the visual tokens the scorer chose from and the ones the language
+model got, per item (``index``: the item's place among its modality's items in the prompt) and
+summed; ``tokens - kept`` is exactly what pruning took off ``usage.prompt_tokens``. LLaVA-NeXT's
+image-newline tokens are always kept and counted in neither. A request without media (or on a
+model that is not a TokenPrune architecture) gets no ``token_prune`` field.
+
+Placement follows vLLM's own extensions of the OpenAI schema: extra top-level fields of the
+response object (vLLM adds ``prompt_logprobs``, ``kv_transfer_params``, ``metrics``), which the
+``openai`` client keeps in ``model_extra`` and every client that ignores unknown fields skips.
+Streamed responses carry it on the final usage chunk (``choices: []``), where vLLM puts its
+own per-request ``metrics``; like those, a stream without ``stream_options.include_usage`` (or
+the server's ``--enable-force-include-usage``) has no usage chunk and no ``token_prune``: no
+chunk a client did not ask for is added, and no content chunk changes shape.
+
+How the counts reach the response: they are exact in the API server, where the model's
+processor fixes each item's keep-count before the encoder runs (the same numbers the
+Prometheus counters get, including items served from vLLM's processor cache).
+:class:`PruneDetailsMiddleware` puts a fresh :class:`RequestDetails` in a context variable
+before the route runs; the processor reports into it (:func:`note_request`). vLLM runs the
+processor in a thread pool (``loop.run_in_executor``, which does not carry context variables),
+so the middleware makes the renderer's thread pools run each job inside a copy of the
+submitting task's context (:func:`propagate_context`), as ``asyncio.to_thread`` does.
+
+The kept *indices* are not returned: they exist only in the worker, after the encoder ran in
+the engine's batched step, and vLLM has no channel from a model's ``embed_multimodal`` back
+to one request's output. Carrying them would take a device-to-host copy per item plus an
+inter-process message per request on the hot path. ``python -m vllm_tokenprune.preview``
+shows the kept set for an image, prompt, method and ratio offline, from the same weights and
+scorers (see docs/visibility.md).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+#: Response field name.
+FIELD = "token_prune"
+#: Routes whose responses get the field.
+DETAIL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_BRIDGE_STATE_KEY = "tokenprune"
+
+
+class RequestDetails:
+    """What the processor reported for one HTTP request (possibly several prompts)."""
+
+    def __init__(self) -> None:
+        self.method: str | None = None
+        self.ratios: dict[str, float] = {}
+        self.items: list[tuple[str, int, int]] = []  # (modality, tokens, kept)
+
+    def add(self, method: str, items: Iterable[tuple[str, str, int, int]],
+            ratios: dict[str, float]) -> None:
+        self.method = self.method or method
+        self.ratios.update(ratios)
+        self.items.extend((modality, tokens, kept) for modality, _m, tokens, kept in items)
+
+    def to_json(self) -> dict[str, Any] | None:
+        if not self.items:
+            return None
+        seen: dict[str, int] = {}
+        items = []
+        for modality, tokens, kept in self.items:
+            index = seen.get(modality, 0)
+            seen[modality] = index + 1
+            items.append({"modality": modality, "index": index, "tokens": tokens, "kept": kept})
+        return {
+            "method": self.method,
+            "ratios": dict(self.ratios),
+            "tokens": sum(t for _, t, _ in self.items),
+            "kept": sum(k for _, _, k in self.items),
+            "items": items,
+        }
+
+
+_current: contextvars.ContextVar[RequestDetails | None] = contextvars.ContextVar(
+    "tokenprune_request_details", default=None
+)
+
+
+def note_request(method: str, items: Iterable[tuple[str, str, int, int]],
+                 ratios: dict[str, float]) -> None:
+    """Called by the processor for each prompt it preprocessed: ``items`` are
+    (modality, method, tokens, kept) per media item. No-op outside a request."""
+    details = _current.get()
+    if details is not None:
+        details.add(method, items, ratios)
+
+
+# --------------------------------------------------------------------------- context
+
+
+#: Renderer attributes holding the thread pools its ``make_async`` wrappers submit to.
+RENDERER_EXECUTORS = ("_mm_executor", "_executor")
+
+
+def propagate_context(renderer: Any) -> bool:
+    """Make work the renderer runs in its thread pools run inside a copy of the submitter's
+    context (what ``asyncio.to_thread`` does; ``loop.run_in_executor`` does not).
+
+    vLLM internal touched: the renderer's executors (``BaseRenderer._mm_executor``, where
+    multimodal preprocessing runs, and ``_executor``). Their ``make_async`` wrappers captured
+    the executor objects when the renderer was built, so each object's ``submit`` is wrapped in
+    place: ``submit(fn, *args)`` becomes ``submit(copy_context().run, fn, *args)``. asyncio's
+    ``run_in_executor`` calls ``submit`` in the awaiting task, so the copy is that request's
+    context. Returns False (the field is then not sent) when no executor is found.
+    """
+    found = False
+    for name in RENDERER_EXECUTORS:
+        executor = getattr(renderer, name, None)
+        submit = getattr(executor, "submit", None)
+        if submit is None:
+            continue
+        found = True
+        if getattr(executor, "_tp_context_submit", False):
+            continue
+
+        def submit_in_context(fn: Any, /, *args: Any, _submit: Any = submit,
+                              **kwargs: Any) -> Any:
+            return _submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+        executor.submit = submit_in_context
+        executor._tp_context_submit = True
+    return found
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+def add_field(payload: bytes, details: dict[str, Any], *, stream_chunk: bool) -> bytes | None:
+    """``payload`` (a response object's JSON) with the field added next to its ``usage``, or
+    None when it is not the object that gets it (no usage; a streamed content chunk)."""
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not obj.get("usage"):
+        return None
+    if stream_chunk and obj.get("choices"):
+        return None  # continuous usage stats: only the final usage chunk gets the field
+    obj[FIELD] = details
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class PruneDetailsMiddleware:
+    """ASGI middleware that adds :data:`FIELD` to chat/completions responses."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._propagating: bool | None = None
+
+    def _enabled(self, scope: dict[str, Any]) -> bool:
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            return False
+        if scope.get("path") not in DETAIL_PATHS:
+            return False
+        state = getattr(scope.get("app"), "state", None)
+        bridge = getattr(state, _BRIDGE_STATE_KEY, None)
+        if bridge is None or getattr(bridge, "config", None) is None:
+            return False
+        if self._propagating is None:
+            engine = getattr(state, "engine_client", None)
+            renderer = getattr(engine, "renderer", None)
+            self._propagating = renderer is not None and propagate_context(renderer)
+            if not self._propagating:
+                logger.warning("vllm-tokenprune: this vLLM's renderer has an unexpected shape; "
+                               "responses will not carry the %r field", FIELD)
+        return self._propagating
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not self._enabled(scope):
+            await self.app(scope, receive, send)
+            return
+        details = RequestDetails()
+        token = _current.set(details)
+        try:
+            await self.app(scope, receive, _Sender(send, details))
+        finally:
+            _current.reset(token)
+
+
+class _Sender:
+    """Wraps ``send``: rewrites the JSON body, or the usage chunk of an event stream."""
+
+    def __init__(self, send: Any, details: RequestDetails) -> None:
+        self.send = send
+        self.details = details
+        self.mode = "pass"  # "json" | "sse" | "pass"
+        self.field: dict[str, Any] | None = None
+        self.start: dict[str, Any] | None = None
+        self.chunks: list[bytes] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self._on_start(message)
+            if self.mode != "json":
+                await self.send(message)
+            return
+        if kind != "http.response.body" or self.mode == "pass":
+            await self.send(message)
+            return
+        if self.mode == "sse":
+            await self.send(self._sse(message))
+            return
+        self.chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(self.chunks)
+        assert self.start is not None and self.field is not None
+        new = add_field(body, self.field, stream_chunk=False)
+        start = self.start
+        if new is not None:
+            body = new
+            headers = [(k, v) for k, v in start.get("headers", [])
+                       if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            start = dict(start, headers=headers)
+        await self.send(start)
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _on_start(self, message: dict[str, Any]) -> None:
+        # The prompt was preprocessed before the route answered: the details are complete.
+        self.field = self.details.to_json()
+        if message.get("status") != 200:
+            return
+        content_type = b""
+        for k, v in message.get("headers", []):
+            if k.lower() == b"content-type":
+                content_type = v.lower()
+        if content_type.startswith(b"application/json") and self.field is not None:
+            self.mode = "json"
+            self.start = message
+        elif content_type.startswith(b"text/event-stream"):
+            self.mode = "sse"
+
+    def _sse(self, message: dict[str, Any]) -> dict[str, Any]:
+        """vLLM sends one ``data: {...}\\n\\n`` event per body message; the final usage chunk
+        is the one with ``usage`` and ``choices: []``. Others pass through untouched."""
+        body: bytes = message.get("body", b"")
+        if b'"usage"' not in body:
+            return message
+        self.field = self.details.to_json()
+        if self.field is None:
+            return message
+        events = body.split(b"\n\n")
+        changed = False
+        for i, event in enumerate(events):
+            if not event.startswith(b"data: {"):
+                continue
+            new = add_field(event[len(b"data: "):], self.field, stream_chunk=True)
+            if new is not None:
+                events[i] = b"data: " + new
+                changed = True
+        if not changed:
+            return message
+        self.mode = "pass"  # one usage chunk per stream
+        return dict(message, body=b"\n\n".join(events))
