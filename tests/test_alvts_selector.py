@@ -12,9 +12,9 @@ from vllm_tokenprune.alvts import (
     alvts_options,
     combine,
     importance,
+    is_layerwise,
     layer_factors,
     num_processed,
-    refuse_unserved,
     top_tokens,
 )
 from vllm_tokenprune.alvts import selector as sel
@@ -148,23 +148,5 @@ def test_keep_count_rule_and_options() -> None:
         alvts_options({"consistency": 1.0})
     with pytest.raises(ValueError, match="rank"):
         alvts_options({"rank": 2.5})
-    with pytest.raises(ValueError, match="not served yet"):
-        refuse_unserved("alvts")
-    refuse_unserved("lrcp")
+    assert is_layerwise("alvts") and not is_layerwise("lrcp")
 
-
-@pytest.mark.parametrize("raw", [{"method": "alvts"}, {"allowed_methods": ["lrcp", "alvts"]},
-                                 {"options": {"alvts": {"rank": 4}}}])
-def test_server_config_refuses_alvts_until_served(raw: dict) -> None:
-    from vllm_tokenprune.config import TokenPruneConfigError, parse_config
-
-    with pytest.raises(TokenPruneConfigError, match="'alvts'.*not served yet"):
-        parse_config(raw)
-
-
-def test_request_field_refuses_alvts_until_served() -> None:
-    from vllm_tokenprune.config import RequestFieldError, parse_config, parse_request_fields
-
-    with pytest.raises(RequestFieldError, match="not served yet") as info:
-        parse_request_fields({"prune_method": "alvts"}, parse_config({}))
-    assert info.value.field == "prune_method"

@@ -205,7 +205,7 @@ BAD_VALUES = [
     ("video_prune_ratio", 1.5),
     ("prune_method", "no-such-method"),
     ("prune_method", 3),
-    ("prune_method", "alvts"),  # known, not served yet (docs/alvts.md)
+    ("prune_method", "alvts"),  # known, not enabled on this server (docs/alvts.md)
 ]
 
 

@@ -14,13 +14,18 @@ BAD_CONFIGS = [
     ({"method": "magic"}, "token_prune.method: unknown method 'magic'"),
     ({"prune_ratio": 1.0}, "token_prune.prune_ratio: must be in [0, 1)"),
     ({"ratio": 0.5}, "token_prune.ratio: unknown key"),
-    ({"method": "alvts"}, "token_prune.method: method 'alvts' (layer-wise visual token routing "
-                          "inside the language model) is not served yet"),
+    # alvts needs whole items per step; prefix caching is vLLM's default
+    ({"method": "alvts"}, "'alvts' (method or allowed_methods), which must see all of an item's "
+                          "tokens in one step, and a prefix-cache hit can end inside an image: "
+                          "start the server with --no-enable-prefix-caching"),
+    ({"method": "lrcp", "options": {"alvts": {"rank": 0}}},
+     "token_prune.options.alvts: option 'rank' of method 'alvts'"),
 ]
 
 
 @pytest.mark.parametrize("block,message", BAD_CONFIGS,
-                         ids=["method", "ratio", "unknown-key", "alvts-not-served"])
+                         ids=["method", "ratio", "unknown-key", "alvts-prefix-caching",
+                              "alvts-bad-option"])
 def test_bad_config_refuses_to_start(tiny_qwen_dir, block, message):
     overrides = token_prune_overrides(QWEN25_ARCH, **block)
     code, out = run_until_exit(tiny_qwen_dir, ["--dtype", "float32", "--hf-overrides", overrides])

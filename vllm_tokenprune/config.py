@@ -32,8 +32,13 @@ from pydantic import (
     model_validator,
 )
 
-from vllm_tokenprune.alvts import refuse_unserved
+from vllm_tokenprune.alvts import ALVTS, LAYERWISE_METHODS, alvts_options, is_layerwise
 from vllm_tokenprune.scoring import list_methods, validate_options
+
+
+def known_methods() -> list[str]:
+    """Every method a server can be configured with: the input-side scorers and ``alvts``."""
+    return [*list_methods(), *LAYERWISE_METHODS]
 
 #: Request fields (top level of a chat/completions JSON body) and the same names inside
 #: ``mm_processor_kwargs``.
@@ -46,7 +51,9 @@ class TokenPruneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # strict: a JSON string "0.5", true or 2.0 is refused (naming the key), never coerced.
-    method: str = Field("lrcp", strict=True, description="Default scorer (see `list_methods()`).")
+    method: str = Field(
+        "lrcp", strict=True,
+        description="Default method: an input-side scorer (see `list_methods()`) or 'alvts'.")
     prune_ratio: float = Field(
         0.0, strict=True,
         description="Default fraction of visual tokens dropped per image, in [0, 1).",
@@ -80,20 +87,18 @@ class TokenPruneConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        refuse_unserved(v)
-        if v not in list_methods():
-            raise ValueError(f"unknown method {v!r}; known: {', '.join(list_methods())}")
+        if v not in known_methods():
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(known_methods())}")
         return v
 
     @field_validator("allowed_methods")
     @classmethod
     def _known_methods(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if v is not None:
-            for m in v:
-                refuse_unserved(m)
-            unknown = [m for m in v if m not in list_methods()]
+            unknown = [m for m in v if m not in known_methods()]
             if unknown:
-                raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(list_methods())}")
+                raise ValueError(
+                    f"unknown method(s) {unknown}; known: {', '.join(known_methods())}")
         return v
 
     @model_validator(mode="after")
@@ -102,22 +107,31 @@ class TokenPruneConfig(BaseModel):
         if self.allowed_methods is not None and self.method not in self.allowed_methods:
             raise ValueError(f"allowed_methods: method {self.method!r} is not in allowed_methods")
         for name, opts in self.options.items():
-            try:
-                refuse_unserved(name)
-            except ValueError as exc:
-                raise ValueError(f"options: {exc}") from None
-            if name not in list_methods():
+            if name not in known_methods():
                 raise ValueError(
-                    f"options.{name}: unknown method {name!r}; known: {', '.join(list_methods())}"
+                    f"options.{name}: unknown method {name!r}; known: {', '.join(known_methods())}"
                 )
             try:
-                validate_options(name, dict(opts))
+                if name == ALVTS:
+                    alvts_options(opts)
+                else:
+                    validate_options(name, dict(opts))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"options.{name}: {e}") from None
         return self
 
     def is_allowed(self, method: str) -> bool:
+        """Whether requests may pick ``method``. A layer-wise method needs server flags of its
+        own (docs/alvts.md), so it is allowed only when named: as ``method`` or in
+        ``allowed_methods``."""
+        if is_layerwise(method):
+            return method == self.method or method in (self.allowed_methods or ())
         return self.allowed_methods is None or method in self.allowed_methods
+
+    @property
+    def alvts_enabled(self) -> bool:
+        """Whether this server may route visual tokens layer by layer (``alvts``)."""
+        return self.is_allowed(ALVTS)
 
     def ratio_for(self, modality: str) -> float:
         if modality == "video" and self.video_prune_ratio is not None:
@@ -195,14 +209,17 @@ def parse_request_fields(
         method = fields["prune_method"]
         if not isinstance(method, str):
             raise RequestFieldError("prune_method", f"must be a string, got {method!r}")
-        try:
-            refuse_unserved(method)
-        except ValueError as exc:
-            raise RequestFieldError("prune_method", str(exc)) from None
-        if method not in list_methods():
+        if method not in known_methods():
             raise RequestFieldError(
                 "prune_method",
-                f"unknown method {method!r}; known: {', '.join(list_methods())}",
+                f"unknown method {method!r}; known: {', '.join(known_methods())}",
+            )
+        if is_layerwise(method) and not config.is_allowed(method):
+            raise RequestFieldError(
+                "prune_method",
+                f"method {method!r} is not enabled on this server: it is served only where the "
+                f"server's token_prune.method is {method!r} or its allowed_methods lists it "
+                "(it needs server flags of its own, docs/alvts.md)",
             )
         if not config.is_allowed(method):
             raise RequestFieldError(

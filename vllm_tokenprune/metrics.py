@@ -83,6 +83,11 @@ def enable_frontend() -> None:
             "requests": Counter("tokenprune_requests",
                                 "Requests with media served by a TokenPrune model.",
                                 ["model_name", "method"]),
+            "skipped_layers": Counter(
+                "tokenprune_skipped_visual_token_layers",
+                "Visual token-layers skipped inside the language model by layer-wise routing "
+                "(alvts): per item, (tokens - tokens routed through each layer) x routed "
+                "layers.", labels),
             "ratio": Histogram("tokenprune_prune_ratio",
                                "Prune ratio requested (or defaulted) per request and modality.",
                                ["model_name", "modality"], buckets=RATIO_BUCKETS),
@@ -105,6 +110,18 @@ def record_request(model_name: str, method: str,
         m["kept"].labels(*labels).inc(kept)
         m["saved"].labels(*labels).inc(tokens - kept)
         m["items"].labels(*labels).inc()
+
+
+def record_routing(model_name: str, items: Iterable[tuple[str, str, int, int]],
+                   routed_layers: int) -> None:
+    """Layer-wise routing of one request: ``items`` (modality, method, tokens, routed through
+    each layer), ``routed_layers`` the decoder layers that route."""
+    m = _frontend
+    if m is None:
+        return
+    for modality, method, tokens, through in items:
+        m["skipped_layers"].labels(model_name, method, modality).inc(
+            (tokens - through) * routed_layers)
 
 
 # --------------------------------------------------------------------------- worker

@@ -3,9 +3,9 @@
 Not an input-side scorer: ALVTS drops nothing at the input, so it is not in the scorer registry
 (:func:`vllm_tokenprune.scoring.list_methods`); it is the one *layer-wise* method, listed in
 :data:`LAYERWISE_METHODS`. What exists: the selector (:mod:`.selector`), the per-request router
-(:class:`AlvtsRouter`) and a transformers reference (:mod:`.reference`). The vLLM integration
-does not exist yet, so the server refuses ``alvts`` (:func:`refuse_unserved`). Semantics, option
-defaults and the overlap table that chose them: ``docs/alvts.md``.
+(:class:`AlvtsRouter`) and a transformers reference (:mod:`.reference`). The vLLM integration is
+:mod:`vllm_tokenprune.models.alvts`. Semantics, option defaults and the overlap table that chose
+them: ``docs/alvts.md``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ __all__ = [
     "combine",
     "importance",
     "layer_factors",
+    "is_layerwise",
     "num_processed",
-    "refuse_unserved",
     "top_tokens",
 ]
 
@@ -87,15 +87,9 @@ def num_processed(num_tokens: int, prune_ratio: float, min_keep: int = 1) -> int
     return num_kept(num_tokens, prune_ratio, min_keep)
 
 
-def refuse_unserved(method: str) -> None:
-    """Raise ValueError for a layer-wise method the vLLM server cannot run yet."""
-    if method in LAYERWISE_METHODS:
-        raise ValueError(
-            f"method {method!r} (layer-wise visual token routing inside the language model) is "
-            "not served yet: its selector and transformers reference exist "
-            "(vllm_tokenprune.alvts) but the vLLM integration does not; pick an input-side "
-            "method (e.g. 'lrcp')"
-        )
+def is_layerwise(method: str) -> bool:
+    """Whether ``method`` acts inside the language model (drops nothing at the input)."""
+    return method in LAYERWISE_METHODS
 
 
 class AlvtsRouter:

@@ -39,6 +39,9 @@ class TokenPruneQwenVLModelMixin(TokenPruneModelMixin):
     #: vLLM's model runner hands prefill media rows to ``recompute_mrope_positions`` only for
     #: models that declare this (vLLM's Qwen2-VL does not; Qwen2.5-VL and Qwen3-VL do).
     supports_multimodal_pruning: ClassVar[Literal[True]] = True
+    #: Qwen2-VL and Qwen2.5-VL run a Qwen2 LM: ``alvts`` routes its decoder layers (Qwen3-VL
+    #: turns it off: its deepstack features join visual tokens inside the first layers).
+    tp_alvts: ClassVar[bool] = True
 
     def _llm_grid(self, grid_thw: torch.Tensor) -> list[Grid]:
         merge = self.config.vision_config.spatial_merge_size

@@ -85,7 +85,7 @@ class EncoderBudgetMixin:
         its worst, inside vLLM's memory profiling."""
         self._tp_profile_sweep_done = True
         cfg = self.tp_config
-        methods = cfg.allowed_methods or tuple(list_methods())
+        methods = [m for m in cfg.allowed_methods or list_methods() if m in list_methods()]
         full = [max(1, f.shape[0] - 1) for f in feats]
         grids = [p.grid if p.grid and p.grid[0] * p.grid[1] * p.grid[2] == f.shape[0] else None
                  for p, f in zip(params, feats, strict=True)]

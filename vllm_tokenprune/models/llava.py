@@ -51,6 +51,7 @@ class TokenPruneLlavaMultiModalProcessor(TokenPruneProcessorMixin, LlavaMultiMod
 )
 class TokenPruneLlavaForConditionalGeneration(TokenPruneModelMixin, LlavaForConditionalGeneration):
     tp_mrope = False
+    tp_alvts = True  # a Llama LM: ``alvts`` routes its decoder layers
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         image_input = self._parse_and_validate_image_input(**kwargs)

@@ -20,11 +20,14 @@ from vllm.logger import init_logger
 
 from vllm_tokenprune import guard
 from vllm_tokenprune._vllm_internals import check_mrope_runner, check_pipeline_parallel
+from vllm_tokenprune.alvts import is_layerwise
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
+from vllm_tokenprune.models.alvts import AlvtsModelMixin
 from vllm_tokenprune.models.encoder_budget import EncoderBudgetMixin
 from vllm_tokenprune.models.positions import fill_media_positions, full_positions
 from vllm_tokenprune.models.wire import (
     POS_CHANNELS,
+    ROUTE_CHANNELS,
     Grid,
     ItemParams,
     decode_positions,
@@ -42,7 +45,7 @@ def rows_of(value: Any, items: range) -> Any:
     return value[items.start: items.stop]
 
 
-class TokenPruneModelMixin(EncoderBudgetMixin):
+class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
     """Mix into a vLLM multimodal model class, before it in the MRO.
 
     ``__init__`` runs the model's own and then :meth:`_tp_setup`. Subclasses implement
@@ -71,6 +74,7 @@ class TokenPruneModelMixin(EncoderBudgetMixin):
         if self.tp_mrope:
             check_pipeline_parallel(vllm_config)
             check_mrope_runner(vllm_config)
+        self._tp_alvts_pre_init(vllm_config)
         mm_config = vllm_config.model_config.multimodal_config
         if mm_config is not None and (mm_config.video_pruning_rate or 0) > 0:
             raise ValueError(
@@ -123,6 +127,7 @@ class TokenPruneModelMixin(EncoderBudgetMixin):
         if self.tp_mrope:
             self.is_multimodal_pruning_enabled = True
         self._tp_setup_encoder_cap(vllm_config)
+        self._tp_alvts_setup(self.tp_config)
 
     def _tp_embed_width(self) -> int:
         """Width of a media embedding row as the LM's ``embed_input_ids`` expects it."""
@@ -134,13 +139,17 @@ class TokenPruneModelMixin(EncoderBudgetMixin):
         ``recompute_mrope_positions``. :func:`.._vllm_internals.check_mrope_runner` refuses such
         runners at start-up; reaching this is a vLLM contract change, never approximate
         positions."""
+        width = self._tp_embed_width()
         if self.tp_mrope and multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
-            if multimodal_embeddings[0].shape[-1] == self._tp_embed_width() + POS_CHANNELS:
+            if any(e.shape[-1] - width in (POS_CHANNELS, ROUTE_CHANNELS + POS_CHANNELS)
+                   for e in multimodal_embeddings):
                 raise RuntimeError(
                     "vllm-tokenprune: the model runner did not call recompute_mrope_positions "
                     "for pruned media rows (a vLLM runner contract listed in "
                     "vllm_tokenprune/_vllm_internals.py changed)."
                 )
+        multimodal_embeddings = self._tp_alvts_take(multimodal_embeddings,
+                                                    kwargs.get("is_multimodal"))
         return super().embed_input_ids(  # type: ignore[misc]
             input_ids, multimodal_embeddings, **kwargs
         )
@@ -193,6 +202,8 @@ class TokenPruneModelMixin(EncoderBudgetMixin):
             if p.method == guard.FALLBACK_METHOD:
                 keep_idx[i] = guard.uniform_fallback(feats[i].shape[0], p.num_keep,
                                                      feats[i].device)
+            elif is_layerwise(p.method):
+                continue  # routed inside the LM (:mod:`.alvts`): the input keeps every row
             elif p.num_keep != feats[i].shape[0]:
                 by_method[p.method].append(i)
         for method, items in by_method.items():
@@ -256,8 +267,9 @@ class TokenPruneModelMixin(EncoderBudgetMixin):
         keep = self._tp_select(modality, [self._tp_score_view(e) for e in embeds], items,
                                text_ids)
         return tuple(
-            e if idx is None else e.index_select(0, idx)
-            for e, idx in zip(embeds, keep, strict=True)
+            self._tp_alvts_rows(e, p.num_keep) if is_layerwise(p.method)
+            else e if idx is None else e.index_select(0, idx)
+            for e, idx, p in zip(embeds, keep, items, strict=True)
         )
 
     def _tp_prune(
@@ -282,6 +294,8 @@ class TokenPruneModelMixin(EncoderBudgetMixin):
             if idx is not None:
                 emb = emb.index_select(0, idx)
                 pos = pos.index_select(0, idx.cpu())
+            elif is_layerwise(items[i].method):
+                emb = self._tp_alvts_rows(emb, items[i].num_keep)
             out.append(self._tp_with_positions(emb, pos[:, :3]))
         return tuple(out)
 

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from vllm_tokenprune.alvts import alvts_options, is_layerwise
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
 from vllm_tokenprune.config import (
     REQUEST_FIELDS,
@@ -58,6 +59,11 @@ _item_text_ids: contextvars.ContextVar[dict[str, list[tuple[int, ...]]] | None] 
 #: ``_apply_hf_processor_main`` processes now), for this request.
 _missing_items: contextvars.ContextVar[dict[str, list[int]] | None] = contextvars.ContextVar(
     "tokenprune_missing_items", default=None)
+
+def _uses_text(method: str) -> bool:
+    """Whether ``method``'s selection reads the prompt's text (layer-wise methods: no)."""
+    return not is_layerwise(method) and get_method(method).uses_text
+
 
 class TokenPruneProcessorMixin:
     """Mix into a ``BaseMultiModalProcessor`` subclass, before the vLLM class in the MRO.
@@ -153,6 +159,7 @@ class TokenPruneProcessorMixin:
         if seen is None:
             seen = self._tp_seen = OrderedDict()
         items = []
+        routed = []
         ratios = {}
         for modality, modality_items in result["mm_kwargs"].items():
             if modality not in ("image", "video") or not modality_items:
@@ -175,12 +182,24 @@ class TokenPruneProcessorMixin:
                     if info is None:
                         continue
                     seen.move_to_end(key)
-                items.append((modality, *info))
+                item_method, tokens, kept = info
+                if is_layerwise(item_method):  # nothing dropped at the input
+                    routed.append((modality, item_method, tokens, kept))
+                    kept = tokens
+                items.append((modality, item_method, tokens, kept))
         if items:
             _, method = self._tp_resolve(mm_kwargs, "image")
             model_name = self.info.ctx.model_config.served_model_name
             metrics.record_request(model_name, method, items, ratios)
+            if routed:
+                metrics.record_routing(model_name, routed, self._tp_routed_layers())
             response.note_request(method, items, ratios)
+
+    def _tp_routed_layers(self) -> int:
+        """Decoder layers ``alvts`` routes (``first_layer`` to the last)."""
+        first = alvts_options(self._tp_config().options_for("alvts")).first_layer
+        layers = int(self.info.get_hf_config().get_text_config().num_hidden_layers)
+        return max(0, layers - first)
 
     def _tp_text_ids(self, prompt: Sequence[int] | str) -> tuple[int, ...]:
         if isinstance(prompt, str):
@@ -235,7 +254,7 @@ class TokenPruneProcessorMixin:
             return None
         cfg = self._tp_config()
         text = None
-        if get_method(method).uses_text:
+        if _uses_text(method):
             texts = (_item_text_ids.get() or {}).get(modality)
             text = texts[index] if texts is not None and index < len(texts) else ()
         return pruned_item_salt(__version__, method, cfg.options_for(method), cfg.min_keep,
@@ -302,7 +321,7 @@ class TokenPruneProcessorMixin:
         """Refuse (a 400) an item a greedy method would need more than
         ``token_prune.max_greedy_keep`` sequential steps for: their cost grows with the
         keep-count, and one such item stalls every request of the engine's batch."""
-        if not get_method(method).greedy:
+        if is_layerwise(method) or not get_method(method).greedy:
             return
         cap = self._tp_config().max_greedy_keep
         for lay, k in zip(layouts, keeps, strict=True):
@@ -365,7 +384,7 @@ class TokenPruneProcessorMixin:
             rows = [lay.row(k, METHOD_IDS[method]) for lay, k in zip(layouts, keeps, strict=True)]
             width = max((len(r) for r in rows), default=PARAMS_HEAD)
             out[params_key(modality)] = torch.tensor(rows, dtype=torch.long).reshape(-1, width)
-            if get_method(method).uses_text:
+            if _uses_text(method):
                 # item j processed now is the prompt's item original[j] (cache misses only)
                 texts = item_texts.get(modality)
                 original = (missing or {}).get(modality, list(range(len(rows))))
@@ -412,6 +431,8 @@ class TokenPruneProcessorMixin:
             if params_key(modality) not in item:  # e.g. precomputed embeddings: not pruned
                 return full
             params = ItemParams.from_row(item[params_key(modality)].data.tolist())
+            if is_layerwise(params.method):  # routed inside the LM: the input keeps all
+                return full
             tokens = [int(t) for t in getattr(full, "full", full)]
             return self._tp_pruned_tokens(modality, tokens, params)
 

@@ -81,6 +81,9 @@ class TokenPruneQwen3VLForConditionalGeneration(
     visual_dim: int
     multiscale_dim: int
     _tokenizer: Any
+    #: ``alvts`` is refused: deepstack features join the visual tokens inside the first decoder
+    #: layers, and a skipped token's would be lost (not designed yet, docs/alvts.md).
+    tp_alvts = False
 
     def _tp_embed_width(self) -> int:
         return self.visual_dim + self.multiscale_dim

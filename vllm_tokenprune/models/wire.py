@@ -19,16 +19,24 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_tokenprune.alvts import LAYERWISE_METHODS
 from vllm_tokenprune.scoring import list_methods
 
-#: Stable method <-> integer id mapping used in the per-item tensor field.
-METHOD_IDS: dict[str, int] = {m: i for i, m in enumerate(sorted(list_methods()))}
+#: Stable method <-> integer id mapping used in the per-item tensor field (input-side scorers,
+#: then the layer-wise methods). For a layer-wise method ``num_keep`` is the count of the item's
+#: tokens that go through each routed layer; the input keeps all ``num_tokens``.
+METHOD_IDS: dict[str, int] = {
+    m: i for i, m in enumerate([*sorted(list_methods()), *LAYERWISE_METHODS])}
 METHODS_BY_ID: dict[int, str] = {i: m for m, i in METHOD_IDS.items()}
 
 #: Leading columns of a per-item params row: num_keep, method_id, num_tokens, t, h, w.
 PARAMS_HEAD = 6
 #: Channels appended to each kept embedding row: its (t, h, w) position as base-256 digits.
 POS_CHANNELS = 6
+#: Channels appended (before any position channels) to every row of an item routed layer by
+#: layer (``alvts``): ``[role, index, k, N]``, role 1 = scored visual token, 2 = always goes
+#: through (LLaVA-NeXT's image-newline rows); index, k, N as base-256 digit pairs.
+ROUTE_CHANNELS = 7
 
 Grid = tuple[int, int, int]
 
@@ -81,6 +89,32 @@ def encode_positions(pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if pos.numel() and int(pos.max()) >= 256 * 256:
         raise ValueError("media grid too large for position encoding (>= 65536)")
     return torch.cat([pos // 256, pos % 256], dim=1).to(dtype)
+
+
+def encode_route(roles: torch.Tensor, num_process: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n,) int roles (1: scored, 2: always through) -> (n, ROUTE_CHANNELS) ``dtype`` rows
+    ``[role, index, k, N]`` (index counts scored rows only; digits exact in bf16)."""
+    roles = roles.to(torch.int64)
+    scored = roles == 1
+    index = torch.cumsum(scored.to(torch.int64), 0) - 1
+    index = torch.where(scored, index, torch.zeros_like(index))
+    n = int(scored.sum())
+    if n >= 256 * 256:
+        raise ValueError("media item too large for layer-wise routing (>= 65536 tokens)")
+    cols = [roles, index // 256, index % 256]
+    for v in (num_process, n):
+        cols += [torch.full_like(roles, v // 256), torch.full_like(roles, v % 256)]
+    return torch.stack(cols, dim=1).to(dtype)
+
+
+def decode_route(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(n, ROUTE_CHANNELS) -> (roles (n,), index (n,), k, N), inverse of :func:`encode_route`
+    (int64, on the channels' device; k and N from the first row)."""
+    d = channels.round().long()
+    index = d[:, 1] * 256 + d[:, 2]
+    k = int(d[0, 3]) * 256 + int(d[0, 4]) if d.shape[0] else 0
+    n = int(d[0, 5]) * 256 + int(d[0, 6]) if d.shape[0] else 0
+    return d[:, 0], index, k, n
 
 
 def decode_positions(channels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""ALVTS configuration, wire format and start-up refusals (no server)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from vllm_tokenprune.config import RequestFieldError, parse_config, parse_request_fields
+from vllm_tokenprune.models.alvts import check_alvts_server
+from vllm_tokenprune.models.wire import METHOD_IDS, METHODS_BY_ID, decode_route, encode_route
+from vllm_tokenprune.scoring import list_methods
+
+
+def test_alvts_is_enabled_only_when_named() -> None:
+    assert not parse_config({}).alvts_enabled  # allowed_methods None: input-side methods only
+    assert parse_config({}).is_allowed("random")
+    assert parse_config({"method": "alvts"}).alvts_enabled
+    cfg = parse_config({"method": "lrcp", "allowed_methods": ["lrcp", "alvts"]})
+    assert cfg.alvts_enabled and not cfg.is_allowed("random")
+
+
+def test_request_for_alvts_where_not_enabled_names_the_field() -> None:
+    with pytest.raises(RequestFieldError, match="not enabled on this server") as e:
+        parse_request_fields({"prune_method": "alvts"}, parse_config({}))
+    assert e.value.field == "prune_method"
+    got = parse_request_fields({"prune_method": "alvts", "prune_ratio": 0.5},
+                               parse_config({"method": "alvts"}))
+    assert got == {"prune_method": "alvts", "prune_ratio": 0.5}
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"rank": 0}, "option 'rank' of method 'alvts' must be >= 1"),
+    ({"consistency": 1.0}, "option 'consistency' of method 'alvts'"),
+    ({"first_layer": -1}, "option 'first_layer' of method 'alvts'"),
+    ({"layers": 3}, "unknown option(s) 'layers' for method 'alvts'"),
+])
+def test_alvts_options_are_validated(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=r"token_prune\.options\.alvts") as e:
+        parse_config({"method": "alvts", "options": {"alvts": options}})
+    assert message in str(e.value)
+
+
+def test_method_ids_keep_the_input_side_ids_and_add_alvts_last() -> None:
+    assert [METHODS_BY_ID[i] for i in range(len(list_methods()))] == sorted(list_methods())
+    assert METHOD_IDS["alvts"] == len(list_methods())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_route_channels_round_trip_exactly(dtype: torch.dtype) -> None:
+    roles = torch.tensor([1] * 5000 + [2] * 3 + [1] * 700)
+    ch = encode_route(roles, 1234, dtype)
+    got_roles, index, k, n = decode_route(ch)
+    assert torch.equal(got_roles, roles) and (k, n) == (1234, 5700)
+    scored = roles == 1
+    assert torch.equal(index[scored], torch.arange(5700))
+
+
+def test_route_channels_refuse_huge_items() -> None:
+    with pytest.raises(ValueError, match="too large"):
+        encode_route(torch.ones(65536, dtype=torch.long), 1, torch.float32)
+
+
+def _vllm_config(**changes: Any) -> Any:
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cfg = SimpleNamespace(
+        compilation_config=SimpleNamespace(mode=CompilationMode.NONE,
+                                           cudagraph_mode=CUDAGraphMode.NONE),
+        cache_config=SimpleNamespace(enable_prefix_caching=False),
+        scheduler_config=SimpleNamespace(disable_chunked_mm_input=True),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        quant_config=None,
+    )
+    for path, value in changes.items():
+        section, key = path.split(".") if "." in path else (None, path)
+        setattr(getattr(cfg, section) if section else cfg, key, value)
+    return cfg
+
+
+def test_a_server_with_the_needed_flags_starts() -> None:
+    check_alvts_server(_vllm_config(), "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+
+
+def _flags() -> list[tuple[dict[str, Any], str]]:
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    return [
+        ({"compilation_config.mode": CompilationMode.VLLM_COMPILE}, "--enforce-eager"),
+        ({"compilation_config.cudagraph_mode": CUDAGraphMode.PIECEWISE}, "--enforce-eager"),
+        ({"cache_config.enable_prefix_caching": True}, "--no-enable-prefix-caching"),
+        ({"scheduler_config.disable_chunked_mm_input": False}, "--disable-chunked-mm-input"),
+        ({"parallel_config.tensor_parallel_size": 2}, "--tensor-parallel-size 1"),
+        ({"parallel_config.pipeline_parallel_size": 2}, "--pipeline-parallel-size 1"),
+        ({"quant_config": object()}, "--quantization"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_each_unsupported_setting_is_refused_naming_its_flag(case: int) -> None:
+    changes, flag = _flags()[case]
+    with pytest.raises(ValueError, match="token_prune enables 'alvts'") as e:
+        check_alvts_server(_vllm_config(**changes), "TokenPruneLlavaForConditionalGeneration",
+                           True)
+    assert flag in str(e.value)
+
+
+def test_families_without_alvts_refuse() -> None:
+    from vllm_tokenprune.models.llava import TokenPruneLlavaForConditionalGeneration
+    from vllm_tokenprune.models.llava_next import TokenPruneLlavaNextForConditionalGeneration
+    from vllm_tokenprune.models.qwen2_5_vl import TokenPruneQwen2_5_VLForConditionalGeneration
+    from vllm_tokenprune.models.qwen2_vl import TokenPruneQwen2VLForConditionalGeneration
+    from vllm_tokenprune.models.qwen3_vl import TokenPruneQwen3VLForConditionalGeneration
+
+    served = {c: c.tp_alvts for c in (
+        TokenPruneQwen2VLForConditionalGeneration, TokenPruneQwen2_5_VLForConditionalGeneration,
+        TokenPruneLlavaForConditionalGeneration, TokenPruneLlavaNextForConditionalGeneration,
+        TokenPruneQwen3VLForConditionalGeneration)}
+    assert [c.__name__ for c, ok in served.items() if not ok] == [
+        "TokenPruneLlavaNextForConditionalGeneration", "TokenPruneQwen3VLForConditionalGeneration"]
+    with pytest.raises(ValueError, match="TokenPruneQwen3VLForConditionalGeneration does not "
+                                         "support"):
+        check_alvts_server(_vllm_config(), "TokenPruneQwen3VLForConditionalGeneration", False)

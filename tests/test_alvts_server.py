@@ -1,0 +1,249 @@
+"""ALVTS served by real vLLM CPU servers: Qwen2.5-VL and LLaVA-1.5 (docs/alvts.md).
+
+Every check goes through the real ``openai`` client (or plain HTTP for ``/metrics``):
+
+* ``prune_ratio`` 0 with ``alvts`` gives the plain architecture's greedy tokens and logprobs;
+* next-token logprobs at two ratios equal transformers' own model routed by
+  :mod:`vllm_tokenprune.alvts.reference` (same selector, layers, skipped tokens and K/V rule);
+* routing does not depend on batching or chunking: mixed requests (alvts and input-side
+  methods, several ratios, one or two images) give the same tokens and logprobs served one at a
+  time and all at once, on a server whose small token budget splits multi-image prompts across
+  prefill steps;
+* ``usage.prompt_tokens`` does not move with the ratio; ``/metrics`` counts the skipped visual
+  token-layers exactly; an image routed at one ratio is never reused for another.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import torch
+
+from tests._suite import start_servers
+from tests.conftest import QWEN25_ARCH
+from vllm_tokenprune import num_kept
+from vllm_tokenprune.alvts import AlvtsOptions
+from vllm_tokenprune.alvts.reference import routed
+from vllm_tokenprune.response import FIELD
+from vllm_tokenprune.testing.media import make_image, media_messages
+from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
+
+pytestmark = pytest.mark.server
+
+LLAVA_ARCH = "TokenPruneLlavaForConditionalGeneration"
+#: What ``alvts`` needs from the server (it refuses to start without them; --enforce-eager is in
+#: every test server's arguments).
+ALVTS_FLAGS = ["--no-enable-prefix-caching", "--disable-chunked-mm-input"]
+#: A token budget per step that holds the largest item (vLLM refuses to start otherwise under
+#: --disable-chunked-mm-input) but not a prompt with two images: such prompts are split
+#: across prefill steps. Qwen's largest item is capped at 64 tokens (max_pixels) for that; the
+#: test images (48 tokens) are below the cap, so the processor does not resize them; no video.
+BUDGET = "100"
+QWEN_CAP = ["--mm-processor-kwargs", '{"max_pixels": 50176}',
+            "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
+BASE_ARGS = ["--dtype", "float32", "--seed", "0"]
+PROMPT = "Describe this image."
+#: Both sides float32 on CPU (measured ~1e-6).
+LOGPROB_TOL = 2e-3
+#: Served one at a time vs in a batch: same kernels on different batch shapes.
+BATCH_TOL = 1e-4
+
+FAMILIES = {
+    # Qwen2.5-VL (2 decoder layers) routes from layer 0: the first layer's own path too.
+    "qwen": {"arch": QWEN25_ARCH, "alvts": {"first_layer": 0}, "size": (224, 168)},
+    # LLaVA-1.5 (3 decoder layers) routes layers 1-2.
+    "llava": {"arch": LLAVA_ARCH, "alvts": {"first_layer": 1}, "size": (112, 112)},
+}
+
+
+def overrides(family: str) -> str:
+    f = FAMILIES[family]
+    return token_prune_overrides(f["arch"], method="lrcp", prune_ratio=0.0,
+                                 allowed_methods=["lrcp", "random", "alvts"],
+                                 options={"alvts": f["alvts"]})
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_tokenprune.testing.tiny_model import build_llava
+
+    return build_llava(tmp_path_factory.mktemp("tiny") / "llava_alvts", seed=0, text_layers=3)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_qwen_dir: Path, llava_dir: Path) -> Iterator[dict[str, Any]]:
+    """An alvts-enabled server and a plain one per family, all started together."""
+    args = [*BASE_ARGS, "--max-num-batched-tokens", BUDGET, *ALVTS_FLAGS]
+    qwen = [*args, *QWEN_CAP]
+    started = start_servers({
+        "qwen": (tiny_qwen_dir, [*qwen, "--hf-overrides", overrides("qwen")]),
+        "qwen_plain": (tiny_qwen_dir, qwen),
+        "llava": (llava_dir, [*args, "--hf-overrides", overrides("llava")]),
+        "llava_plain": (llava_dir, args),
+    }, "alvts")
+    yield {**started, "qwen_dir": tiny_qwen_dir, "llava_dir": llava_dir}
+    for server in started.values():
+        server.stop()
+
+
+def images(family: str, *seeds: int) -> list[Any]:
+    return [make_image(*FAMILIES[family]["size"], seed=s) for s in seeds]
+
+
+def chat(server: VLLMServer, media: list[Any], *, max_tokens: int = 1, text: str = PROMPT,
+         **extra: Any) -> Any:
+    return server.openai().chat.completions.create(
+        model=server.model, messages=media_messages(media, text), max_tokens=max_tokens,
+        temperature=0.0, logprobs=True, top_logprobs=5,
+        extra_body={"return_tokens_as_token_ids": True, **extra})
+
+
+def top(res: Any, step: int = 0) -> dict[int, float]:
+    entries = res.choices[0].logprobs.content[step].top_logprobs
+    return {int(e.token.removeprefix("token_id:")): e.logprob for e in entries}
+
+
+def tokens(res: Any) -> list[str]:
+    return [t.token for t in res.choices[0].logprobs.content]
+
+
+@torch.no_grad()
+def reference(model_dir: Path, family: str, media: list[Any], ratio: float,
+              text: str = PROMPT) -> tuple[torch.Tensor, int]:
+    """transformers' model routed by the reference: (next-token logprobs, skipped
+    token-layers)."""
+    from vllm_tokenprune.preview._extract import prepare
+
+    prep = prepare(str(model_dir), media, text)
+    opts = AlvtsOptions(**FAMILIES[family]["alvts"])
+    with routed(prep.model, prep.inputs["input_ids"], ratio, opts) as log:
+        logits = prep.model(**prep.inputs).logits[0, -1]
+    return logits.float().log_softmax(-1), log.skipped_token_layers()
+
+
+def scrape_skipped(server: VLLMServer) -> float:
+    text = requests.get(server.base_url + "/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r'tokenprune_skipped_visual_token_layers_total\{[^}]*\} (\S+)', line)
+        if m:
+            total += float(m.group(1))
+    return total
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("family", ["qwen", "llava"])
+def test_ratio_zero_is_the_plain_architecture(servers: dict[str, Any], family: str) -> None:
+    media = images(family, 1, 2)
+    plain = chat(servers[f"{family}_plain"], media, max_tokens=8)
+    got = chat(servers[family], media, max_tokens=8, prune_method="alvts", prune_ratio=0.0)
+    assert tokens(got) == tokens(plain)
+    assert got.usage.prompt_tokens == plain.usage.prompt_tokens
+    lp_a = [t.logprob for t in plain.choices[0].logprobs.content]
+    lp_b = [t.logprob for t in got.choices[0].logprobs.content]
+    assert lp_b == pytest.approx(lp_a, abs=BATCH_TOL)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.889])
+@pytest.mark.parametrize("family", ["qwen", "llava"])
+def test_logprobs_match_transformers_reference(servers: dict[str, Any], family: str,
+                                               ratio: float) -> None:
+    media = images(family, 1, 2)
+    res = chat(servers[family], media, prune_method="alvts", prune_ratio=ratio)
+    ref, skipped = reference(servers[f"{family}_dir"], family, media, ratio)
+    unrouted, _ = reference(servers[f"{family}_dir"], family, media, 0.0)
+    got = top(res)
+    assert len(got) == 5
+    for token_id, logprob in got.items():
+        assert logprob == pytest.approx(float(ref[token_id]), abs=LOGPROB_TOL)
+    assert max(got.values()) == pytest.approx(float(ref.max()), abs=LOGPROB_TOL)
+    # routing changed the distribution by much more than the tolerance (not a no-op)
+    assert skipped > 0
+    assert float((ref - unrouted).abs().max()) > 5 * LOGPROB_TOL
+
+
+def test_prompt_tokens_unchanged_and_skipped_layers_counted(servers: dict[str, Any]) -> None:
+    server, plain = servers["qwen"], servers["qwen_plain"]
+    media = images("qwen", 3)
+    unpruned = chat(plain, media).usage.prompt_tokens
+    n = 48  # 224x168 image: (168/28) x (224/28) merged tokens
+    layers = 2  # routed layers 0 and 1
+    before = scrape_skipped(server)
+    expected = 0
+    for ratio in (0.0, 0.3, 0.889):
+        res = chat(server, media, prune_method="alvts", prune_ratio=ratio)
+        assert res.usage.prompt_tokens == unpruned
+        item = res.model_extra[FIELD]["items"][0]
+        assert (item["tokens"], item["kept"]) == (n, n)  # nothing dropped at the input
+        expected += (n - num_kept(n, ratio)) * layers
+    assert scrape_skipped(server) - before == expected
+
+
+def test_routing_does_not_depend_on_batching_or_chunking(servers: dict[str, Any]) -> None:
+    """12 mixed requests served one at a time, then all at once (16 in flight with 4 more);
+    two-image prompts exceed the step budget, so their prefill spans steps."""
+    server = servers["qwen"]
+    cases = []
+    for i in range(12):
+        seeds = (10 + i,) if i % 3 else (10 + i, 30 + i)
+        method = "alvts" if i % 4 != 3 else ("lrcp" if i % 8 == 3 else "random")
+        ratio = (0.3, 0.5, 0.889)[i % 3]
+        text = PROMPT + " Answer briefly." * (i % 4)
+        cases.append((images("qwen", *seeds), {"prune_method": method, "prune_ratio": ratio},
+                      text))
+
+    def one(i: int) -> Any:
+        media, extra, text = cases[i % len(cases)]
+        return chat(server, media, max_tokens=3, text=text, **extra)
+
+    alone = [one(i) for i in range(len(cases))]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(one, range(16)))
+    for i, (a, b) in enumerate(zip(alone, together, strict=False)):
+        assert tokens(b) == tokens(a), cases[i][1]
+        for step in range(3):
+            ta, tb = top(a, step), top(b, step)
+            assert set(ta) == set(tb), (i, step)
+            for t in ta:
+                assert tb[t] == pytest.approx(ta[t], abs=BATCH_TOL), (i, step, cases[i][1])
+    # and the split two-image prompts are the reference's (computed in one forward)
+    media, extra, text = cases[0]
+    assert len(media) == 2 and extra["prune_method"] == "alvts"
+    ref, _ = reference(servers["qwen_dir"], "qwen", media, extra["prune_ratio"], text)
+    for t, logprob in top(alone[0]).items():
+        assert logprob == pytest.approx(float(ref[t]), abs=LOGPROB_TOL)
+
+
+def test_an_image_routed_at_one_ratio_is_not_reused_for_another(
+        servers: dict[str, Any]) -> None:
+    server = servers["llava"]
+    media = images("llava", 7)
+    a = chat(server, media, prune_method="alvts", prune_ratio=0.5)
+    b = chat(server, media, prune_method="alvts", prune_ratio=0.889)
+    c = chat(server, media, prune_method="alvts", prune_ratio=0.5)
+    d = chat(server, media, prune_method="lrcp", prune_ratio=0.5)
+    assert top(c) == pytest.approx(top(a), abs=BATCH_TOL)
+    ref, _ = reference(servers["llava_dir"], "llava", media, 0.889)
+    for t, logprob in top(b).items():
+        assert logprob == pytest.approx(float(ref[t]), abs=LOGPROB_TOL)
+    assert d.usage.prompt_tokens < a.usage.prompt_tokens  # lrcp drops at the input
+
+
+def test_alvts_refused_per_request_where_not_enabled(tp_server: VLLMServer) -> None:
+    """The session's LRCP server does not name alvts: a 400 naming the field, then it serves."""
+    r = requests.post(tp_server.base_url + "/v1/chat/completions", json={
+        "model": tp_server.model, "max_tokens": 1, "prune_method": "alvts",
+        "messages": [{"role": "user", "content": "hi"}]}, timeout=120)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "prune_method"
+    assert "not enabled on this server" in err["message"]
+    assert chat(tp_server, images("qwen", 1)).usage.prompt_tokens > 0

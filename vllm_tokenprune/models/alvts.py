@@ -1,0 +1,276 @@
+"""ALVTS inside vLLM: layer-wise visual token routing in the language model's decoder layers.
+
+The selector is :mod:`vllm_tokenprune.alvts` (pure torch); this module is the model-side
+integration (docs/alvts.md, "In vLLM"):
+
+* the processor leaves every visual token in the prompt and puts the per-layer count ``k`` in
+  the item's params row (:mod:`.wire`, ``num_keep``);
+* ``embed_multimodal`` appends :data:`.wire.ROUTE_CHANNELS` to every row of an ``alvts`` item
+  (its role, its index in the item, ``k``, ``N``), so the decisions' inputs travel with the rows
+  through vLLM's encoder cache exactly as the M-RoPE positions do;
+* ``embed_input_ids`` strips them and records, for this step, where each item's scored rows sit
+  in the flattened batch (:class:`Step`); the server's flags keep every item whole in one step;
+* each routed decoder layer (vLLM's ``Qwen2DecoderLayer`` / ``LlamaDecoderLayer``, whose class
+  is swapped for a subclass with :func:`_routed_forward`) scores each item on the residual
+  stream entering it, runs attention on every row (so every token's K/V at the layer is written
+  to the paged cache from the hidden state it entered with) and the post-attention norm + MLP on
+  the rows that go through; a skipped row leaves the layer with the stream it entered with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from vllm.logger import init_logger
+
+from vllm_tokenprune import guard
+from vllm_tokenprune.alvts import ALVTS, AlvtsOptions, AlvtsRouter, alvts_options, layer_factors
+from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
+from vllm_tokenprune.models.wire import ROUTE_CHANNELS, decode_route, encode_route
+
+logger = init_logger(__name__)
+
+#: Fallback reason: an ``alvts`` item arrived in a step without all of its rows.
+PARTIAL_ITEM = "partial_item"
+
+
+@dataclass
+class RoutedItem:
+    """One item of this step: its scored rows in the flattened batch and its count ``k``."""
+
+    rows: Tensor
+    num_process: int
+    state: dict[str, Tensor | None] = field(default_factory=AlvtsRouter.new_state)
+
+
+@dataclass
+class Step:
+    """The routed items of one forward step (set by ``embed_input_ids``)."""
+
+    items: list[RoutedItem]
+    num_tokens: int
+
+
+class AlvtsRuntime:
+    """Shared by the routed layers of one model: the router (factors) and the current step."""
+
+    def __init__(self, options: AlvtsOptions) -> None:
+        self.options = options
+        self.router: AlvtsRouter | None = None
+        self.step: Step | None = None
+
+    def skipped_rows(self, layer: int, stream: Tensor) -> Tensor | None:
+        """Rows (of the flattened batch) that skip ``layer`` in this step; None: none do."""
+        step = self.step
+        if step is None or self.router is None or stream.shape[0] < step.num_tokens:
+            return None
+        skipped = []
+        for item in step.items:
+            through = self.router.route(layer, stream.index_select(0, item.rows),
+                                        item.num_process, item.state)
+            mask = torch.ones(item.rows.shape[0], dtype=torch.bool, device=stream.device)
+            mask[through] = False
+            skipped.append(item.rows[mask])
+        rows = torch.cat(skipped) if skipped else None
+        return rows if rows is not None and rows.numel() else None
+
+
+def _routed_forward(self: Any, positions: Tensor, hidden_states: Tensor,
+                    residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A routed decoder layer: vLLM's own forward (``(positions, hidden_states, residual)`` ->
+    ``(hidden_states, residual)``, the stream being their sum) when nothing skips it in this
+    step; otherwise the same computation with skipped rows' MLP input left out and their
+    stream passed through (docs/alvts.md, exact semantics)."""
+    runtime: AlvtsRuntime = self._tp_alvts_runtime
+    if runtime.step is None:
+        return self._tp_alvts_base_forward(positions, hidden_states, residual)
+    if residual is None:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+    else:
+        hidden_states, residual = self.input_layernorm(hidden_states, residual)
+    skip = runtime.skipped_rows(self._tp_alvts_layer, residual)
+    hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+    if skip is None:
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+    entered = residual.index_select(0, skip)  # copied before the fused norm updates in place
+    hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+    through = torch.ones(hidden_states.shape[0], dtype=torch.bool, device=skip.device)
+    through[skip] = False
+    through_rows = through.nonzero().squeeze(1)
+    out = torch.zeros_like(hidden_states)
+    out.index_copy_(0, through_rows, self.mlp(hidden_states.index_select(0, through_rows)))
+    residual = residual.index_copy(0, skip, entered)
+    return out, residual
+
+
+def _routed_class(cls: type) -> type:
+    """A subclass of a vLLM decoder layer class whose forward routes."""
+    cached = _ROUTED_CLASSES.get(cls)
+    if cached is None:
+        cached = type(f"Routed{cls.__name__}", (cls,), {
+            "forward": _routed_forward,
+            "_tp_alvts_base_forward": cls.forward,
+        })
+        _ROUTED_CLASSES[cls] = cached
+    return cached
+
+
+_ROUTED_CLASSES: dict[type, type] = {}
+
+
+def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
+    """Refuse, naming the flag, every server setting ``alvts`` cannot serve exactly."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    def refuse(why: str) -> None:
+        raise ValueError(
+            f"vllm-tokenprune: token_prune enables 'alvts' (method or allowed_methods), "
+            f"which {why}; or remove 'alvts' from token_prune (docs/alvts.md)."
+        )
+
+    if not supported:
+        refuse(f"{arch} does not support (served on Qwen2-VL, Qwen2.5-VL, LLaVA-1.5)")
+    compilation = vllm_config.compilation_config
+    if compilation.mode != CompilationMode.NONE or \
+            compilation.cudagraph_mode != CUDAGraphMode.NONE:
+        refuse("routes rows with request-dependent gathers inside the decoder layers that "
+               "torch.compile and CUDA graphs would freeze: start the server with "
+               "--enforce-eager")
+    if vllm_config.cache_config.enable_prefix_caching:
+        refuse("must see all of an item's tokens in one step, and a prefix-cache hit can end "
+               "inside an image: start the server with --no-enable-prefix-caching")
+    if not vllm_config.scheduler_config.disable_chunked_mm_input:
+        refuse("must see all of an item's tokens in one step (routing must not depend on how "
+               "the scheduler chunks a prompt): start the server with --disable-chunked-mm-input")
+    parallel = vllm_config.parallel_config
+    for flag, size in (("--tensor-parallel-size", parallel.tensor_parallel_size),
+                       ("--pipeline-parallel-size", parallel.pipeline_parallel_size)):
+        if int(size or 1) > 1:
+            refuse(f"is served on one model shard only (its factors need every head): start "
+                   f"the server with {flag} 1 (scale with data parallelism)")
+    if getattr(vllm_config, "quant_config", None) is not None:
+        refuse("builds its selector from the unquantized query/key weights: serve an "
+               "unquantized checkpoint (no --quantization)")
+    # An item larger than --max-num-batched-tokens could never be scheduled whole: vLLM's
+    # encoder cache manager refuses that start-up itself under --disable-chunked-mm-input.
+
+
+class AlvtsModelMixin:
+    """Model-side ``alvts`` (mixed into :class:`.model.TokenPruneModelMixin`)."""
+
+    #: Whether this family serves ``alvts`` (its LM's decoder layers are Qwen2 / Llama ones).
+    tp_alvts: ClassVar[bool] = False
+    _tp_alvts: AlvtsRuntime | None = None
+
+    def _tp_alvts_pre_init(self, vllm_config: Any) -> None:
+        cfg = config_from_hf_config(vllm_config.model_config.hf_config)
+        if cfg.alvts_enabled:
+            check_alvts_server(vllm_config, type(self).__name__, self.tp_alvts)
+
+    def _tp_alvts_setup(self, cfg: TokenPruneConfig) -> None:
+        """Swap the routed decoder layers' classes (no weights needed yet)."""
+        self._tp_alvts = None
+        if not cfg.alvts_enabled:
+            return
+        options = alvts_options(cfg.options_for(ALVTS))
+        runtime = AlvtsRuntime(options)
+        layers = self._tp_alvts_layers()
+        for i, layer in enumerate(layers):
+            if i < options.first_layer:
+                continue
+            layer.__class__ = _routed_class(type(layer))
+            layer._tp_alvts_runtime = runtime
+            layer._tp_alvts_layer = i
+        self._tp_alvts = runtime
+        logger.info("vllm-tokenprune: alvts routes decoder layers %d-%d (rank %d, consistency "
+                    "%g)", options.first_layer, len(layers) - 1, options.rank,
+                    options.consistency)
+
+    def _tp_alvts_layers(self) -> Any:
+        lm = self.get_language_model()  # type: ignore[attr-defined]
+        return lm.model.layers
+
+    def load_weights(self, weights: Any) -> Any:
+        loaded = super().load_weights(weights)  # type: ignore[misc]
+        if self._tp_alvts is not None:
+            self._tp_alvts_build()
+        return loaded
+
+    @torch.no_grad()
+    def _tp_alvts_build(self) -> None:
+        """Each routed layer's query-key factors, from its fused ``qkv_proj`` weights."""
+        runtime = self._tp_alvts
+        assert runtime is not None
+        factors = {}
+        for i, layer in enumerate(self._tp_alvts_layers()):
+            if i < runtime.options.first_layer:
+                continue
+            attn = layer.self_attn
+            weight = attn.qkv_proj.weight
+            bias = getattr(attn.qkv_proj, "bias", None)
+            q, k = attn.q_size, attn.kv_size
+            norm = layer.input_layernorm
+            factors[i] = layer_factors(
+                weight[:q], weight[q:q + k], num_heads=attn.num_heads,
+                num_kv_heads=attn.num_kv_heads, rank=runtime.options.rank,
+                q_bias=None if bias is None else bias[:q], norm_weight=norm.weight,
+                eps=float(norm.variance_epsilon))
+        runtime.router = AlvtsRouter(factors, runtime.options)
+
+    # -- rows
+    def _tp_alvts_rows(self, emb: Tensor, num_process: int,
+                       roles: Tensor | None = None) -> Tensor:
+        """``emb`` with :data:`ROUTE_CHANNELS` appended (``roles``: 1 scored, 2 always goes
+        through; default all scored)."""
+        if roles is None:
+            roles = torch.ones(emb.shape[0], dtype=torch.int64)
+        route = encode_route(roles, num_process, emb.dtype).to(emb.device, non_blocking=True)
+        return torch.cat([emb, route], dim=1)
+
+    def _tp_alvts_take(self, embeds: Any, is_multimodal: Tensor | None) -> Any:
+        """Strip the route channels of this step's media rows and record the step's items."""
+        runtime = self._tp_alvts
+        if runtime is None:
+            return embeds
+        runtime.step = None
+        width = self._tp_embed_width()  # type: ignore[attr-defined]
+        if embeds is None or not any(e.shape[-1] == width + ROUTE_CHANNELS for e in embeds):
+            return embeds
+        if runtime.router is None:
+            self._tp_alvts_build()
+        assert is_multimodal is not None, "media rows without is_multimodal"
+        where = is_multimodal.nonzero().squeeze(1)
+        items, out, offset = [], [], 0
+        for e in embeds:
+            n_rows = int(e.shape[0])
+            if e.shape[-1] == width + ROUTE_CHANNELS:
+                roles, index, k, n = decode_route(e[:, width:].cpu())
+                scored = roles == 1
+                rows = where[offset:offset + n_rows][scored.to(where.device)]
+                whole = int(scored.sum()) == n and bool(
+                    torch.equal(index[scored], torch.arange(n)))
+                if not whole:
+                    guard.report_fallback(ALVTS, PARTIAL_ITEM,
+                                          "an alvts item arrived split across steps; its "
+                                          "tokens go through every layer")
+                elif k < n:
+                    items.append(RoutedItem(rows, k))
+                out.append(e[:, :width])
+            else:
+                out.append(e)
+            offset += n_rows
+        if items:
+            runtime.step = Step(items, int(is_multimodal.shape[0]))
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if self._tp_alvts is not None:
+                self._tp_alvts.step = None
