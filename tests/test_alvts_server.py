@@ -1,10 +1,11 @@
-"""ALVTS served by real vLLM CPU servers: Qwen2.5-VL and LLaVA-1.5 (docs/alvts.md).
+"""ALVTS served by real vLLM CPU servers: Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT (docs/alvts.md).
 
 Every check goes through the real ``openai`` client (or plain HTTP for ``/metrics``):
 
 * ``prune_ratio`` 0 with ``alvts`` gives the plain architecture's greedy tokens and logprobs;
 * next-token logprobs at two ratios equal transformers' own model routed by
-  :mod:`vllm_tokenprune.alvts.reference` (same selector, layers, skipped tokens and K/V rule);
+  :mod:`vllm_tokenprune.alvts.reference` (same selector, layers, skipped tokens and K/V rule;
+  LLaVA-NeXT's image-newline tokens always go through);
 * routing does not depend on batching or chunking: mixed requests (alvts and input-side
   methods, several ratios, one or two images) give the same tokens and logprobs served one at a
   time and all at once, on a server whose small token budget splits multi-image prompts across
@@ -37,6 +38,7 @@ from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 pytestmark = pytest.mark.server
 
 LLAVA_ARCH = "TokenPruneLlavaForConditionalGeneration"
+LLAVA_NEXT_ARCH = "TokenPruneLlavaNextForConditionalGeneration"
 #: What ``alvts`` needs from the server (it refuses to start without them; --enforce-eager is in
 #: every test server's arguments).
 ALVTS_FLAGS = ["--no-enable-prefix-caching", "--disable-chunked-mm-input"]
@@ -59,6 +61,8 @@ FAMILIES = {
     "qwen": {"arch": QWEN25_ARCH, "alvts": {"first_layer": 0}, "size": (224, 168)},
     # LLaVA-1.5 (3 decoder layers) routes layers 1-2.
     "llava": {"arch": LLAVA_ARCH, "alvts": {"first_layer": 1}, "size": (112, 112)},
+    # LLaVA-NeXT (3 decoder layers): base image + tiles with image-newline rows.
+    "llava_next": {"arch": LLAVA_NEXT_ARCH, "alvts": {"first_layer": 1}, "size": (150, 260)},
 }
 
 
@@ -77,8 +81,18 @@ def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_qwen_dir: Path, llava_dir: Path) -> Iterator[dict[str, Any]]:
-    """An alvts-enabled server and a plain one per family, all started together."""
+def llava_next_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_tokenprune.testing.tiny_model import build_llava_next
+
+    return build_llava_next(tmp_path_factory.mktemp("tiny") / "llava_next_alvts", seed=0,
+                            text_layers=3)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_qwen_dir: Path, llava_dir: Path,
+            llava_next_dir: Path) -> Iterator[dict[str, Any]]:
+    """An alvts-enabled server and a plain one per family (LLaVA-NeXT: alvts only, checked
+    against the reference), all started together."""
     args = [*BASE_ARGS, "--max-num-batched-tokens", BUDGET, *ALVTS_FLAGS]
     qwen = [*args, *QWEN_CAP]
     started = start_servers({
@@ -86,8 +100,11 @@ def servers(tiny_qwen_dir: Path, llava_dir: Path) -> Iterator[dict[str, Any]]:
         "qwen_plain": (tiny_qwen_dir, qwen),
         "llava": (llava_dir, [*args, "--hf-overrides", overrides("llava")]),
         "llava_plain": (llava_dir, args),
+        "llava_next": (llava_next_dir, [*BASE_ARGS, *ALVTS_FLAGS,
+                                        "--hf-overrides", overrides("llava_next")]),
     }, "alvts")
-    yield {**started, "qwen_dir": tiny_qwen_dir, "llava_dir": llava_dir}
+    yield {**started, "qwen_dir": tiny_qwen_dir, "llava_dir": llava_dir,
+           "llava_next_dir": llava_next_dir}
     for server in started.values():
         server.stop()
 
@@ -122,7 +139,8 @@ def reference(model_dir: Path, family: str, media: list[Any], ratio: float,
 
     prep = prepare(str(model_dir), media, text)
     opts = AlvtsOptions(**FAMILIES[family]["alvts"])
-    with routed(prep.model, prep.inputs["input_ids"], ratio, opts) as log:
+    scored = [item.scored for item in prep.items]  # LLaVA-NeXT: not its newline rows
+    with routed(prep.model, prep.inputs["input_ids"], ratio, opts, scored=scored) as log:
         logits = prep.model(**prep.inputs).logits[0, -1]
     return logits.float().log_softmax(-1), log.skipped_token_layers()
 
@@ -153,7 +171,7 @@ def test_ratio_zero_is_the_plain_architecture(servers: dict[str, Any], family: s
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.889])
-@pytest.mark.parametrize("family", ["qwen", "llava"])
+@pytest.mark.parametrize("family", ["qwen", "llava", "llava_next"])
 def test_logprobs_match_transformers_reference(servers: dict[str, Any], family: str,
                                                ratio: float) -> None:
     media = images(family, 1, 2)
@@ -168,6 +186,10 @@ def test_logprobs_match_transformers_reference(servers: dict[str, Any], family: 
     # routing changed the distribution by much more than the tolerance (not a no-op)
     assert skipped > 0
     assert float((ref - unrouted).abs().max()) > 5 * LOGPROB_TOL
+    # ratio 0 is the unrouted model
+    zero = top(chat(servers[family], media, prune_method="alvts", prune_ratio=0.0))
+    for token_id, logprob in zero.items():
+        assert logprob == pytest.approx(float(unrouted[token_id]), abs=LOGPROB_TOL)
 
 
 def test_prompt_tokens_unchanged_and_skipped_layers_counted(servers: dict[str, Any]) -> None:

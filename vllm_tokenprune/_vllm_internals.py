@@ -336,6 +336,65 @@ INTERNALS: tuple[Internal, ...] = (
              "the graph path calls a pruning hook"),
     Internal("vllm.distributed:get_tensor_model_parallel_rank", "function", "metrics.py",
              "only TP rank 0 records scorer timings", "stays (public)"),
+    # -- the response field (docs/visibility.md)
+    Internal("vllm.renderers.base:BaseRenderer.__init__", "attributes", "response.py",
+             "the renderer's thread pools (_mm_executor, _executor) get a context-propagating "
+             "submit so the processor's per-request notes reach the response",
+             "vLLM runs preprocessing in the request's context (or returns per-item details)",
+             _uses("_mm_executor", "_executor")),
+    # -- alvts: layer-wise routing inside the LM (docs/alvts.md, models/alvts.py)
+    *(Internal(f"{_MODELS}.{mod}:{cls}DecoderLayer.forward", "model method (layer contract)",
+               "models/alvts.py (_routed_forward)",
+               "routed layers run the same steps themselves: input_layernorm (fused add on "
+               "the residual), self_attn(positions=, hidden_states=), post_attention_layernorm, "
+               "mlp; (hidden, residual) out, their sum the stream",
+               "vLLM offers a per-token layer-skip hook",
+               _uses("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+      for mod, cls in (("qwen2", "Qwen2"), ("llama", "Llama"))),
+    *(Internal(f"{_MODELS}.{mod}:{cls}Attention.__init__", "attributes",
+               "models/alvts.py (_tp_alvts_build)",
+               "the selector's factors come from the fused qkv_proj weight/bias split by "
+               "q_size / kv_size, with num_heads / num_kv_heads", "stays",
+               _uses("qkv_proj", "q_size", "kv_size", "num_heads", "num_kv_heads"))
+      for mod, cls in (("qwen2", "Qwen2"), ("llama", "Llama"))),
+    Internal("vllm.model_executor.layers.layernorm:RMSNorm.__init__", "attributes",
+             "models/alvts.py", "the input norm's gamma (weight) and variance_epsilon are "
+             "folded into the factors", "stays", _uses("variance_epsilon")),
+    Internal("vllm.model_executor.model_loader.base_loader:BaseModelLoader.load_model",
+             "loader contract", "models/alvts.py (load_weights)",
+             "model.load_weights runs before process_weights_after_loading, which on CPU "
+             "repacks linear weights and may drop layer.weight: the factors are built there",
+             "stays", _uses("load_weights", "process_weights_after_loading")),
+    Internal(f"{_V1}._preprocess", "runner contract (V1)", "models/alvts.py",
+             "embed_input_ids(ids, multimodal_embeddings=, is_multimodal=) runs on the step's "
+             "rows right before the forward: the step's routed items are recorded there",
+             "vLLM passes per-request media metadata to the forward", _uses("embed_input_ids")),
+    Internal("vllm.v1.worker.gpu.mm.encoder_runner:EncoderRunner.get_inputs_embeds",
+             "runner contract (V2)", "models/alvts.py", "the same in V2",
+             "vLLM passes per-request media metadata to the forward",
+             _params("input_ids", "mm_embeds", "is_mm_embed")),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
+             "scheduler contract", "models/alvts.py (check_alvts_server)",
+             "with disable_chunked_mm_input an item is scheduled whole in one step: why the "
+             "selector sees every token of the item", "stays",
+             _uses("disable_chunked_mm_input")),
+    Internal("vllm.v1.core.encoder_cache_manager:compute_mm_encoder_budget", "function",
+             "docs/alvts.md", "refuses to start when an item exceeds --max-num-batched-tokens "
+             "under disable_chunked_mm_input (else it could never be scheduled)", "stays",
+             _uses("disable_chunked_mm_input")),
+    Internal("vllm.config.compilation:CompilationConfig", "config field",
+             "models/alvts.py (check_alvts_server)", "alvts needs mode NONE and no CUDA graphs",
+             "stays", _has_field("mode", "cudagraph_mode")),
+    Internal("vllm.config:CompilationMode", "enum", "models/alvts.py",
+             "NONE: no torch.compile", "stays (public)", _has_field("NONE")),
+    Internal("vllm.config:CUDAGraphMode", "enum", "models/alvts.py", "NONE: no CUDA graphs",
+             "stays (public)", _has_field("NONE")),
+    Internal("vllm.config.cache:CacheConfig", "config field", "models/alvts.py",
+             "alvts refuses prefix caching", "per-item routing decisions are cached with "
+             "blocks", _has_field("enable_prefix_caching")),
+    Internal("vllm.config.scheduler:SchedulerConfig", "config field", "models/alvts.py",
+             "alvts needs disable_chunked_mm_input", "stays",
+             _has_field("disable_chunked_mm_input", "max_num_batched_tokens")),
 )
 
 

@@ -89,20 +89,26 @@ class RoutingLog:
 
     spans: list[tuple[int, int]]
     processed: dict[int, list[Tensor]] = field(default_factory=dict)
+    #: Scored tokens per item (default: the whole span).
+    sizes: list[int] = field(default_factory=list)
 
     def skipped_token_layers(self) -> int:
-        return sum(e - s - len(p) for per in self.processed.values()
-                   for (s, e), p in zip(self.spans, per, strict=True))
+        sizes = self.sizes or [e - s for s, e in self.spans]
+        return sum(n - len(p) for per in self.processed.values()
+                   for n, p in zip(sizes, per, strict=True))
 
 
 @contextmanager
 def routed(model: Any, input_ids: Tensor, prune_ratio: float | Sequence[float],
            options: AlvtsOptions | None = None, *, min_keep: int = 1,
-           router: AlvtsRouter | None = None) -> Iterator[RoutingLog]:
+           router: AlvtsRouter | None = None,
+           scored: Sequence[Tensor] | None = None) -> Iterator[RoutingLog]:
     """Route ``model``'s forward passes over the whole prompt ``input_ids`` (1, S).
 
     ``prune_ratio``: fraction of each item's visual tokens that skip each routed layer (one
-    value, or one per item). Yields the :class:`RoutingLog` filled by the next prefill.
+    value, or one per item). ``scored``: per item, the ascending indices (within its span) of
+    the tokens that are routed; the others always go through (LLaVA-NeXT's image-newline
+    tokens); default every token. Yields the :class:`RoutingLog` filled by the next prefill.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError("the reference routes one prompt at a time: input_ids must be (1, S)")
@@ -114,8 +120,11 @@ def routed(model: Any, input_ids: Tensor, prune_ratio: float | Sequence[float],
         else list(prune_ratio)
     if len(ratios) != len(spans):
         raise ValueError(f"{len(ratios)} ratios for {len(spans)} media items")
-    counts = [num_processed(e - s, r, min_keep) for (s, e), r in zip(spans, ratios, strict=True)]
-    log = RoutingLog(spans)
+    rows = [torch.arange(s, e) if scored is None else s + scored[i].cpu().long()
+            for i, (s, e) in enumerate(spans)]
+    counts = [num_processed(len(r), ratio, min_keep)
+              for r, ratio in zip(rows, ratios, strict=True)]
+    log = RoutingLog(spans, sizes=[len(r) for r in rows])
     states: list[dict[str, Tensor | None]] = []
 
     def make_hook(idx: int):  # noqa: ANN202
@@ -128,11 +137,12 @@ def routed(model: Any, input_ids: Tensor, prune_ratio: float | Sequence[float],
             out = output[0] if isinstance(output, tuple) else output
             out = out.clone()
             per_item = []
-            for (s, e), k, state in zip(spans, counts, states, strict=True):
-                proc = router.route(idx, hidden[0, s:e], k, state)
-                skip = torch.ones(e - s, dtype=torch.bool, device=hidden.device)
+            for item_rows, k, state in zip(rows, counts, states, strict=True):
+                item_rows = item_rows.to(hidden.device)
+                proc = router.route(idx, hidden[0, item_rows], k, state)
+                skip = torch.ones(len(item_rows), dtype=torch.bool, device=hidden.device)
                 skip[proc] = False
-                out[0, s:e][skip] = hidden[0, s:e][skip].to(out.dtype)
+                out[0, item_rows[skip]] = hidden[0, item_rows[skip]].to(out.dtype)
                 per_item.append(proc.cpu())
             log.processed[idx] = per_item
             return (out, *output[1:]) if isinstance(output, tuple) else out

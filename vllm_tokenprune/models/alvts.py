@@ -123,6 +123,19 @@ def _routed_class(cls: type) -> type:
 _ROUTED_CLASSES: dict[type, type] = {}
 
 
+def _check_layer(cls: type) -> None:
+    """Only decoder layers whose forward is vLLM's Qwen2 / Llama one (subclasses such as
+    Mistral's included) can be routed: :func:`_routed_forward` repeats its steps."""
+    from vllm.model_executor.models.llama import LlamaDecoderLayer
+    from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+
+    if cls.forward not in (Qwen2DecoderLayer.forward, LlamaDecoderLayer.forward):
+        raise ValueError(
+            f"vllm-tokenprune: 'alvts' cannot route the decoder layers of this language model "
+            f"({cls.__name__}): only vLLM's Qwen2 and Llama decoder layers are supported; remove "
+            "'alvts' from token_prune")
+
+
 def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
     """Refuse, naming the flag, every server setting ``alvts`` cannot serve exactly."""
     from vllm.config import CompilationMode, CUDAGraphMode
@@ -180,9 +193,15 @@ class AlvtsModelMixin:
         options = alvts_options(cfg.options_for(ALVTS))
         runtime = AlvtsRuntime(options)
         layers = self._tp_alvts_layers()
+        if options.first_layer >= len(layers):
+            raise ValueError(
+                f"vllm-tokenprune: token_prune.options.alvts.first_layer = "
+                f"{options.first_layer}, but the language model has {len(layers)} decoder "
+                f"layers: nothing would be routed; choose a value below {len(layers)}")
         for i, layer in enumerate(layers):
             if i < options.first_layer:
                 continue
+            _check_layer(type(layer))
             layer.__class__ = _routed_class(type(layer))
             layer._tp_alvts_runtime = runtime
             layer._tp_alvts_layer = i

@@ -41,6 +41,7 @@ from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune import guard
+from vllm_tokenprune.alvts import is_layerwise
 from vllm_tokenprune.models.model import TokenPruneModelMixin, rows_of
 from vllm_tokenprune.models.positions import row_separator_mask
 from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
@@ -113,6 +114,7 @@ class TokenPruneLlavaNextForConditionalGeneration(
     TokenPruneModelMixin, LlavaNextForConditionalGeneration
 ):
     tp_mrope = False
+    tp_alvts = True  # a Llama / Qwen2 LM; image-newline rows always go through
 
     def _tp_charge(self, p: ItemParams) -> int:
         return p.num_tokens + (p.extra[1] if len(p.extra) > 1 else 0)  # + newline tokens
@@ -146,7 +148,10 @@ class TokenPruneLlavaNextForConditionalGeneration(
                 guard.report_fallback(p.method, guard.LAYOUT, str(e))
                 newlines.append(None)
         if any(nl is None for nl in newlines):
-            return [m if nl is not None or p.num_keep >= p.num_tokens
+            # alvts without a layout: every row goes through every layer
+            return [self._tp_alvts_rows(m, 0, torch.full((m.shape[0],), 2))
+                    if is_layerwise(p.method)
+                    else m if nl is not None or p.num_keep >= p.num_tokens
                     else m.index_select(0, guard.uniform_fallback(
                         m.shape[0], p.num_keep + p.extra[1], m.device))
                     for m, nl, p in zip(merged, newlines, rows, strict=True)]
@@ -154,7 +159,10 @@ class TokenPruneLlavaNextForConditionalGeneration(
         items = self._tp_params(params, [f.shape[0] for f in feats])
         keep = self._tp_select("image", feats, items, text)
         out = []
-        for m, nl, idx in zip(merged, newlines, keep, strict=True):
+        for m, nl, idx, p in zip(merged, newlines, keep, items, strict=True):
+            if is_layerwise(p.method):  # newline rows always go through (role 2)
+                out.append(self._tp_alvts_rows(m, p.num_keep, nl.to(torch.int64) + 1))
+                continue
             if idx is None:
                 out.append(m)
                 continue
