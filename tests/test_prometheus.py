@@ -40,7 +40,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import QWEN25_ARCH, QWEN_SERVER_ARGS
+from tests.conftest import QWEN25_ARCH
 from vllm_tokenprune import num_kept
 from vllm_tokenprune.testing.media import chat_messages, make_image, qwen_image_tokens
 from vllm_tokenprune.testing.server import VLLMServer, free_port, token_prune_overrides
@@ -54,6 +54,14 @@ pytestmark = pytest.mark.server
 
 MODEL_NAME = "tiny-qwen"
 METHODS = ("lrcp", "svd_prune", "divprune", "uniform")
+#: The layer-wise method: drops nothing at the input, counts skipped visual token-layers.
+LAYERWISE = "alvts"
+#: The tiny Qwen2.5-VL's decoder layers, all routed (first_layer 0).
+ROUTED_LAYERS = 2
+#: The stack's server: the shared Qwen server options, with what alvts needs (whole items per
+#: step, so the step budget holds the largest item, 1792 tokens; no prefix caching).
+SERVER_ARGS = ["--dtype", "float32", "--max-num-batched-tokens", "2048", "--seed", "0",
+               "--no-enable-prefix-caching", "--disable-chunked-mm-input"]
 RATIOS = (0.5, 0.75, 0.889)
 SIZES = ((224, 224), (280, 196), (336, 252), (252, 336))
 PROMPT = "Describe this image."
@@ -138,6 +146,7 @@ class Ledger:
     requests: int = 0
     saved_by_usage: Counter = field(default_factory=Counter)  # method -> tokens
     saved_by_count: Counter = field(default_factory=Counter)  # method -> tokens
+    skipped_layers: int = 0  # visual token-layers alvts skipped
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -168,11 +177,13 @@ def stack(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     prom = PrometheusProcess(prom_bin, config, work / "data", logs / "prometheus.log")
     metrics_dir = work / "worker-metrics"
     metrics_dir.mkdir()
-    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=0.5)
+    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=0.5,
+                                      allowed_methods=[*METHODS, LAYERWISE],
+                                      options={LAYERWISE: {"first_layer": 0}})
     try:
         server = VLLMServer(
             tiny_qwen_dir,
-            [*QWEN_SERVER_ARGS, "--served-model-name", MODEL_NAME, "--hf-overrides", overrides],
+            [*SERVER_ARGS, "--served-model-name", MODEL_NAME, "--hf-overrides", overrides],
             port=vllm_port, log_path=logs / "prometheus_qwen.log",
             env={"VLLM_TOKENPRUNE_METRICS_DIR": str(metrics_dir)},
         )
@@ -216,6 +227,20 @@ def send_pair(st: Stack, image: Any, method: str, ratios: tuple[float, ...]) -> 
             st.ledger.saved_by_count[method] += by_count
 
 
+def send_routed(st: Stack, image: Any, ratio: float) -> None:
+    """One alvts request: the prompt keeps every visual token; book the skipped layers."""
+    tokens = qwen_image_tokens(st.model_dir, image)
+    unpruned = chat(st, image, 0.0, "lrcp")
+    assert chat(st, image, ratio, LAYERWISE) == unpruned
+    with st.ledger.lock:
+        st.ledger.requests += 2
+        st.ledger.saved_by_usage[LAYERWISE] += 0
+        st.ledger.saved_by_count[LAYERWISE] += 0
+        st.ledger.saved_by_usage["lrcp"] += 0
+        st.ledger.saved_by_count["lrcp"] += 0
+        st.ledger.skipped_layers += (tokens - num_kept(tokens, ratio)) * ROUTED_LAYERS
+
+
 def scrape(st: Stack) -> dict[str, list[Any]]:
     """The API server's /metrics, parsed by prometheus_client's own parser: name -> samples."""
     text = requests.get(st.server.base_url + "/metrics", timeout=30).text
@@ -255,11 +280,15 @@ def traffic(stack: Stack) -> tuple[float, float]:
     is also seen increasing, as rate() needs). Returns the (start, end) window."""
     for rnd in range(ROUNDS):
         def one(i: int, rnd: int = rnd) -> None:
-            w, h = SIZES[i]
-            send_pair(stack, make_image(w, h, seed=100 * rnd + i), METHODS[i], RATIOS)
+            w, h = SIZES[i % len(SIZES)]
+            image = make_image(w, h, seed=100 * rnd + i)
+            if i < len(METHODS):
+                send_pair(stack, image, METHODS[i], RATIOS)
+            else:
+                send_routed(stack, image, RATIOS[rnd % len(RATIOS)])
 
-        with ThreadPoolExecutor(len(METHODS)) as pool:
-            list(pool.map(one, range(len(METHODS))))
+        with ThreadPoolExecutor(len(METHODS) + 1) as pool:
+            list(pool.map(one, range(len(METHODS) + 1)))
         time.sleep(4 * SCRAPE_S)
     wait_scraped(stack)
     return stack.started, time.time()
@@ -328,7 +357,7 @@ def test_dashboard_filters_by_model_and_method(stack: Stack, traffic: tuple[floa
         match = pd.expand(m.group(1), {"model_name": MODEL_NAME})
         resolved[var["name"]] = set(stack.prom.label_values(m.group(2), match))
     assert resolved["model_name"] == {MODEL_NAME}
-    assert resolved["method"] == set(METHODS)
+    assert resolved["method"] == {*METHODS, LAYERWISE}
     # one method selected: the by-method panels show that method only
     values = dashboard_variables(stack, end - start, method="divprune")
     (panel,) = [p for p in pd.iter_panels(dashboard)
@@ -357,6 +386,10 @@ def test_saved_token_counter_equals_savings_implied_by_responses(
                               f"sum(tokenprune_kept_visual_tokens_total{{{sel}}})"
                        ) == sum(implied.values())
     assert prom_scalar(stack, f"sum(tokenprune_requests_total{{{sel}}})") == ledger.requests
+    # alvts: nothing saved at the input, every skipped visual token-layer counted
+    assert by_method[LAYERWISE] == 0
+    assert prom_scalar(stack, f"sum(tokenprune_skipped_visual_token_layers_total{{{sel}}})"
+                       ) == ledger.skipped_layers > 0
 
 
 def test_dashboard_picture_from_prometheus_data(stack: Stack, traffic: tuple[float, float],
