@@ -398,8 +398,17 @@ def server_args(args: argparse.Namespace, *, evs: bool) -> list[str]:
         common += ["--max-model-len", str(args.max_model_len)]
     if evs:
         return [*common, "--video-pruning-rate", str(args.video_ratio)]
-    overrides = token_prune_overrides(ARCH, method="lrcp", prune_ratio=0.0)
-    return [*common, "--hf-overrides", overrides]
+    if "alvts" not in args.methods:
+        overrides = token_prune_overrides(ARCH, method="lrcp", prune_ratio=0.0)
+        return [*common, "--hf-overrides", overrides]
+    # alvts is served only where named, and keeps each item whole in one prefill step, so a
+    # step must hold the largest item (the presets' largest video: 4011 tokens)
+    from vllm_tokenprune import list_methods
+
+    overrides = token_prune_overrides(ARCH, method="lrcp", prune_ratio=0.0,
+                                      allowed_methods=[*list_methods(), "alvts"])
+    return [*common, "--disable-chunked-mm-input", "--max-num-batched-tokens",
+            str(max(4096, args.max_model_len)), "--hf-overrides", overrides]
 
 
 def command_line(cmd: Sequence[str], env: dict[str, str]) -> str:

@@ -203,8 +203,11 @@ def test_prompt_tokens_unchanged_and_skipped_layers_counted(servers: dict[str, A
     for ratio in (0.0, 0.3, 0.889):
         res = chat(server, media, prune_method="alvts", prune_ratio=ratio)
         assert res.usage.prompt_tokens == unpruned
-        item = res.model_extra[FIELD]["items"][0]
+        field = res.model_extra[FIELD]
+        item = field["items"][0]
         assert (item["tokens"], item["kept"]) == (n, n)  # nothing dropped at the input
+        assert (item["routed_per_layer"], item["routed_layers"]) == (num_kept(n, ratio), layers)
+        assert field["skipped_token_layers"] == (n - num_kept(n, ratio)) * layers
         expected += (n - num_kept(n, ratio)) * layers
     assert scrape_skipped(server) - before == expected
 

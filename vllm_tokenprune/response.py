@@ -15,7 +15,11 @@ A response to a request whose media went through a TokenPrune model carries, nex
 model got, per item (``index``: the item's place among its modality's items in the prompt) and
 summed; ``tokens - kept`` is exactly what pruning took off ``usage.prompt_tokens``. LLaVA-NeXT's
 image-newline tokens are always kept and counted in neither. A request without media (or on a
-model that is not a TokenPrune architecture) gets no ``token_prune`` field.
+model that is not a TokenPrune architecture) gets no ``token_prune`` field. Layer-wise routing
+(``alvts``) drops nothing at the input (``kept`` = ``tokens``); its items also carry
+``routed_per_layer`` (visual tokens that go through each routed layer) and ``routed_layers``,
+and the field ``skipped_token_layers`` (their ``(tokens - routed_per_layer) x routed_layers``,
+summed).
 
 Placement follows vLLM's own extensions of the OpenAI schema: extra top-level fields of the
 response object (vLLM adds ``prompt_logprobs``, ``kv_transfer_params``, ``metrics``), which the
@@ -67,6 +71,7 @@ class RequestDetails:
         self.method: str | None = None
         self.ratios: dict[str, float] = {}
         self.items: list[tuple[str, int, int]] = []  # (modality, tokens, kept)
+        self.routing: dict[str, list[tuple[int, int]]] = {}  # modality -> (through, layers)
 
     def add(self, method: str, items: Iterable[tuple[str, str, int, int]],
             ratios: dict[str, float]) -> None:
@@ -74,22 +79,38 @@ class RequestDetails:
         self.ratios.update(ratios)
         self.items.extend((modality, tokens, kept) for modality, _m, tokens, kept in items)
 
+    def add_routing(self, items: Iterable[tuple[str, str, int, int]], layers: int) -> None:
+        """Layer-wise routed items, in prompt order: (modality, method, tokens, through)."""
+        for modality, _m, _tokens, through in items:
+            self.routing.setdefault(modality, []).append((through, layers))
+
     def to_json(self) -> dict[str, Any] | None:
         if not self.items:
             return None
         seen: dict[str, int] = {}
         items = []
+        routing = {m: list(v) for m, v in self.routing.items()}
+        skipped = 0
         for modality, tokens, kept in self.items:
             index = seen.get(modality, 0)
             seen[modality] = index + 1
-            items.append({"modality": modality, "index": index, "tokens": tokens, "kept": kept})
-        return {
+            item: dict[str, Any] = {"modality": modality, "index": index, "tokens": tokens,
+                                    "kept": kept}
+            if routing.get(modality):
+                through, layers = routing[modality].pop(0)
+                item.update(routed_per_layer=through, routed_layers=layers)
+                skipped += (tokens - through) * layers
+            items.append(item)
+        out: dict[str, Any] = {
             "method": self.method,
             "ratios": dict(self.ratios),
             "tokens": sum(t for _, t, _ in self.items),
             "kept": sum(k for _, _, k in self.items),
             "items": items,
         }
+        if self.routing:
+            out["skipped_token_layers"] = skipped
+        return out
 
 
 _current: contextvars.ContextVar[RequestDetails | None] = contextvars.ContextVar(
@@ -104,6 +125,14 @@ def note_request(method: str, items: Iterable[tuple[str, str, int, int]],
     details = _current.get()
     if details is not None:
         details.add(method, items, ratios)
+
+
+def note_routing(items: Iterable[tuple[str, str, int, int]], layers: int) -> None:
+    """Called by the processor for a prompt's layer-wise routed items (see
+    :meth:`RequestDetails.add_routing`). No-op outside a request."""
+    details = _current.get()
+    if details is not None:
+        details.add_routing(items, layers)
 
 
 # --------------------------------------------------------------------------- context

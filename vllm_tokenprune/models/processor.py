@@ -192,7 +192,9 @@ class TokenPruneProcessorMixin:
             model_name = self.info.ctx.model_config.served_model_name
             metrics.record_request(model_name, method, items, ratios)
             if routed:
-                metrics.record_routing(model_name, routed, self._tp_routed_layers())
+                layers = self._tp_routed_layers()
+                metrics.record_routing(model_name, routed, layers)
+                response.note_routing(routed, layers)
             response.note_request(method, items, ratios)
 
     def _tp_routed_layers(self) -> int:
