@@ -408,7 +408,8 @@ def server_args(args: argparse.Namespace, *, evs: bool) -> list[str]:
     overrides = token_prune_overrides(ARCH, method="lrcp", prune_ratio=0.0,
                                       allowed_methods=[*list_methods(), "alvts"])
     return [*common, "--disable-chunked-mm-input", "--max-num-batched-tokens",
-            str(max(4096, args.max_model_len)), "--hf-overrides", overrides]
+            str(max(4096, args.max_model_len)), "--scheduler-cls",
+            "vllm_tokenprune.scheduler.WholeMediaScheduler", "--hf-overrides", overrides]
 
 
 def command_line(cmd: Sequence[str], env: dict[str, str]) -> str:

@@ -11,6 +11,7 @@ import torch
 from vllm_tokenprune.config import RequestFieldError, parse_config, parse_request_fields
 from vllm_tokenprune.models.alvts import check_alvts_server
 from vllm_tokenprune.models.wire import METHOD_IDS, METHODS_BY_ID, decode_route, encode_route
+from vllm_tokenprune.scheduler import WholeMediaScheduler, whole_media_tokens
 from vllm_tokenprune.scoring import list_methods
 
 
@@ -70,7 +71,8 @@ def _vllm_config(**changes: Any) -> Any:
         compilation_config=SimpleNamespace(mode=CompilationMode.NONE,
                                            cudagraph_mode=CUDAGraphMode.NONE),
         cache_config=SimpleNamespace(enable_prefix_caching=False),
-        scheduler_config=SimpleNamespace(disable_chunked_mm_input=True),
+        scheduler_config=SimpleNamespace(disable_chunked_mm_input=True, async_scheduling=False,
+                                         get_scheduler_cls=lambda: WholeMediaScheduler),
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
         quant_config=None,
     )
@@ -95,10 +97,21 @@ def _flags() -> list[tuple[dict[str, Any], str]]:
         ({"parallel_config.tensor_parallel_size": 2}, "--tensor-parallel-size 1"),
         ({"parallel_config.pipeline_parallel_size": 2}, "--pipeline-parallel-size 1"),
         ({"quant_config": object()}, "--quantization"),
+        ({"scheduler_config.get_scheduler_cls": _vllm_scheduler},
+         "--scheduler-cls vllm_tokenprune.scheduler.WholeMediaScheduler"),
+        ({"scheduler_config.get_scheduler_cls": _vllm_scheduler,
+          "scheduler_config.async_scheduling": True},
+         "--scheduler-cls vllm_tokenprune.scheduler.WholeMediaAsyncScheduler"),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+def _vllm_scheduler() -> type:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    return Scheduler
+
+
+@pytest.mark.parametrize("case", range(9))
 def test_each_unsupported_setting_is_refused_naming_its_flag(case: int) -> None:
     changes, flag = _flags()[case]
     with pytest.raises(ValueError, match="token_prune enables 'alvts'") as e:
@@ -119,7 +132,25 @@ def test_families_without_alvts_refuse() -> None:
         TokenPruneLlavaForConditionalGeneration, TokenPruneLlavaNextForConditionalGeneration,
         TokenPruneQwen3VLForConditionalGeneration)}
     assert [c.__name__ for c, ok in served.items() if not ok] == [
-        "TokenPruneLlavaNextForConditionalGeneration", "TokenPruneQwen3VLForConditionalGeneration"]
+        "TokenPruneQwen3VLForConditionalGeneration"]
     with pytest.raises(ValueError, match="TokenPruneQwen3VLForConditionalGeneration does not "
                                          "support"):
         check_alvts_server(_vllm_config(), "TokenPruneQwen3VLForConditionalGeneration", False)
+
+
+def _items(*spans: tuple[int, int]) -> list[Any]:
+    return [SimpleNamespace(mm_position=SimpleNamespace(offset=o, length=n)) for o, n in spans]
+
+
+@pytest.mark.parametrize("computed,new,expected", [
+    (0, 100, 55),    # text 0-4, the item 5-52 fits, the second (55-102) would be cut: stop
+    (0, 104, 104),   # both whole
+    (0, 40, 5),      # the first would be cut: stop before it
+    (5, 30, 0),      # a step starting exactly at an item it cannot finish schedules nothing
+                     # (vLLM's own rule, num_computed < start, lets this one through)
+    (5, 48, 48),     # exactly the item
+    (53, 10, 2),     # text 53-54, then stop before the second item
+    (20, 10, 10),    # inside an item already started (prefix-cache hit): left to vLLM
+])
+def test_whole_media_tokens(computed: int, new: int, expected: int) -> None:
+    assert whole_media_tokens(_items((55, 48), (5, 48)), computed, new) == expected

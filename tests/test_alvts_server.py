@@ -41,7 +41,8 @@ LLAVA_ARCH = "TokenPruneLlavaForConditionalGeneration"
 LLAVA_NEXT_ARCH = "TokenPruneLlavaNextForConditionalGeneration"
 #: What ``alvts`` needs from the server (it refuses to start without them; --enforce-eager is in
 #: every test server's arguments).
-ALVTS_FLAGS = ["--no-enable-prefix-caching", "--disable-chunked-mm-input"]
+ALVTS_FLAGS = ["--no-enable-prefix-caching", "--disable-chunked-mm-input",
+               "--scheduler-cls", "vllm_tokenprune.scheduler.WholeMediaScheduler"]
 #: A token budget per step that holds the largest item (vLLM refuses to start otherwise under
 #: --disable-chunked-mm-input) but not a prompt with two images: such prompts are split
 #: across prefill steps. Qwen's largest item is capped at 64 tokens (max_pixels) for that; the
@@ -155,6 +156,12 @@ def scrape_skipped(server: VLLMServer) -> float:
     return total
 
 
+def partial_items(server: VLLMServer) -> float:
+    text = requests.get(server.base_url + "/metrics", timeout=30).text
+    return sum(float(m.group(1)) for m in re.finditer(
+        r'tokenprune_scorer_fallbacks_total\{[^}]*reason="partial_item"[^}]*\} (\S+)', text))
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -213,8 +220,10 @@ def test_prompt_tokens_unchanged_and_skipped_layers_counted(servers: dict[str, A
 
 
 def test_routing_does_not_depend_on_batching_or_chunking(servers: dict[str, Any]) -> None:
-    """12 mixed requests served one at a time, then all at once (16 in flight with 4 more);
-    two-image prompts exceed the step budget, so their prefill spans steps."""
+    """12 mixed requests served one at a time, then all at once (16 in flight with 4 more),
+    with exact prompt-token accounting; two-image prompts exceed the step budget, so their
+    prefill spans steps (an item itself is never split: --disable-chunked-mm-input), and every
+    routed one equals the reference computed in one forward."""
     server = servers["qwen"]
     cases = []
     for i in range(12):
@@ -239,12 +248,23 @@ def test_routing_does_not_depend_on_batching_or_chunking(servers: dict[str, Any]
             assert set(ta) == set(tb), (i, step)
             for t in ta:
                 assert tb[t] == pytest.approx(ta[t], abs=BATCH_TOL), (i, step, cases[i][1])
-    # and the split two-image prompts are the reference's (computed in one forward)
-    media, extra, text = cases[0]
-    assert len(media) == 2 and extra["prune_method"] == "alvts"
-    ref, _ = reference(servers["qwen_dir"], "qwen", media, extra["prune_ratio"], text)
-    for t, logprob in top(alone[0]).items():
-        assert logprob == pytest.approx(float(ref[t]), abs=LOGPROB_TOL)
+    # no routed item ever arrived split across steps (the worker would not route it)
+    assert partial_items(server) == 0
+    n = 48  # visual tokens of a 224x168 image
+    for i, (media, extra, text) in enumerate(cases):
+        # exact accounting: alvts keeps every token, input-side methods drop N - k per image
+        unpruned = chat(servers["qwen_plain"], media, text=text).usage.prompt_tokens
+        dropped = 0 if extra["prune_method"] == "alvts" else \
+            len(media) * (n - num_kept(n, extra["prune_ratio"]))
+        assert alone[i].usage.prompt_tokens == together[i].usage.prompt_tokens \
+            == unpruned - dropped, extra
+        if extra["prune_method"] != "alvts":
+            continue
+        # the routed requests are the reference's (one forward over the whole prompt; the
+        # two-image ones were split across prefill steps by the server)
+        ref, _ = reference(servers["qwen_dir"], "qwen", media, extra["prune_ratio"], text)
+        for t, logprob in top(alone[i]).items():
+            assert logprob == pytest.approx(float(ref[t]), abs=LOGPROB_TOL), (i, extra)
 
 
 def test_an_image_routed_at_one_ratio_is_not_reused_for_another(

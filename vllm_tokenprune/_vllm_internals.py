@@ -378,6 +378,23 @@ INTERNALS: tuple[Internal, ...] = (
              "with disable_chunked_mm_input an item is scheduled whole in one step: why the "
              "selector sees every token of the item", "stays",
              _uses("disable_chunked_mm_input")),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler", "class (subclassed)", "scheduler.py",
+             "WholeMediaScheduler overrides _try_schedule_encoder_inputs to keep every media "
+             "item whole in one step (vLLM's rollback misses an item starting exactly at the "
+             "step start)", "vLLM's disable_chunked_mm_input rule includes that boundary",
+             lambda cls: None if callable(getattr(cls, "_try_schedule_encoder_inputs", None))
+             and _params("request", "num_computed_tokens", "num_new_tokens",
+                         "encoder_compute_budget", "shift_computed_tokens")(
+                 cls._try_schedule_encoder_inputs) is None
+             else "no _try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens, "
+                  "encoder_compute_budget, shift_computed_tokens)"),
+    Internal("vllm.v1.core.sched.async_scheduler:AsyncScheduler", "class (subclassed)",
+             "scheduler.py", "WholeMediaAsyncScheduler: the same rule under async scheduling",
+             "as above", lambda cls: None if issubclass(cls, resolve(
+                 "vllm.v1.core.sched.scheduler:Scheduler")) else "not a Scheduler subclass"),
+    Internal("vllm.config.scheduler:SchedulerConfig.get_scheduler_cls", "method",
+             "models/alvts.py (check_alvts_server)", "the scheduler class the engine builds "
+             "(--scheduler-cls, or vLLM's default)", "stays"),
     Internal("vllm.v1.core.encoder_cache_manager:compute_mm_encoder_budget", "function",
              "docs/alvts.md", "refuses to start when an item exceeds --max-num-batched-tokens "
              "under disable_chunked_mm_input (else it could never be scheduled)", "stays",

@@ -164,8 +164,10 @@ def classify(exc: BaseException) -> str:
     return NON_FINITE if "NaN or Inf" in str(exc) else SCORER_ERROR
 
 
-def report_fallback(method: str, reason: str, detail: str) -> None:
-    """Log (once per reason) and count one item served by the fallback."""
+def report_fallback(method: str, reason: str, detail: str,
+                    served: str = "it keeps a uniform subset of its tokens") -> None:
+    """Log (once per reason) and count one item served by the fallback (``served``: what
+    happens to the item instead)."""
     from vllm_tokenprune import metrics
 
     with _lock:
@@ -173,9 +175,9 @@ def report_fallback(method: str, reason: str, detail: str) -> None:
         _warned.add(reason)
     if first:
         logger.warning(
-            "vllm-tokenprune: a media item could not be pruned with %s (%s: %s); it keeps a "
-            "uniform subset of its tokens. Further %s fallbacks are counted in "
-            "tokenprune_scorer_fallbacks_total without logging.", method, reason, detail, reason)
+            "vllm-tokenprune: a media item could not be pruned with %s (%s: %s); %s. Further "
+            "%s fallbacks are counted in tokenprune_scorer_fallbacks_total without logging.",
+            method, reason, detail, served, reason)
     metrics.record_fallback(method, reason)
 
 

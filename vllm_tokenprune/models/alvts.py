@@ -157,9 +157,18 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
     if vllm_config.cache_config.enable_prefix_caching:
         refuse("must see all of an item's tokens in one step, and a prefix-cache hit can end "
                "inside an image: start the server with --no-enable-prefix-caching")
-    if not vllm_config.scheduler_config.disable_chunked_mm_input:
+    scheduler = vllm_config.scheduler_config
+    if not scheduler.disable_chunked_mm_input:
         refuse("must see all of an item's tokens in one step (routing must not depend on how "
                "the scheduler chunks a prompt): start the server with --disable-chunked-mm-input")
+    from vllm_tokenprune.scheduler import WholeMediaMixin, scheduler_cls_name
+
+    cls = scheduler.get_scheduler_cls()
+    if not (isinstance(cls, type) and issubclass(cls, WholeMediaMixin)):
+        name = scheduler_cls_name(bool(getattr(scheduler, "async_scheduling", False)))
+        refuse("must see all of an item's tokens in one step, and vLLM's scheduler can still "
+               "split an item that starts exactly where a step ends: start the server with "
+               f"--scheduler-cls {name}")
     parallel = vllm_config.parallel_config
     for flag, size in (("--tensor-parallel-size", parallel.tensor_parallel_size),
                        ("--pipeline-parallel-size", parallel.pipeline_parallel_size)):
@@ -275,8 +284,9 @@ class AlvtsModelMixin:
                     torch.equal(index[scored], torch.arange(n)))
                 if not whole:
                     guard.report_fallback(ALVTS, PARTIAL_ITEM,
-                                          "an alvts item arrived split across steps; its "
-                                          "tokens go through every layer")
+                                          "an item arrived split across prefill steps (is "
+                                          "the server's --scheduler-cls a WholeMedia one?)",
+                                          "its tokens go through every layer (not routed)")
                 elif k < n:
                     items.append(RoutedItem(rows, k))
                 out.append(e[:, :width])
