@@ -60,6 +60,7 @@ _item_text_ids: contextvars.ContextVar[dict[str, list[tuple[int, ...]]] | None] 
 _missing_items: contextvars.ContextVar[dict[str, list[int]] | None] = contextvars.ContextVar(
     "tokenprune_missing_items", default=None)
 
+
 def _uses_text(method: str) -> bool:
     """Whether ``method``'s selection reads the prompt's text (layer-wise methods: no)."""
     return not is_layerwise(method) and get_method(method).uses_text
