@@ -50,6 +50,8 @@ SCORER_ERROR = "scorer_error"
 COUNT_MISMATCH = "count_mismatch"
 LAYOUT = "layout"
 POSITION_OVERFLOW = "position_overflow"
+#: An ``alvts`` item arrived in a step without all of its rows (served unrouted).
+PARTIAL_ITEM = "partial_item"
 #: Method name of items the model side serves by the fallback without scoring.
 FALLBACK_METHOD = "-fallback-"
 

@@ -33,10 +33,6 @@ from vllm_tokenprune.models.wire import ROUTE_CHANNELS, decode_route, encode_rou
 
 logger = init_logger(__name__)
 
-#: Fallback reason: an ``alvts`` item arrived in a step without all of its rows.
-PARTIAL_ITEM = "partial_item"
-
-
 @dataclass
 class RoutedItem:
     """One item of this step: its scored rows in the flattened batch and its count ``k``."""
@@ -283,7 +279,7 @@ class AlvtsModelMixin:
                 whole = int(scored.sum()) == n and bool(
                     torch.equal(index[scored], torch.arange(n)))
                 if not whole:
-                    guard.report_fallback(ALVTS, PARTIAL_ITEM,
+                    guard.report_fallback(ALVTS, guard.PARTIAL_ITEM,
                                           "an item arrived split across prefill steps (is "
                                           "the server's --scheduler-cls a WholeMedia one?)",
                                           "its tokens go through every layer (not routed)")
