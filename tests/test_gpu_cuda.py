@@ -10,9 +10,9 @@ device; run them with ``pytest -m gpu`` on a GPU machine, docs/gpu.md). No vLLM,
   importance, the blended scores and the routing decisions over several layers match.
 
 Written where no GPU was available: these tests have never run (docs/gpu.md lists them).
-Selections are compared exactly: features are random, so the score gap at the k-th token is
-orders of magnitude larger than CPU/CUDA rounding differences; a failure names the method and
-how many of the kept tokens differ.
+Selections are compared exactly, with TF32 off: features are random, so the score gap at the
+k-th token is orders of magnitude larger than CPU/CUDA rounding differences; a failure names
+the method and how many of the kept tokens differ.
 """
 
 from __future__ import annotations
@@ -30,6 +30,16 @@ pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
 METHODS = list_methods()
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+    """CPU/CUDA equality is checked with full float32 matmuls: with TF32 on, near-ties may
+    resolve differently from the CPU (docs/scorers.md)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
 
 
 def _feats(n: int, d: int, seed: int) -> torch.Tensor:
