@@ -6,6 +6,8 @@ it relies on vLLM classes, private hooks and runner behaviour. :data:`INTERNALS`
 them, like vllm-ascend's patch inventory: where the plugin uses it, why, and what would let it
 go. ``tests/test_vllm_internals.py`` resolves every entry against the installed vLLM (seconds,
 no server), so an upgrade that renames or drops one fails there first.
+``scripts/check_vllm_source.py`` checks the same entries against a release that is not installed
+(the GPU wheel), by reading its source; results in ``docs/vllm-versions.md``.
 
 Start-up checks (run where the plugin is loaded or the model is built; each refuses the
 configuration with a message naming what to change, never serves approximate output):
