@@ -13,6 +13,21 @@ from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 
 QWEN25_ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need a CUDA device: skipped cleanly without one (docs/gpu.md)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs a CUDA device (run `pytest -m gpu` on a GPU "
+                            "machine, docs/gpu.md)")
+    for item in gpu:
+        item.add_marker(skip)
+
 #: Server options shared by the Qwen2.5-VL servers. A small token budget per step makes vLLM's
 #: chunked prefill split prompts (and images) across steps, so every request exercises it.
 QWEN_SERVER_ARGS = ["--dtype", "float32", "--max-num-batched-tokens", "96", "--seed", "0"]

@@ -474,6 +474,24 @@ def test_gpu_dockerfile_builds_on_the_official_vllm_image():
     assert not any(c.cmd in ("ENTRYPOINT", "CMD") for c in cmds)  # keeps `vllm serve`
 
 
+def test_gpu_image_pins_the_vllm_release_that_was_checked():
+    """The base image's tag is one exact release, the one docs/vllm-versions.md checked every
+    vLLM internal against (scripts/check_vllm_source.py), and the build asserts the image's vLLM
+    is that release."""
+    cmds = parse_dockerfile(ROOT / "docker" / "Dockerfile")
+    pins = [c.value[0] for c in cmds if c.cmd == "ARG" and c.value[0].startswith("VLLM_VERSION=")]
+    assert pins and re.fullmatch(r"VLLM_VERSION=v\d+\.\d+\.\d+", pins[0]), pins
+    version = pins[0].split("=v", 1)[1]
+    doc = (ROOT / "docs" / "vllm-versions.md").read_text()
+    assert f"<!-- check_vllm_source: begin {version} -->" in doc, (
+        f"docker/Dockerfile builds on vLLM {version}, which docs/vllm-versions.md has not "
+        f"checked: python scripts/check_vllm_source.py --version {version} --write-doc "
+        "docs/vllm-versions.md")
+    runs = " ".join(c.value[0] for c in cmds if c.cmd == "RUN")
+    assert "vllm.__version__.split('+')[0] == '${VLLM_VERSION#v}'" in runs
+    assert any(c.cmd == "ARG" and c.value[0] == "VLLM_VERSION" for c in cmds)  # after FROM
+
+
 def test_cpu_dockerfile_mirrors_the_cpu_setup_script():
     cmds = parse_dockerfile(ROOT / "docker" / "Dockerfile.cpu")
     setup = (ROOT / "scripts" / "setup-cpu.sh").read_text()

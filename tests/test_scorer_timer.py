@@ -79,6 +79,7 @@ def test_module_entry_point_feeds_the_worker_histogram(monkeypatch):
     assert seen.rows and seen.rows[0][:2] == ("lrcp", "image")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_events_no_sync_and_close_to_synchronised_time():
     dev = torch.device("cuda")

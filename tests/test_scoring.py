@@ -376,6 +376,7 @@ def test_lrcp_rank_energy_and_subsample_options():
     assert select_tokens(x, 5, "lrcp", rank=32).tolist() == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_same_device_and_no_sync(method):

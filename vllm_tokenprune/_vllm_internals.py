@@ -6,6 +6,8 @@ it relies on vLLM classes, private hooks and runner behaviour. :data:`INTERNALS`
 them, like vllm-ascend's patch inventory: where the plugin uses it, why, and what would let it
 go. ``tests/test_vllm_internals.py`` resolves every entry against the installed vLLM (seconds,
 no server), so an upgrade that renames or drops one fails there first.
+``scripts/check_vllm_source.py`` checks the same entries against a release that is not installed
+(the GPU wheel), by reading its source; results in ``docs/vllm-versions.md``.
 
 Start-up checks (run where the plugin is loaded or the model is built; each refuses the
 configuration with a message naming what to change, never serves approximate output):
@@ -40,17 +42,45 @@ ALLOW_UNSUPPORTED_ENV = "VLLM_TOKENPRUNE_ALLOW_UNSUPPORTED_VLLM"
 PRETEND_VERSION_ENV = "VLLM_TOKENPRUNE_PRETEND_VLLM_VERSION"
 
 
+#: A contract on a resolved internal: a problem, or None.
+Check = Callable[[Any], str | None]
+
+#: How ``scripts/check_vllm_source.py`` compares an entry between two vLLM versions, reading
+#: their sources (``ast``, nothing imported):
+#:
+#: * ``code``: the definition's normalised AST (docstrings stripped): the plugin depends on what
+#:   it does (it repeats, overrides, wraps or reads the result of that code);
+#: * ``signature``: parameter names, kinds and defaults: the plugin only calls it;
+#: * ``members``: a class's member names and its methods' signatures: the plugin subclasses it,
+#:   reads its fields or passes instances on;
+#: * ``presence``: that it still exists (with the entry's ``check``).
+COMPARISONS = ("code", "signature", "members", "presence")
+_DEFAULT_COMPARISON = {
+    "class": "members", "dataclass": "members", "class (subclassed)": "members",
+    "object": "presence", "enum": "presence", "config field": "presence",
+    "function": "signature", "method": "signature", "wrapped module global": "signature",
+}
+
+
 @dataclass(frozen=True)
 class Internal:
     """One vLLM internal. ``target``: ``"module"`` or ``"module:Qual.name"``; ``check``: an
-    extra contract on the resolved object (returns a problem, or None)."""
+    extra contract on the resolved object (returns a problem, or None; the helpers below also
+    carry it as data, ``check.spec``, so it can be checked by reading source); ``compare``:
+    one of :data:`COMPARISONS` (default by ``kind``, ``code`` for hooks, runner, scheduler and
+    layer contracts)."""
 
     target: str
     kind: str
     used_by: str
     why: str
     until: str
-    check: Callable[[Any], str | None] | None = None
+    check: Check | None = None
+    compare: str = ""
+
+    @property
+    def comparison(self) -> str:
+        return self.compare or _DEFAULT_COMPARISON.get(self.kind, "code")
 
 
 def code_names(fn: Any) -> set[str]:
@@ -66,30 +96,58 @@ def code_names(fn: Any) -> set[str]:
     return names
 
 
-def _uses(*names: str) -> Callable[[Any], str | None]:
+def _spec(check: Any, *spec: Any) -> Check:
+    check.spec = spec  # what scripts/check_vllm_source.py checks statically
+    return check
+
+
+def _uses(*names: str) -> Check:
+    """The function's code uses these global / attribute names (``co_names``)."""
     def check(obj: Any) -> str | None:
         missing = [n for n in names if n not in code_names(obj)]
         return f"no longer uses {', '.join(missing)}" if missing else None
 
-    return check
+    return _spec(check, "uses", names)
 
 
-def _params(*names: str) -> Callable[[Any], str | None]:
+def _params(*names: str) -> Check:
+    """The callable (a class: its constructor) takes parameters with these names."""
     def check(obj: Any) -> str | None:
         got = list(inspect.signature(obj).parameters)
         missing = [n for n in names if n not in got]
         return f"signature {got} lacks {missing}" if missing else None
 
-    return check
+    return _spec(check, "params", names)
 
 
-def _has_field(*names: str) -> Callable[[Any], str | None]:
+def _has_field(*names: str) -> Check:
+    """The class or object has these fields or attributes."""
     def check(obj: Any) -> str | None:
         fields = getattr(obj, "__dataclass_fields__", None) or {}
         missing = [n for n in names if n not in fields and not hasattr(obj, n)]
         return f"lacks {missing}" if missing else None
 
-    return check
+    return _spec(check, "has", names)
+
+
+def _method_params(method: str, *names: str) -> Check:
+    """The class has ``method`` taking parameters with these names."""
+    def check(cls: Any) -> str | None:
+        fn = getattr(cls, method, None)
+        if not callable(fn):
+            return f"no {method}"
+        problem = _params(*names)(fn)
+        return f"{method}: {problem}" if problem else None
+
+    return _spec(check, "method_params", (method, *names))
+
+
+def _subclass_of(target: str) -> Check:
+    """The class derives from the class at ``target``."""
+    def check(cls: Any) -> str | None:
+        return None if issubclass(cls, resolve(target)) else f"not a subclass of {target}"
+
+    return _spec(check, "subclass_of", (target,))
 
 
 _MODELS = "vllm.model_executor.models"
@@ -127,7 +185,7 @@ INTERNALS: tuple[Internal, ...] = (
       }.items() for cls in classes),
     Internal(f"{_MODELS}.vision:get_num_selected_vision_tokens", "function",
              "models/llava_next.py", "base-image token count of an anyres layout",
-             "LLaVA-NeXT's processor exposes the layout"),
+             "LLaVA-NeXT's processor exposes the layout", compare="code"),
     Internal(f"{_MODELS}.llava_next:LlavaNextProcessingInfo._get_num_unpadded_features",
              "private method", "models/llava_next.py",
              "tile rows and image-newline count of an anyres image (where newlines sit)",
@@ -137,7 +195,7 @@ INTERNALS: tuple[Internal, ...] = (
              "models/qwen3_vl.py", "the unpruned token layout of a video (timestamps, frames)",
              "stays while Qwen3-VL video is pruned as one span",
              _params("tokens_per_frame", "timestamps", "tokenizer", "vision_start_token_id",
-                     "vision_end_token_id", "video_token_id")),
+                     "vision_end_token_id", "video_token_id"), compare="code"),
     Internal(f"{_MODELS}.qwen3_vl:Qwen3VLForConditionalGeneration.__init__", "attributes",
              "models/qwen3_vl.py", "visual_dim / multiscale_dim split main from deepstack "
              "columns; _tokenizer renders timestamps", "same",
@@ -195,7 +253,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(f"{_MODELS}.interfaces:supports_multimodal_pruning", "function",
              "models/_qwen.py (class flag supports_multimodal_pruning)",
              "the runners call recompute_mrope_positions only for models passing it; vLLM's "
-             "Qwen2-VL does not declare it, so the family mixin does", "stays (interface)"),
+             "Qwen2-VL does not declare it, so the family mixin does", "stays (interface)",
+             compare="code"),
     # -- processor hooks (private)
     *(Internal(f"{_PROC}.{meth}", "processor hook", "models/processor.py", why, _UNTIL_API, chk)
       for meth, why, chk in (
@@ -286,6 +345,17 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.worker.gpu.model_states.default:DefaultModelState.__init__",
              "runner contract (V2)", "check_mrope_runner", "where V2 builds the pruner",
              "stays while V2 prunes this way", _uses("maybe_create_mm_pruner")),
+    Internal("vllm.v1.worker.gpu.model_states.default:DefaultModelState.prepare_inputs_embeds",
+             "runner contract (V2)", "models/_qwen.py, models/alvts.py",
+             "V2's step: execute_mm_encoder (embed_multimodal, where items are pruned), then "
+             "the pruner's recompute (recompute_mrope_positions strips the position channels), "
+             "then get_inputs_embeds (embed_input_ids strips the route channels) on the "
+             "unpadded rows", "stays while V2 prunes this way",
+             _uses("execute_mm_encoder", "recompute", "get_inputs_embeds")),
+    Internal("vllm.v1.worker.gpu.mm.encoder_runner:EncoderRunner.execute_mm_encoder",
+             "runner contract (V2)", "models/_qwen.py, models/llava.py",
+             "runs the model's embed_multimodal on each encoder batch the scheduler chose",
+             "stays", _uses("embed_multimodal")),
     Internal("vllm.v1.worker.gpu.mm.rope:RopeState.init_prefill_positions",
              "runner contract (V2)", "models/_qwen.py",
              "V2 calls get_mrope_input_positions with the prefill token ids", "stays",
@@ -298,13 +368,13 @@ INTERNALS: tuple[Internal, ...] = (
              "charges an item its (pruned) placeholder embeds against the encoder budget: why "
              "vision-tower calls are split to the profiled batch",
              "vLLM charges unpruned counts", _uses("get_num_embeds")),
-    Internal("vllm.multimodal.encoder_budget:MultiModalBudget.__init__", "class",
+    Internal("vllm.multimodal.encoder_budget:MultiModalBudget.__init__", "attributes",
              "guard.profiled_encoder_tokens", "the profiled encoder batch, as profile_run "
              "computes it", "vLLM exposes the profiled budget to models",
              _uses("mm_max_items_per_batch", "mm_max_toks_per_item")),
     Internal("vllm.multimodal.encoder_budget:MultiModalBudget.get_modality_with_max_tokens",
              "method", "guard.profiled_encoder_tokens", "the modality profile_run uses",
-             "vLLM exposes the profiled budget to models"),
+             "vLLM exposes the profiled budget to models", compare="code"),
     Internal(f"{_V1}.profile_run", "runner contract (V1)", "models/encoder_budget.py",
              "profiles the encoder with one embed_multimodal call on the dummy batch, where the "
              "scorer sweep runs", "stays", _uses("embed_multimodal")),
@@ -316,14 +386,15 @@ INTERNALS: tuple[Internal, ...] = (
              "method", "models/processor.py (_tp_check_item)",
              "the largest profiled item: a pruned item above it gets a 400 (vLLM's own check "
              "sees only the kept count)", "vLLM bounds items by their unpruned size",
-             _params("seq_len", "mm_counts")),
+             _params("seq_len", "mm_counts"), compare="code"),
     Internal("vllm.utils.tensor_schema:TensorSchema", "class", "guard.slice_items",
              "sub-batches are shallow copies of the parsed input with sliced attributes",
              "vLLM splits encoder batches itself"),
     Internal("vllm.config.compilation:CompilationConfig", "mutated flag",
              "models/model.py (_tp_disable_encoder_cudagraphs)",
              "cudagraph_mm_encoder cleared: the encoder graph path bypasses embed_multimodal",
-             "the graph path calls a pruning hook", _has_field("cudagraph_mm_encoder")),
+             "the graph path calls a pruning hook", _has_field("cudagraph_mm_encoder"),
+             compare="presence"),
     Internal(f"{_V1}._create_encoder_cudagraph_manager", "runner contract (V1)",
              "models/model.py", "reads cudagraph_mm_encoder after the model is built",
              "the graph path calls a pruning hook", _uses("cudagraph_mm_encoder")),
@@ -360,6 +431,15 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.model_executor.layers.layernorm:RMSNorm.__init__", "attributes",
              "models/alvts.py", "the input norm's gamma (weight) and variance_epsilon are "
              "folded into the factors", "stays", _uses("variance_epsilon")),
+    *(Internal(f"vllm.model_executor.layers.layernorm:RMSNorm.{meth}",
+               "model method (layer contract)", "models/alvts.py (_routed_forward)",
+               "norm(x, residual) returns (normed x + residual, x + residual) and may update "
+               f"the residual in place ({where}): the skipped rows' entering stream is copied "
+               "before the post-attention norm", "vLLM offers a per-token layer-skip hook",
+               _uses(*names))
+      for meth, where, names in (
+          ("forward_native", "CPU, and CUDA through forward_cuda", ("fused_add_rms_norm",)),
+          ("forward_cuda", "CUDA", ("forward_native",)))),
     Internal("vllm.model_executor.model_loader.base_loader:BaseModelLoader.load_model",
              "loader contract", "models/alvts.py (load_weights)",
              "model.load_weights runs before process_weights_after_loading, which on CPU "
@@ -382,23 +462,19 @@ INTERNALS: tuple[Internal, ...] = (
              "WholeMediaScheduler overrides _try_schedule_encoder_inputs to keep every media "
              "item whole in one step (vLLM's rollback misses an item starting exactly at the "
              "step start)", "vLLM's disable_chunked_mm_input rule includes that boundary",
-             lambda cls: None if callable(getattr(cls, "_try_schedule_encoder_inputs", None))
-             and _params("request", "num_computed_tokens", "num_new_tokens",
-                         "encoder_compute_budget", "shift_computed_tokens")(
-                 cls._try_schedule_encoder_inputs) is None
-             else "no _try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens, "
-                  "encoder_compute_budget, shift_computed_tokens)"),
+             _method_params("_try_schedule_encoder_inputs", "request", "num_computed_tokens",
+                            "num_new_tokens", "encoder_compute_budget",
+                            "shift_computed_tokens")),
     Internal("vllm.v1.core.sched.async_scheduler:AsyncScheduler", "class (subclassed)",
              "scheduler.py", "WholeMediaAsyncScheduler: the same rule under async scheduling",
-             "as above", lambda cls: None if issubclass(cls, resolve(
-                 "vllm.v1.core.sched.scheduler:Scheduler")) else "not a Scheduler subclass"),
+             "as above", _subclass_of("vllm.v1.core.sched.scheduler:Scheduler")),
     Internal("vllm.config.scheduler:SchedulerConfig.get_scheduler_cls", "method",
              "models/alvts.py (check_alvts_server)", "the scheduler class the engine builds "
-             "(--scheduler-cls, or vLLM's default)", "stays"),
+             "(--scheduler-cls, or vLLM's default)", "stays", compare="code"),
     Internal("vllm.v1.core.encoder_cache_manager:compute_mm_encoder_budget", "function",
              "docs/alvts.md", "refuses to start when an item exceeds --max-num-batched-tokens "
              "under disable_chunked_mm_input (else it could never be scheduled)", "stays",
-             _uses("disable_chunked_mm_input")),
+             _uses("disable_chunked_mm_input"), compare="code"),
     Internal("vllm.config.compilation:CompilationConfig", "config field",
              "models/alvts.py (check_alvts_server)", "alvts needs mode NONE and no CUDA graphs",
              "stays", _has_field("mode", "cudagraph_mode")),
