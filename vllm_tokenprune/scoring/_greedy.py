@@ -26,14 +26,15 @@ Cost per step: one ``(N, s)`` mat-vec plus ``O(t s)`` for the orthogonalisation;
 batch advance together (one loop over steps, batched ops over items); no host synchronisation in
 the loop (indices stay on the device as tensors).
 
-Launches: a step is about 28 kernel-launching operators (5 mat-vecs, the Gram-Schmidt updates,
-the normalisation, the residual update, the restart test, the argmax), and that is close to the
-floor for these exact numbers: each of them rounds differently, and no fused torch operator
-(``addmv``, ``baddbmm``, ``addcmul`` with a product, ``bmm`` for ``mv``) reproduces two of them
-bit for bit (measured; see ``docs/scorers.md``). So on CUDA the whole loop is captured once per
-input shape and replayed as one CUDA graph (:mod:`._graphs`): the same kernels, so the same picks,
-without a launch per operator. On the CPU it runs eagerly; a single item runs on plain 2-D tensors
-(no batch views), a batch with one ``mv`` per item (faster there than ``bmm`` with a vector).
+Launches: an eager step issues 28 kernel-launching operators (5 mat-vecs, the Gram-Schmidt
+updates, the normalisation, the residual update, the restart test, the argmax). Identical picks
+need at least 16 of them: 13-14 distinct roundings, the argmax and the row gather, since no fused
+torch operator (``addmv``, ``baddbmm``, ``addcmul`` with a product, ``bmm`` for ``mv``) reproduces
+two of the roundings bit for bit (measured; see ``docs/scorers.md``). So on CUDA the whole loop is
+captured once per input shape and replayed as one CUDA graph (:mod:`._graphs`): the same kernels,
+so the same picks, without a launch per operator. On the CPU it runs eagerly; a single item runs
+on plain 2-D tensors (no batch views), a batch with one ``mv`` per item (faster there than ``bmm``
+with a vector).
 Worker process (wherever the scorers run); pure torch.
 """
 
