@@ -6,6 +6,9 @@ operators per greedy step, ``(ops(k) - ops(k // 2)) / (k - k // 2)``, so set-up 
 * CPU (eager loops): bounded at what issue 17 left. Twelve per step is not reachable eagerly with
   the pinned picks: a step has 13 to 14 distinct roundings plus an argmax and a row gather, and no
   fused torch operator reproduces two of them bit for bit (``docs/scorers.md``).
+* The caching policy of ``_graphs.run_graphed`` on the CPU, with a stand-in for the captured graph
+  that runs the loop (capture on the second sighting, replay after, memory budget, eviction, a
+  failed capture turning graphs off); the capture itself needs CUDA.
 * CUDA (skipped without a GPU): the loop is replayed from a captured CUDA graph once its shape
   repeats, so a step issues no operator at all (at most 12 allowed), the picks equal the eager
   loop's on the same GPU, and a replay does not synchronise with the host.
@@ -20,8 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_tokenprune.scoring import select_tokens_batch
-from vllm_tokenprune.scoring._graphs import GRAPHS_ENV, clear_graphs, graph_count
+from vllm_tokenprune.scoring import _graphs, select_tokens_batch
+from vllm_tokenprune.scoring._graphs import GRAPH_MB_ENV, GRAPHS_ENV, clear_graphs, graph_count
+from vllm_tokenprune.scoring._greedy import residual_greedy
 
 _spec = importlib.util.spec_from_file_location(
     "count_ops", Path(__file__).resolve().parents[1] / "benchmarks" / "count_ops.py"
@@ -86,3 +90,61 @@ def test_cuda_graph_replay(monkeypatch, method, batch):
     eager = select_tokens_batch(feats, ks, method, text_embeds=text)
     for a, b in zip(replayed, eager, strict=True):
         assert torch.equal(a, b)
+
+
+class _FakeGraph:
+    """Stand-in for ``_graphs._Graph`` on the CPU: "replays" by running the loop."""
+
+    log: list[str] = []
+    fail = False
+
+    def __init__(self, fn, args, static):
+        if _FakeGraph.fail:
+            raise RuntimeError("capture refused")
+        _FakeGraph.log.append("capture")
+        self.fn, self.static = fn, static
+        self.nbytes = sum(a.nbytes for a in args if a is not None)
+
+    def __call__(self, args):
+        _FakeGraph.log.append("replay")
+        return self.fn(*args, *self.static)
+
+
+def test_graph_policy(monkeypatch):
+    monkeypatch.setattr(_graphs, "_Graph", _FakeGraph)
+    monkeypatch.setattr(_graphs, "_eager_only", lambda args: _graphs._failed)
+    monkeypatch.setattr(_FakeGraph, "log", [])
+    clear_graphs()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 60, 8, generator=g)
+    mask = torch.ones(2, 60, dtype=torch.bool)
+    mask[1, 50:] = False
+    want = residual_greedy(x, None, mask, 20)
+    assert _FakeGraph.log == []  # first sighting: eager
+    for _ in range(3):
+        assert torch.equal(residual_greedy(x, None, mask, 20), want)
+    assert _FakeGraph.log == ["capture", "replay", "replay"] and graph_count() == 1
+    residual_greedy(x, None, mask, 19)  # another signature (k): seen once, not captured
+    assert graph_count() == 1
+
+    budget_mb = 1.5 * x.nbytes / (1 << 20)  # room for one graph: the older one is evicted
+    monkeypatch.setenv(GRAPH_MB_ENV, str(budget_mb))
+    for _ in range(2):
+        residual_greedy(x, None, mask, 16)
+    assert graph_count() == 1 and _FakeGraph.log[-1] == "capture"
+    assert torch.equal(residual_greedy(x, None, mask, 20), want)  # evicted: eager again
+    assert _FakeGraph.log[-1] == "capture"
+    monkeypatch.setenv(GRAPH_MB_ENV, "0")  # no budget: never captured
+    for _ in range(3):
+        residual_greedy(x, None, mask, 18)
+    assert graph_count() == 1 and _FakeGraph.log[-1] == "capture"
+
+    monkeypatch.delenv(GRAPH_MB_ENV)
+    monkeypatch.setattr(_FakeGraph, "fail", True)  # a failed capture: eager from then on
+    for _ in range(2):
+        assert torch.equal(residual_greedy(x, None, mask, 17), want[:, :17])
+    assert _graphs._failed
+    n = len(_FakeGraph.log)
+    assert torch.equal(residual_greedy(x, None, mask, 20), want)  # cached graph bypassed too
+    assert len(_FakeGraph.log) == n
+    clear_graphs()
