@@ -17,7 +17,8 @@ Distances below ``1e-6`` count as 0 (identical tokens tie exactly); ties go to t
 trading exactness for an ``s/D`` cheaper step.
 
 Batched: all items advance through one greedy loop (``padded-greedy``); per step one batched
-mat-vec ``O(N D)`` and about 7 kernel-launching operators, no host synchronisation.
+mat-vec ``O(N D)`` and 7 kernel-launching operators, no host synchronisation; on CUDA the
+loop is replayed as one CUDA graph once an input shape repeats.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 from torch import Tensor
 
 from vllm_tokenprune.scoring._common import Batch, prefix_sorted
-from vllm_tokenprune.scoring._greedy import ItemMatrix, sketch
+from vllm_tokenprune.scoring._graphs import run_graphed
+from vllm_tokenprune.scoring._greedy import matvec, one_item, pick_rows, sketch
 from vllm_tokenprune.scoring._registry import option, register_method
 
 __all__ = ["DivPruneOptions", "max_min_greedy"]
@@ -53,32 +55,41 @@ class DivPruneOptions:
 def max_min_greedy(x_unit: Tensor, mask: Tensor, k_max: int, start: str) -> Tensor:
     """Pick order ``(B, k_max)`` of farthest-point selection on ``1 - x_unit x_unit^T``.
 
+    On CUDA the loop is replayed from a CUDA graph once its input shape repeats (:mod:`._graphs`);
+    on the CPU a single item runs on its 2-D tensors.
+    """
+    b = x_unit.shape[0]
+    if start == "first":
+        first = torch.zeros(b, 1, dtype=torch.int64, device=x_unit.device)
+    else:
+        total = x_unit.sum(dim=1, keepdim=True)  # padded rows are zero
+        align = torch.bmm(x_unit, total.transpose(1, 2))[:, :, 0]
+        first = align.masked_fill(~mask, float("inf")).argmin(dim=-1, keepdim=True)
+    if one_item(x_unit):
+        return _max_min_loop(x_unit[0], mask[0], first[0], k_max)[None]
+    return run_graphed(_max_min_loop, (x_unit, mask, first), k_max)
+
+
+def _max_min_loop(x_unit: Tensor, mask: Tensor, first: Tensor, k_max: int) -> Tensor:
+    """The loop on ``(N, s)`` (one item) or ``(B, N, s)`` tensors; ``(..., k_max)`` picks.
+
     Running state: ``min_dist`` holds each token's distance to its nearest kept token and -1 for
     tokens that cannot be picked (kept or padding), so a step is argmax, one row gather, one
     mat-vec and three elementwise ops (``threshold`` zeroes distances up to the tolerance, which
     also covers the negative ones rounding can give).
     """
-    b, n, _ = x_unit.shape
-    dev = x_unit.device
-    rows = torch.arange(b, device=dev)[:, None]
-    xm = ItemMatrix(x_unit)
-    if start == "first":
-        j = torch.zeros(b, 1, dtype=torch.int64, device=dev)
-    else:
-        total = x_unit.sum(dim=1, keepdim=True)  # padded rows are zero
-        align = torch.bmm(x_unit, total.transpose(1, 2))[:, :, 0]
-        j = align.masked_fill(~mask, float("inf")).argmin(dim=-1, keepdim=True)
-    min_dist = torch.full((b, n), float("inf"), device=dev).masked_fill_(~mask, -1.0)
+    min_dist = torch.full(mask.shape, float("inf"), device=mask.device).masked_fill_(~mask, -1.0)
+    j = first
     picks = []
     for t in range(k_max):
         if t > 0:
             j = min_dist.argmax(dim=-1, keepdim=True)
         picks.append(j)
-        cos = xm.mv(x_unit[rows, j][:, 0])
+        cos = matvec(x_unit, pick_rows(x_unit, j))
         dist = torch.nn.functional.threshold(1.0 - cos, _DIST_TOL, 0.0)
         torch.minimum(min_dist, dist, out=min_dist)
-        min_dist.scatter_(1, j, -1.0)
-    return torch.cat(picks, dim=1)
+        min_dist.scatter_(-1, j, -1.0)
+    return torch.cat(picks, dim=-1)
 
 
 @register_method(
