@@ -152,6 +152,9 @@ class Worker:
     vllm_config: Any
     model: Any
     processor: Any
+    #: ``cuda:0`` (emulated) or ``cpu`` (``build_worker(emulate=False)``: the same paths on
+    #: the host, for comparisons)
+    device: torch.device = CUDA
 
     @property
     def hidden_size(self) -> int:
@@ -159,10 +162,11 @@ class Worker:
 
 
 def build_worker(family: str, model_dir: str, token_prune: Mapping[str, Any] | None = None,
-                 **engine_args: Any) -> Worker:
+                 *, emulate: bool = True, **engine_args: Any) -> Worker:
     """Build ``family``'s TokenPrune model from ``model_dir`` with vLLM's loader (host) and
-    move it to the emulated device. ``token_prune``: the ``token_prune`` block;
-    ``engine_args``: extra ``EngineArgs`` (``alvts`` in the block adds what it requires)."""
+    move it to the emulated device (``emulate=False``: leave it on the host). ``token_prune``:
+    the ``token_prune`` block; ``engine_args``: extra ``EngineArgs`` (``alvts`` in the block
+    adds what it requires)."""
     from vllm.config import set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.layers.attention.attention import Attention
@@ -183,15 +187,16 @@ def build_worker(family: str, model_dir: str, token_prune: Mapping[str, Any] | N
     with set_current_vllm_config(cfg), _gpu_linear():
         _init_process()
         model = get_model(vllm_config=cfg)
-    emulate_module(model)
+    if emulate:
+        emulate_module(model)
     for module in model.modules():
         if isinstance(module, Attention):
             _causal_attention(module.impl)
-    if getattr(model, "_tp_alvts", None) is not None:
+    if emulate and getattr(model, "_tp_alvts", None) is not None:
         with GpuEmulation():  # the factors, from the weights on the device (as on a GPU)
             model._tp_alvts_build()
     processor = MULTIMODAL_REGISTRY.create_processor(cfg.model_config)
-    return Worker(family, cfg, model, processor)
+    return Worker(family, cfg, model, processor, CUDA if emulate else torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- requests
@@ -277,9 +282,9 @@ def run_step(worker: Worker, requests: Sequence[Request], emu: GpuEmulation,
     return StepResult(embeds, hidden, positions, rows)
 
 
-def _input_ids(requests: Sequence[Request]) -> torch.Tensor:
+def _input_ids(requests: Sequence[Request], device: torch.device) -> torch.Tensor:
     ids = [t for r in requests for t in r.prompt_ids]
-    return torch.tensor(ids, dtype=torch.int64).to(CUDA, non_blocking=True)
+    return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _step_v2(worker: Worker, requests: Sequence[Request], emu: GpuEmulation
@@ -289,13 +294,14 @@ def _step_v2(worker: Worker, requests: Sequence[Request], emu: GpuEmulation
     from vllm.v1.worker.gpu.model_states.mm_pruning import maybe_create_mm_pruner
 
     cfg = worker.vllm_config
+    dev = worker.device
     cache = EncoderCache()
     for r in requests:
         cache.add_request(r.req_id, r.features)
     lens = np.array([len(r.prompt_ids) for r in requests], dtype=np.int32)
     total = int(lens.sum())
     runner = EncoderRunner(worker.model, max_num_tokens=total, hidden_size=worker.hidden_size,
-                           encoder_cache=cache, dtype=cfg.model_config.dtype, device=CUDA)
+                           encoder_cache=cache, dtype=cfg.model_config.dtype, device=dev)
     hashes, mm_kwargs = runner.prepare_mm_inputs(
         {r.req_id: list(range(len(r.features))) for r in requests})
     with emu.phase("encoder"):
@@ -305,7 +311,8 @@ def _step_v2(worker: Worker, requests: Sequence[Request], emu: GpuEmulation
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
     mm_embeds, is_mm_embed = runner.gather_mm_embeddings(
         [r.req_id for r in requests], total, lens, starts, lens, zeros)
-    rope = _RopeState(len(requests), int(lens.max())) if cfg.model_config.uses_mrope else None
+    rope = _RopeState(len(requests), int(lens.max()), dev) if cfg.model_config.uses_mrope \
+        else None
     if rope is not None:
         for i, r in enumerate(requests):
             rope.init_prefill_positions(i, worker.model, r.prompt_ids, r.features)
@@ -318,16 +325,16 @@ def _step_v2(worker: Worker, requests: Sequence[Request], emu: GpuEmulation
             req_ids=[r.req_id for r in requests], idx_mapping_np=np.arange(len(requests)),
             prefill_len_np=lens, num_computed_prefill_tokens_np=zeros,
             num_scheduled_tokens=lens)
-        states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=token_ids.to(CUDA)))
+        states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=token_ids.to(dev)))
         with emu.phase("recompute"):
             mm_embeds = pruner.recompute(mm_embeds, batch, states)
     with emu.phase("embed_input_ids"):
-        embeds = runner.get_inputs_embeds(_input_ids(requests), mm_embeds, is_mm_embed)[:total]
+        embeds = runner.get_inputs_embeds(_input_ids(requests, dev), mm_embeds, is_mm_embed)[:total]
     if rope is not None:
         positions = torch.cat([rope.read_prefill_positions(i, int(n)).long()
                                for i, n in enumerate(lens)], dim=1)
     else:
-        positions = torch.cat([torch.arange(int(n), device=CUDA) for n in lens])
+        positions = torch.cat([torch.arange(int(n), device=dev) for n in lens])
     return embeds, positions, sum(int(e.shape[0]) for e in mm_embeds)
 
 
@@ -335,16 +342,16 @@ class _RopeState:
     """vLLM's ``RopeState`` with its buffers on the emulated device (``prefill_positions`` is
     a UVA tensor on a GPU: device-addressable) and its own init/read/update methods."""
 
-    def __new__(cls, num_reqs: int, max_len: int) -> Any:
+    def __new__(cls, num_reqs: int, max_len: int, device: torch.device) -> Any:
         from vllm.v1.worker.gpu.mm.rope import RopeState
 
         state = RopeState.__new__(RopeState)
         state.num_dims = 3
-        buf = torch.zeros(num_reqs * 3, max_len, dtype=torch.int32, device=CUDA)
+        buf = torch.zeros(num_reqs * 3, max_len, dtype=torch.int32, device=device)
 
         def stage_write(row: int, col: int, values: list[int]) -> None:
             buf[row, col:col + len(values)] = torch.tensor(values, dtype=torch.int32,
-                                                           device=CUDA)
+                                                           device=device)
 
         state.prefill_positions = SimpleNamespace(gpu=buf, stage_write=stage_write)
         state.prefill_delta = SimpleNamespace(np=np.zeros(num_reqs, dtype=np.int32))
@@ -359,10 +366,11 @@ def _step_v1(worker: Worker, requests: Sequence[Request], emu: GpuEmulation
 
     model = worker.model
     cfg = worker.vllm_config
+    dev = worker.device
     items = [(f.modality, f.data) for r in requests for f in r.features]
     outputs: list[torch.Tensor] = []
     with emu.phase("encoder"):
-        for _, num_items, batch in group_and_batch_mm_kwargs(items, device=CUDA):
+        for _, num_items, batch in group_and_batch_mm_kwargs(items, device=dev):
             out = model.embed_multimodal(**batch)
             sanity_check_mm_encoder_outputs(out, expected_num_items=num_items)
             outputs.extend(out)
@@ -387,13 +395,13 @@ def _step_v1(worker: Worker, requests: Sequence[Request], emu: GpuEmulation
     with emu.phase("recompute"):
         mm_embeds, is_mm_embed = GPUModelRunner._gather_mm_embeddings(fake_runner, sched)
     with emu.phase("embed_input_ids"):
-        embeds = model.embed_input_ids(_input_ids(requests), multimodal_embeddings=mm_embeds,
+        embeds = model.embed_input_ids(_input_ids(requests, dev), multimodal_embeddings=mm_embeds,
                                        is_multimodal=is_mm_embed)
     if cfg.model_config.uses_mrope:
         positions = torch.cat([states[r.req_id].mrope_positions for r in requests],
-                              dim=1).to(CUDA)
+                              dim=1).to(dev)
     else:
-        positions = torch.cat([torch.arange(len(r.prompt_ids), device=CUDA) for r in requests])
+        positions = torch.cat([torch.arange(len(r.prompt_ids), device=dev) for r in requests])
     return embeds, positions, sum(int(e.shape[0]) for e in mm_embeds)
 
 
