@@ -171,15 +171,26 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
     if not scheduler.disable_chunked_mm_input:
         refuse("must see all of an item's tokens in one step (routing must not depend on how "
                "the scheduler chunks a prompt): start the server with --disable-chunked-mm-input")
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
     from vllm_tokenprune.scheduler import WholeMediaMixin, scheduler_cls_name
 
     cls = scheduler.get_scheduler_cls()
+    async_on = bool(getattr(scheduler, "async_scheduling", False))
+    name = scheduler_cls_name(async_on)
     if not (isinstance(cls, type) and issubclass(cls, WholeMediaMixin)):
-        name = scheduler_cls_name(bool(getattr(scheduler, "async_scheduling", False)))
         refuse("must see all of an item's tokens in one step, and vLLM's scheduler can still "
                "split an item that starts exactly where a step ends: start the server with "
                f"--scheduler-cls {name}")
+    if issubclass(cls, AsyncScheduler) != async_on:
+        refuse(f"needs the WholeMedia scheduler of the server's scheduling mode (async "
+               f"scheduling is {'on' if async_on else 'off'}, the scheduler "
+               f"{cls.__name__} is for it {'off' if async_on else 'on'}): start the server "
+               f"with --scheduler-cls {name}")
     parallel = vllm_config.parallel_config
+    if getattr(parallel, "enable_dbo", False):
+        refuse("indexes a step's rows in the whole batch, which dual-batch overlap splits "
+               "into micro-batches: start the server without --enable-dbo")
     for flag, size in (("--tensor-parallel-size", parallel.tensor_parallel_size),
                        ("--pipeline-parallel-size", parallel.pipeline_parallel_size)):
         if int(size or 1) > 1:
