@@ -111,7 +111,17 @@ CASES = [
     Case("unique", lambda d: torch.unique(_idx(d)), syncs=1),
     Case("eigh (solver info check)",
          lambda d: torch.linalg.eigh(d(torch.eye(3))), syncs=1),
+    Case("eigh in inference mode", lambda d: _inference(torch.linalg.eigh, d(torch.eye(3))),
+         syncs=1),
+    Case("svd in inference mode", lambda d: _inference(torch.linalg.svd, d(torch.eye(3))),
+         syncs=1),
+    Case("qr (no info check)", lambda d: _inference(torch.linalg.qr, d(torch.eye(3)))),
 ]
+
+
+def _inference(fn: Callable[..., Any], *args: Any) -> Any:
+    with torch.inference_mode():
+        return fn(*args)
 
 
 def _emulated(t: torch.Tensor) -> torch.Tensor:

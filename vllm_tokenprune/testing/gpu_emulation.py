@@ -254,8 +254,17 @@ _SYNC_OPS = {
     aten.unique_dim.default: "unique",
     aten.unique_consecutive.default: "unique",
     aten.unique_dim_consecutive.default: "unique",
+    # solvers that check their info flag on the host (the ``_ex`` variants do not); under
+    # inference mode the composite ``linalg_*`` op is what is dispatched
     aten._linalg_eigh.default: "solver info check (eigh)",
+    aten.linalg_eigh.default: "solver info check (eigh)",
+    aten.linalg_eigvalsh.default: "solver info check (eigh)",
     aten._linalg_svd.default: "solver info check (svd)",
+    aten.linalg_svd.default: "solver info check (svd)",
+    aten.linalg_svdvals.default: "solver info check (svd)",
+    aten.linalg_cholesky.default: "solver info check (cholesky)",
+    aten.linalg_inv.default: "solver info check (inv)",
+    aten.linalg_solve.default: "solver info check (solve)",
     aten._linalg_check_errors.default: "solver info check",
     aten.linalg_eig.default: "solver info check (eig)",
     aten.bincount.default: "bincount",
