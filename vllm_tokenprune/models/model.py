@@ -217,7 +217,7 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         rows = params.reshape(len(sizes), -1).tolist()
         out = []
         for row, n, grid in zip(rows, sizes, grids, strict=True):
-            if guard.fault_for_test(guard.FAULT_PARAMS, int(row[0])):
+            if row and guard.fault_for_test(guard.FAULT_PARAMS, int(row[0])):
                 row = [row[0], -1, *row[2:]]  # an unknown method id
             try:
                 p = ItemParams.from_row(row)
