@@ -11,7 +11,11 @@ import torch
 from vllm_tokenprune.config import RequestFieldError, parse_config, parse_request_fields
 from vllm_tokenprune.models.alvts import check_alvts_server
 from vllm_tokenprune.models.wire import METHOD_IDS, METHODS_BY_ID, decode_route, encode_route
-from vllm_tokenprune.scheduler import WholeMediaScheduler, whole_media_tokens
+from vllm_tokenprune.scheduler import (
+    WholeMediaAsyncScheduler,
+    WholeMediaScheduler,
+    whole_media_tokens,
+)
 from vllm_tokenprune.scoring import list_methods
 
 
@@ -102,6 +106,12 @@ def _flags() -> list[tuple[dict[str, Any], str]]:
         ({"scheduler_config.get_scheduler_cls": _vllm_scheduler,
           "scheduler_config.async_scheduling": True},
          "--scheduler-cls vllm_tokenprune.scheduler.WholeMediaAsyncScheduler"),
+        # a WholeMedia class of the other scheduling mode: refused naming the right one
+        ({"scheduler_config.async_scheduling": True},
+         "--scheduler-cls vllm_tokenprune.scheduler.WholeMediaAsyncScheduler"),
+        ({"scheduler_config.get_scheduler_cls": lambda: WholeMediaAsyncScheduler},
+         "--scheduler-cls vllm_tokenprune.scheduler.WholeMediaScheduler"),
+        ({"parallel_config.enable_dbo": True}, "--enable-dbo"),
     ]
 
 
@@ -111,7 +121,7 @@ def _vllm_scheduler() -> type:
     return Scheduler
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(len(_flags())))
 def test_each_unsupported_setting_is_refused_naming_its_flag(case: int) -> None:
     changes, flag = _flags()[case]
     with pytest.raises(ValueError, match="token_prune enables 'alvts'") as e:

@@ -3,9 +3,10 @@ profiled encoder budget when many pruned images arrive at once; a scorer failure
 worker falls back, is counted on /metrics, and the server keeps serving; pruned images keep
 their cache keys across chat turns, so turn 2 hits the prefix cache.
 
-One server (tiny Qwen2.5-VL, images only, float32) with the two test-only hooks of
+One server (tiny Qwen2.5-VL, images only, float32) with the test-only hooks of
 :mod:`vllm_tokenprune.guard` switched on: a per-call log of the vision tower's unpruned token
-counts, and NaN scorer features for items of exactly ``NAN_TOKENS`` tokens.
+counts, NaN scorer features for items of exactly ``NAN_TOKENS`` tokens, and one failure per
+worker failure site (``FAULTS``), each keyed on a row count no other test here produces.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ import pytest
 import requests
 
 from tests.conftest import QWEN25_ARCH, _start
-from vllm_tokenprune import num_kept
-from vllm_tokenprune.guard import ENCODER_LOG_ENV, NAN_TOKENS_ENV
-from vllm_tokenprune.testing.media import chat_messages, image_part, make_image
+from vllm_tokenprune import guard, num_kept
+from vllm_tokenprune.guard import ENCODER_LOG_ENV, FAULTS_ENV, NAN_TOKENS_ENV
+from vllm_tokenprune.testing.media import (
+    chat_messages,
+    image_part,
+    make_image,
+    qwen_image_tokens,
+)
 from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 
 pytestmark = pytest.mark.server
@@ -36,6 +42,15 @@ PROFILED = 512
 #: 280x224 -> 10x8 = 80 tokens: the size the NaN hook poisons.
 NAN_SIZE = (280, 224)
 NAN_TOKENS = 80
+#: Worker failure sites (guard.FAULT_SITES) -> (image size, its tokens = the rows the site sees
+#: at ratio 0, the fallback reason): counts between 128 and 256 that no other test's items or
+#: prefill chunks here have.
+FAULTS = {
+    guard.FAULT_PARAMS: ((392, 336), 168, guard.BAD_PARAMS),
+    guard.FAULT_COUNT_MISMATCH: ((392, 364), 182, guard.COUNT_MISMATCH),
+    guard.FAULT_POSITIONS: ((392, 392), 196, guard.POSITIONS),
+    guard.FAULT_NO_RECOMPUTE: ((420, 392), 210, guard.NO_RECOMPUTE),
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +63,10 @@ def safety_server(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory
             "--enable-prompt-tokens-details", "--hf-overrides", overrides]
     import os
 
-    old = {k: os.environ.get(k) for k in (ENCODER_LOG_ENV, NAN_TOKENS_ENV)}
+    old = {k: os.environ.get(k) for k in (ENCODER_LOG_ENV, NAN_TOKENS_ENV, FAULTS_ENV)}
     os.environ[ENCODER_LOG_ENV] = str(log)
     os.environ[NAN_TOKENS_ENV] = str(NAN_TOKENS)
+    os.environ[FAULTS_ENV] = ",".join(f"{site}:{n}" for site, (_, n, _) in FAULTS.items())
     try:
         server = _start(tiny_qwen_dir, args, "worker_safety")
     finally:
@@ -135,6 +151,37 @@ def test_nan_features_fall_back_and_the_server_keeps_serving(safety_server):
         again = chat(server, chat_messages([make_image(*NAN_SIZE, seed=9)], "Hi."),
                      prune_ratio=0.25, prune_method=method)
         assert again.usage.prompt_tokens > 0
+    assert requests.get(server.base_url + "/health", timeout=10).status_code == 200
+
+
+def test_each_worker_failure_site_falls_back_and_the_server_keeps_serving(safety_server,
+                                                                        tiny_qwen_dir):
+    """Each failure site of the worker a request can reach (a params row the worker cannot
+    read, encoder rows that do not match the processor's count, the M-RoPE position fill
+    failing, the runner not recomputing positions), triggered on the server by its test hook:
+    the request is answered with its exact prompt length, the fallback is counted under its
+    reason, and the next request is served without one. (ALVTS's site needs the alvts server
+    flags: tests/test_gpu_emulation_worker.py covers it in-process.)"""
+    server, _ = safety_server
+    for site, (size, tokens, reason) in FAULTS.items():
+        image = make_image(*size, seed=11)
+        assert qwen_image_tokens(tiny_qwen_dir, image) == tokens, site
+
+        def reasons() -> dict[str, float]:
+            out: dict[str, float] = {}
+            for key, value in _fallbacks(server).items():
+                out[key.split("/")[1]] = out.get(key.split("/")[1], 0.0) + value
+            return out
+
+        before = reasons()
+        res = chat(server, chat_messages([image], "Describe this image."), prune_ratio=0.0)
+        assert res.choices[0].finish_reason in ("length", "stop"), site
+        assert res.usage.prompt_tokens > tokens
+        after = reasons()
+        assert after.get(reason, 0.0) >= before.get(reason, 0.0) + 1, (site, after)
+        nxt = chat(server, chat_messages([make_image(*BIG, seed=12)], "Hi."), prune_ratio=0.5)
+        assert nxt.usage.prompt_tokens > 0
+        assert reasons().get(reason, 0.0) == after.get(reason, 0.0), site
     assert requests.get(server.base_url + "/health", timeout=10).status_code == 200
 
 

@@ -35,7 +35,8 @@ logger = init_logger(__name__)
 
 @dataclass
 class RoutedItem:
-    """One item of this step: its scored rows in the flattened batch and its count ``k``."""
+    """One item of this step: its scored rows in the flattened batch (on the residual stream's
+    device) and its count ``k`` of rows that go through each routed layer."""
 
     rows: Tensor
     num_process: int
@@ -51,7 +52,12 @@ class Step:
 
 
 class AlvtsRuntime:
-    """Shared by the routed layers of one model: the router (factors) and the current step."""
+    """Shared by the routed layers of one model: the router (factors) and the current step.
+
+    Nothing here waits for the device: every row index lives on the residual stream's device
+    and every size is a host int known from the step (``k`` and ``N`` per item), so the
+    complement of a selection is taken with a stable sort, never ``nonzero`` or a mask.
+    """
 
     def __init__(self, options: AlvtsOptions) -> None:
         self.options = options
@@ -59,19 +65,28 @@ class AlvtsRuntime:
         self.step: Step | None = None
 
     def skipped_rows(self, layer: int, stream: Tensor) -> Tensor | None:
-        """Rows (of the flattened batch) that skip ``layer`` in this step; None: none do."""
+        """Rows (of the flattened batch, on ``stream``'s device, ascending per item) that skip
+        ``layer`` in this step; None: none do."""
         step = self.step
         if step is None or self.router is None or stream.shape[0] < step.num_tokens:
             return None
         skipped = []
         for item in step.items:
+            n = int(item.rows.shape[0])
             through = self.router.route(layer, stream.index_select(0, item.rows),
                                         item.num_process, item.state)
-            mask = torch.ones(item.rows.shape[0], dtype=torch.bool, device=stream.device)
-            mask[through] = False
-            skipped.append(item.rows[mask])
+            skipped.append(item.rows.index_select(
+                0, complement(through, n, n - item.num_process)))
         rows = torch.cat(skipped) if skipped else None
         return rows if rows is not None and rows.numel() else None
+
+
+def complement(index: Tensor, n: int, size: int) -> Tensor:
+    """The ``size`` indices of ``range(n)`` not in ``index`` (ascending, on ``index``'s
+    device), without a device-to-host sync (``size`` = ``n - len(set(index))``)."""
+    taken = torch.zeros(n, dtype=torch.int8, device=index.device)
+    taken[index] = 1
+    return torch.sort(taken, stable=True).indices[:size]
 
 
 def _routed_forward(self: Any, positions: Tensor, hidden_states: Tensor,
@@ -95,9 +110,8 @@ def _routed_forward(self: Any, positions: Tensor, hidden_states: Tensor,
         return self.mlp(hidden_states), residual
     entered = residual.index_select(0, skip)  # copied before the fused norm updates in place
     hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-    through = torch.ones(hidden_states.shape[0], dtype=torch.bool, device=skip.device)
-    through[skip] = False
-    through_rows = through.nonzero().squeeze(1)
+    num = int(hidden_states.shape[0])
+    through_rows = complement(skip, num, num - int(skip.shape[0]))
     out = torch.zeros_like(hidden_states)
     out.index_copy_(0, through_rows, self.mlp(hidden_states.index_select(0, through_rows)))
     residual = residual.index_copy(0, skip, entered)
@@ -157,15 +171,26 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
     if not scheduler.disable_chunked_mm_input:
         refuse("must see all of an item's tokens in one step (routing must not depend on how "
                "the scheduler chunks a prompt): start the server with --disable-chunked-mm-input")
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
     from vllm_tokenprune.scheduler import WholeMediaMixin, scheduler_cls_name
 
     cls = scheduler.get_scheduler_cls()
+    async_on = bool(getattr(scheduler, "async_scheduling", False))
+    name = scheduler_cls_name(async_on)
     if not (isinstance(cls, type) and issubclass(cls, WholeMediaMixin)):
-        name = scheduler_cls_name(bool(getattr(scheduler, "async_scheduling", False)))
         refuse("must see all of an item's tokens in one step, and vLLM's scheduler can still "
                "split an item that starts exactly where a step ends: start the server with "
                f"--scheduler-cls {name}")
+    if issubclass(cls, AsyncScheduler) != async_on:
+        refuse(f"needs the WholeMedia scheduler of the server's scheduling mode (async "
+               f"scheduling is {'on' if async_on else 'off'}, the scheduler "
+               f"{cls.__name__} is for it {'off' if async_on else 'on'}): start the server "
+               f"with --scheduler-cls {name}")
     parallel = vllm_config.parallel_config
+    if getattr(parallel, "enable_dbo", False):
+        refuse("indexes a step's rows in the whole batch, which dual-batch overlap splits "
+               "into micro-batches: start the server without --enable-dbo")
     for flag, size in (("--tensor-parallel-size", parallel.tensor_parallel_size),
                        ("--pipeline-parallel-size", parallel.pipeline_parallel_size)):
         if int(size or 1) > 1:
@@ -257,41 +282,74 @@ class AlvtsModelMixin:
         return torch.cat([emb, route], dim=1)
 
     def _tp_alvts_take(self, embeds: Any, is_multimodal: Tensor | None) -> Any:
-        """Strip the route channels of this step's media rows and record the step's items."""
+        """Strip the route channels of this step's media rows and record the step's items.
+
+        vLLM's runners pass ``is_multimodal`` as a (pinned) host tensor while the embeddings
+        and the residual stream are on the device: the items' rows are found on the host and
+        moved to the device once for the step, and the route channels of every routed item
+        come to the host in one copy (the step's only device-to-host sync for ``alvts``).
+        Anything unexpected (no or too short ``is_multimodal``, a split or malformed item)
+        serves the step's items unrouted and is counted as a fallback, never an exception.
+        """
         runtime = self._tp_alvts
         if runtime is None:
             return embeds
         runtime.step = None
         width = self._tp_embed_width()  # type: ignore[attr-defined]
-        if embeds is None or not any(e.shape[-1] == width + ROUTE_CHANNELS for e in embeds):
+        if embeds is None:
             return embeds
-        if runtime.router is None:
-            self._tp_alvts_build()
-        assert is_multimodal is not None, "media rows without is_multimodal"
-        where = is_multimodal.nonzero().squeeze(1)
-        items, out, offset = [], [], 0
-        for e in embeds:
-            n_rows = int(e.shape[0])
-            if e.shape[-1] == width + ROUTE_CHANNELS:
-                roles, index, k, n = decode_route(e[:, width:].cpu())
-                scored = roles == 1
-                rows = where[offset:offset + n_rows][scored.to(where.device)]
-                whole = int(scored.sum()) == n and bool(
-                    torch.equal(index[scored], torch.arange(n)))
-                if not whole:
-                    guard.report_fallback(ALVTS, guard.PARTIAL_ITEM,
-                                          "an item arrived split across prefill steps (is "
-                                          "the server's --scheduler-cls a WholeMedia one?)",
-                                          "its tokens go through every layer (not routed)")
-                elif k < n:
-                    items.append(RoutedItem(rows, k))
-                out.append(e[:, :width])
-            else:
-                out.append(e)
-            offset += n_rows
-        if items:
+        routed = [i for i, e in enumerate(embeds) if e.shape[-1] == width + ROUTE_CHANNELS]
+        if not routed:
+            return embeds
+        out = [e[:, :width] if i in routed else e for i, e in enumerate(embeds)]
+        try:
+            items = self._tp_alvts_items(embeds, routed, width, is_multimodal)
+        except Exception as e:  # noqa: BLE001 - a request's rows must not kill the engine
+            guard.report_fallback(ALVTS, guard.LAYOUT, f"cannot route this step's items ({e})",
+                                  "its tokens go through every layer (not routed)")
+            return out
+        if items and is_multimodal is not None:
             runtime.step = Step(items, int(is_multimodal.shape[0]))
         return out
+
+    def _tp_alvts_items(self, embeds: Any, routed: list[int], width: int,
+                        is_multimodal: Tensor | None) -> list[RoutedItem]:
+        """The step's routed items (see :meth:`_tp_alvts_take`); raises on a bad layout."""
+        if self._tp_alvts is not None and self._tp_alvts.router is None:
+            self._tp_alvts_build()
+        if is_multimodal is None:
+            raise ValueError("media rows without is_multimodal")
+        where = is_multimodal.to("cpu").nonzero().squeeze(1)
+        sizes = [int(e.shape[0]) for e in embeds]
+        if where.shape[0] != sum(sizes):
+            raise ValueError(f"{sum(sizes)} media rows but is_multimodal marks "
+                             f"{where.shape[0]}")
+        channels = torch.cat([embeds[i][:, width:] for i in routed]).to("cpu").split(
+            [sizes[i] for i in routed])
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        host_rows: list[Tensor] = []
+        counts: list[int] = []
+        for i, chan in zip(routed, channels, strict=True):
+            guard.fault_for_test(guard.FAULT_ALVTS_TAKE, sizes[i], raise_=True)
+            roles, index, k, n = decode_route(chan)
+            scored = roles == 1
+            whole = int(scored.sum()) == n and bool(torch.equal(index[scored], torch.arange(n)))
+            if not whole:
+                guard.report_fallback(ALVTS, guard.PARTIAL_ITEM,
+                                      "an item arrived split across prefill steps (is the "
+                                      "server's --scheduler-cls a WholeMedia one?)",
+                                      "its tokens go through every layer (not routed)")
+            elif not 0 <= k <= n:
+                raise ValueError(f"an item routes {k} of its {n} tokens")
+            elif k < n:
+                host_rows.append(where[offsets[i]:offsets[i] + sizes[i]][scored])
+                counts.append(k)
+        if not host_rows:
+            return []
+        device = embeds[routed[0]].device
+        rows = torch.cat(host_rows).to(device, non_blocking=True)  # one host-to-device copy
+        return [RoutedItem(r, k) for r, k in zip(
+            rows.split([int(h.shape[0]) for h in host_rows]), counts, strict=True)]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:

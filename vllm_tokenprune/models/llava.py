@@ -26,7 +26,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune.models.model import TokenPruneModelMixin, rows_of
 from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
-from vllm_tokenprune.models.wire import ItemLayout, ItemParams, params_key, text_key
+from vllm_tokenprune.models.wire import ItemLayout, params_key, text_key
 
 
 class TokenPruneLlavaMultiModalProcessor(TokenPruneProcessorMixin, LlavaMultiModalProcessor):
@@ -67,5 +67,5 @@ class TokenPruneLlavaForConditionalGeneration(TokenPruneModelMixin, LlavaForCond
 
         if image_input["type"] != "pixel_values" or not isinstance(params, torch.Tensor):
             return run(image_input, range(0, len(params) if params is not None else 0))
-        charges = [self._tp_charge(ItemParams.from_row(r)) for r in params.tolist()]
+        charges = [self._tp_row_charge(r) for r in params.tolist()]
         return self._tp_encode_in_chunks(charges, image_input, None, run)

@@ -41,11 +41,18 @@ from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vllm_tokenprune import guard
-from vllm_tokenprune.alvts import is_layerwise
+from vllm_tokenprune.alvts import ALVTS, is_layerwise
 from vllm_tokenprune.models.model import TokenPruneModelMixin, rows_of
 from vllm_tokenprune.models.positions import row_separator_mask
 from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
-from vllm_tokenprune.models.wire import ItemLayout, ItemParams, params_key, text_key
+from vllm_tokenprune.models.wire import (
+    METHODS_BY_ID,
+    PARAMS_HEAD,
+    ItemLayout,
+    ItemParams,
+    params_key,
+    text_key,
+)
 
 
 class TokenPruneLlavaNextMultiModalProcessor(
@@ -132,41 +139,58 @@ class TokenPruneLlavaNextForConditionalGeneration(
             merged = list(self._process_image_input(sub))
             return self._tp_prune_merged(merged, rows_of(params, items), rows_of(text, items))
 
-        charges = [self._tp_charge(ItemParams.from_row(r)) for r in params.tolist()]
+        charges = [self._tp_row_charge(r) for r in params.tolist()]
         if image_input["type"] != "pixel_values":
             return run(image_input, range(len(charges)))
         return self._tp_encode_in_chunks(charges, image_input, None, run)
 
     def _tp_prune_merged(self, merged: list[torch.Tensor], params: torch.Tensor,
                          text: Any) -> list[torch.Tensor]:
-        rows = [ItemParams.from_row(r) for r in params.reshape(len(merged), -1).tolist()]
-        newlines = []
-        for m, p in zip(merged, rows, strict=True):
+        """Each image's kept rows: its kept visual tokens and every newline row, in order.
+
+        The newline layout is host data; the kept rows are gathered on the device with the
+        scorer's device indices (no device-to-host sync)."""
+        params = params.reshape(len(merged), -1)
+        raw = params.tolist()
+        newlines: list[torch.Tensor | None] = []
+        for m, r in zip(merged, raw, strict=True):
             try:
-                newlines.append(row_separator_mask(m.shape[0], *p.extra))
+                newlines.append(row_separator_mask(m.shape[0], *r[PARAMS_HEAD:PARAMS_HEAD + 3]))
             except (RuntimeError, TypeError) as e:  # never let a layout surprise kill the engine
-                guard.report_fallback(p.method, guard.LAYOUT, str(e))
+                guard.report_fallback(_method_of(r), guard.LAYOUT, str(e))
                 newlines.append(None)
         if any(nl is None for nl in newlines):
-            # alvts without a layout: every row goes through every layer
-            return [self._tp_alvts_rows(m, 0, torch.full((m.shape[0],), 2))
-                    if is_layerwise(p.method)
-                    else m if nl is not None or p.num_keep >= p.num_tokens
-                    else m.index_select(0, guard.uniform_fallback(
-                        m.shape[0], p.num_keep + p.extra[1], m.device))
-                    for m, nl, p in zip(merged, newlines, rows, strict=True)]
-        feats = [m[~nl.to(m.device)] for m, nl in zip(merged, newlines, strict=True)]
+            return [self._tp_unlaid_out(m, r) for m, r in zip(merged, raw, strict=True)]
+        feats = [m[~nl] for m, nl in zip(merged, newlines, strict=True)]  # host mask: no sync
         items = self._tp_params(params, [f.shape[0] for f in feats])
         keep = self._tp_select("image", feats, items, text)
         out = []
         for m, nl, idx, p in zip(merged, newlines, keep, items, strict=True):
+            assert nl is not None
             if is_layerwise(p.method):  # newline rows always go through (role 2)
                 out.append(self._tp_alvts_rows(m, p.num_keep, nl.to(torch.int64) + 1))
                 continue
             if idx is None:
                 out.append(m)
                 continue
-            slots = nl.clone()
-            slots[(~nl).nonzero().flatten()[idx.cpu()]] = True
-            out.append(m[slots.to(m.device)])
+            visual = (~nl).nonzero().flatten().to(m.device, non_blocking=True)
+            breaks = nl.nonzero().flatten().to(m.device, non_blocking=True)
+            slots = torch.cat([visual.index_select(0, idx), breaks]).sort().values
+            out.append(m.index_select(0, slots))
         return out
+
+    def _tp_unlaid_out(self, merged: torch.Tensor, row: list[int]) -> torch.Tensor:
+        """An image of a batch whose layout could not be read: ``alvts`` items go through
+        every layer; others keep their placeholder count (``num_keep`` + one newline per row,
+        as far as the row says) of rows, evenly spread."""
+        n = int(merged.shape[0])
+        if _method_of(row) == ALVTS:
+            return self._tp_alvts_rows(merged, 0, torch.full((n,), 2))
+        keep = int(row[0]) + (int(row[PARAMS_HEAD + 1]) if len(row) > PARAMS_HEAD + 1 else 0)
+        if len(row) < 3 or int(row[0]) >= int(row[2]) or not 0 < keep < n:
+            return merged
+        return merged.index_select(0, guard.uniform_fallback(n, keep, merged.device))
+
+
+def _method_of(row: list[int]) -> str:
+    return METHODS_BY_ID.get(int(row[1]), "-") if len(row) > 1 else "-"

@@ -26,6 +26,8 @@ from vllm_tokenprune.models.alvts import AlvtsModelMixin
 from vllm_tokenprune.models.encoder_budget import EncoderBudgetMixin
 from vllm_tokenprune.models.positions import fill_media_positions, full_positions
 from vllm_tokenprune.models.wire import (
+    MAX_POSITION,
+    PARAMS_HEAD,
     POS_CHANNELS,
     ROUTE_CHANNELS,
     Grid,
@@ -135,24 +137,67 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: Any = None,
                         **kwargs: Any) -> torch.Tensor:
-        """Guard: rows still carrying position channels mean the model runner never called
-        ``recompute_mrope_positions``. :func:`.._vllm_internals.check_mrope_runner` refuses such
-        runners at start-up; reaching this is a vLLM contract change, never approximate
-        positions."""
-        width = self._tp_embed_width()
-        if self.tp_mrope and multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
-            if any(e.shape[-1] - width in (POS_CHANNELS, ROUTE_CHANNELS + POS_CHANNELS)
-                   for e in multimodal_embeddings):
-                raise RuntimeError(
-                    "vllm-tokenprune: the model runner did not call recompute_mrope_positions "
-                    "for pruned media rows (a vLLM runner contract listed in "
-                    "vllm_tokenprune/_vllm_internals.py changed)."
-                )
+        """The LM's own ``embed_input_ids`` after two guards that never raise (a fallback,
+        counted, instead of a dead engine): rows still carrying position channels mean the
+        model runner did not call ``recompute_mrope_positions`` (refused at start-up by
+        :func:`.._vllm_internals.check_mrope_runner`; reaching this is a vLLM contract change):
+        the channels are stripped and the media keep the prompt's provisional positions; and a
+        step whose media rows do not fill its placeholders exactly (vLLM would raise) gets its
+        rows cut or zero-padded to the placeholder count."""
+        if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
+            multimodal_embeddings = self._tp_strip_unrecomputed(list(multimodal_embeddings))
+            multimodal_embeddings = self._tp_fit_rows(multimodal_embeddings,
+                                                      kwargs.get("is_multimodal"))
         multimodal_embeddings = self._tp_alvts_take(multimodal_embeddings,
                                                     kwargs.get("is_multimodal"))
         return super().embed_input_ids(  # type: ignore[misc]
             input_ids, multimodal_embeddings, **kwargs
         )
+
+    def _tp_strip_unrecomputed(self, embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.tp_mrope:
+            return embeds
+        width = self._tp_embed_width()
+        extra = [e.shape[-1] - width for e in embeds]
+        if not any(x in (POS_CHANNELS, ROUTE_CHANNELS + POS_CHANNELS) for x in extra):
+            return embeds
+        guard.report_fallback(
+            "-", guard.NO_RECOMPUTE,
+            "the model runner did not call recompute_mrope_positions for pruned media rows (a "
+            "vLLM runner contract listed in vllm_tokenprune/_vllm_internals.py changed)",
+            "its tokens keep the prompt's provisional positions")
+        return [e[:, :-POS_CHANNELS] if x in (POS_CHANNELS, ROUTE_CHANNELS + POS_CHANNELS)
+                else e for e, x in zip(embeds, extra, strict=True)]
+
+    def _tp_fit_rows(self, embeds: list[torch.Tensor], is_multimodal: Any
+                     ) -> list[torch.Tensor]:
+        """Rows cut or zero-padded (last item) to the step's placeholder count, when
+        ``is_multimodal`` is a host tensor (as both runners pass it: reading it is no sync)."""
+        if not isinstance(is_multimodal, torch.Tensor) or is_multimodal.device.type != "cpu":
+            return embeds
+        expected = int(is_multimodal.sum())
+        have = sum(int(e.shape[0]) for e in embeds)
+        if have == expected:
+            return embeds
+        guard.report_fallback("-", guard.COUNT_MISMATCH,
+                              f"this step has {have} media rows for {expected} placeholders",
+                              "its rows are cut or zero-padded to fit")
+        out, left = [], expected
+        for e in embeds:
+            take = min(int(e.shape[0]), left)
+            out.append(e[:take])
+            left -= take
+        if left > 0:
+            last = out[-1]
+            out[-1] = torch.cat([last, last.new_zeros(left, last.shape[1])])
+        return out
+
+    def _tp_row_charge(self, row: list[int]) -> int:
+        """What vLLM would charge an item unpruned, from its raw params row (never raises)."""
+        try:
+            return self._tp_charge(ItemParams.from_row(row))
+        except (ValueError, IndexError):
+            return max(int(row[2]), 0) if len(row) > 2 else 0
 
     def _tp_text_embeds(self, ids_row: torch.Tensor, device: torch.device) -> torch.Tensor:
         ids = ids_row[ids_row >= 0].to(device)
@@ -161,22 +206,35 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
     def _tp_params(self, params: torch.Tensor | None, sizes: Sequence[int],
                    grids: Sequence[Grid | None] | None = None) -> list[ItemParams]:
         """The batch's params rows (CPU tensor: no device sync). Without them (e.g. dummy
-        profiling inputs from an older cache entry) every item keeps all of its tokens."""
+        profiling inputs from an older cache entry) every item keeps all of its tokens. A row
+        the worker cannot use (unknown method, counts out of range) or that does not match the
+        encoder's output keeps ``num_keep`` rows (clamped to what exists) by the uniform
+        fallback, counted, never an exception."""
+        grids = grids or [None] * len(sizes)
         if params is None:
             method = self.tp_config.method
-            grids = grids or [None] * len(sizes)
             return [ItemParams(n, method, n, g, ()) for n, g in zip(sizes, grids, strict=True)]
         rows = params.reshape(len(sizes), -1).tolist()
-        out = [ItemParams.from_row(r) for r in rows]
-        for i, (p, n) in enumerate(zip(out, sizes, strict=True)):
+        out = []
+        for row, n, grid in zip(rows, sizes, grids, strict=True):
+            if row and guard.fault_for_test(guard.FAULT_PARAMS, int(row[0])):
+                row = [row[0], -1, *row[2:]]  # an unknown method id
+            try:
+                p = ItemParams.from_row(row)
+            except (ValueError, IndexError) as e:
+                keep = min(max(int(row[0]), 0), n) if row else n
+                guard.report_fallback("-", guard.BAD_PARAMS, f"invalid params row: {e}")
+                out.append(ItemParams(keep, guard.FALLBACK_METHOD, n, grid,
+                                      tuple(int(v) for v in row[PARAMS_HEAD:])))
+                continue
             if p.num_tokens != n:
                 guard.report_fallback(
                     p.method, guard.COUNT_MISMATCH,
                     f"the encoder produced {n} tokens for an item the processor counted "
                     f"{p.num_tokens} for")
                 # keep exactly num_keep of the n rows, evenly spread (FALLBACK: no scorer)
-                out[i] = ItemParams(p.num_keep, guard.FALLBACK_METHOD, n,
-                                    grids[i] if grids else None, p.extra)
+                p = ItemParams(p.num_keep, guard.FALLBACK_METHOD, n, grid, p.extra)
+            out.append(p)
         return out
 
     def _tp_select(
@@ -263,6 +321,7 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         text_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """1-D RoPE models: each item's kept rows, in order (contiguous positions)."""
+        embeds = guard.shorten_for_test(embeds, params)
         items = self._tp_params(params, [e.shape[0] for e in embeds])
         keep = self._tp_select(modality, [self._tp_score_view(e) for e in embeds], items,
                                text_ids)
@@ -282,31 +341,54 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         text_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """M-RoPE models: select each item's kept rows; append their encoded unpruned
-        positions (``grids``: the items' LM token grids, ``t_factors``: time-step scaling)."""
+        positions (``grids``: the items' LM token grids, ``t_factors``: time-step scaling).
+
+        Positions are built on the host, checked there, moved to the rows' device and gathered
+        there with the device indices: no device-to-host sync. An item whose rows do not match
+        its grid (a count-mismatch fallback) gets grid positions spread like its rows."""
+        embeds = guard.shorten_for_test(embeds, params)
         items = self._tp_params(params, [e.shape[0] for e in embeds], grids)
         keep = self._tp_select(modality, [self._tp_score_view(e) for e in embeds], items,
                                text_ids)
         out = []
         for i, emb in enumerate(embeds):
             t, h, w = grids[i]
-            pos = full_positions(t, h, w, t_factors[i])
+            pos = self._tp_host_positions(full_positions(t, h, w, t_factors[i])[:, :3])
             idx = keep[i]
+            n_rows = int(emb.shape[0])
+            if pos.shape[0] != n_rows:  # rows and grid disagree: spread the grid like the rows
+                spread = idx.shape[0] if idx is not None else n_rows
+                pos = pos.index_select(0, guard.uniform_fallback(pos.shape[0], spread))
+                idx_pos = None
+            else:
+                idx_pos = idx
+            pos = pos.to(emb.device, non_blocking=True)
             if idx is not None:
                 emb = emb.index_select(0, idx)
-                pos = pos.index_select(0, idx.cpu())
+                if idx_pos is not None:
+                    pos = pos.index_select(0, idx_pos)
             elif is_layerwise(items[i].method):
                 emb = self._tp_alvts_rows(emb, items[i].num_keep)
-            out.append(self._tp_with_positions(emb, pos[:, :3]))
+            out.append(self._tp_with_positions(emb, pos))
         return tuple(out)
 
     @staticmethod
-    def _tp_with_positions(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Append (n, 3) relative positions to (n, D) rows as POS_CHANNELS channels."""
-        try:
-            enc = encode_positions(pos, rows.dtype)
-        except ValueError as e:  # the processor refuses such items; never crash here
-            guard.report_fallback("-", guard.POSITION_OVERFLOW, str(e))
-            enc = encode_positions(pos.clamp(max=256 * 256 - 1), rows.dtype)
+    def _tp_host_positions(pos: torch.Tensor) -> torch.Tensor:
+        """(n, 3) host positions, clamped (and counted) where the encoding cannot hold them
+        (the processor refuses such items; never crash here)."""
+        if pos.numel() and int(pos.max()) >= MAX_POSITION:
+            guard.report_fallback("-", guard.POSITION_OVERFLOW,
+                                  f"a relative position >= {MAX_POSITION}")
+            pos = pos.clamp(max=MAX_POSITION - 1)
+        return pos
+
+    @classmethod
+    def _tp_with_positions(cls, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Append (n, 3) relative positions to (n, D) rows as POS_CHANNELS channels (host
+        positions are checked; device ones were checked before they were moved)."""
+        if pos.device.type == "cpu":
+            pos = cls._tp_host_positions(pos)
+        enc = encode_positions(pos, rows.dtype, check=False)
         enc = enc.to(rows.device, non_blocking=True)
         return torch.cat([rows, enc], dim=1)
 
@@ -324,18 +406,51 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         ``mrope_positions`` already holds the right positions for every text token (see
         :func:`.positions.mrope_positions_for_spans`); this fills in the real positions of the
         kept media slots whose embeddings this step carries
-        (:func:`.positions.fill_media_positions`).
+        (:func:`.positions.fill_media_positions`). V1 passes the prompt as a list and host
+        positions, V2 device tensors: whatever is on the device comes to the host in one copy
+        (the call's only sync). If the fill fails, the rows keep the prompt's provisional
+        positions (a fallback, counted), never an exception.
         """
+        if guard.fault_for_test(guard.FAULT_NO_RECOMPUTE,
+                                sum(int(mm.shape[0]) for mm in multimodal_embeddings)):
+            return list(multimodal_embeddings), mrope_positions, self._tp_delta(
+                mrope_positions)  # as if the runner had not called this
         embeds = [mm[:, :-POS_CHANNELS] for mm in multimodal_embeddings]
-        positions = mrope_positions.clone()
         if not multimodal_embeddings:
-            return embeds, positions, int(positions.max()) + 1 - positions.shape[1]
-        rel = torch.cat(
-            [decode_positions(mm[:, -POS_CHANNELS:]).cpu() for mm in multimodal_embeddings], dim=1
-        )
-        positions_cpu = fill_media_positions(
-            input_ids, rel, mrope_positions, num_computed_tokens, media_token_ids
-        )
-        positions = positions_cpu.to(mrope_positions.device)
+            positions = mrope_positions.clone()
+            return embeds, positions, self._tp_delta(positions)
+        rel_dev = torch.cat([mm[:, -POS_CHANNELS:] for mm in multimodal_embeddings])
+        ids_host, positions_cpu, rel = _to_host(input_ids, mrope_positions,
+                                                decode_positions(rel_dev))
         delta = int(positions_cpu.max()) + 1 - positions_cpu.shape[1]
-        return embeds, positions, delta
+        try:
+            guard.fault_for_test(guard.FAULT_POSITIONS, int(rel.shape[1]), raise_=True)
+            positions_cpu = fill_media_positions(
+                ids_host, rel, positions_cpu, num_computed_tokens, media_token_ids)
+            delta = int(positions_cpu.max()) + 1 - positions_cpu.shape[1]
+        except Exception as e:  # noqa: BLE001 - a request's positions must not kill the engine
+            guard.report_fallback("-", guard.POSITIONS, str(e),
+                                  "its tokens keep the prompt's provisional positions")
+        return embeds, positions_cpu.to(mrope_positions.device, non_blocking=True), delta
+
+    @staticmethod
+    def _tp_delta(positions: torch.Tensor) -> int:
+        return int(positions.max()) + 1 - positions.shape[1]
+
+
+def _to_host(input_ids: list[int] | torch.Tensor, positions: torch.Tensor, rel: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, positions, rel) as host int64 tensors, the device ones copied in one transfer."""
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(
+        input_ids, dtype=torch.long)
+    parts = [ids.reshape(-1).long(), positions.reshape(-1).long(), rel.reshape(-1).long()]
+    on_device = [p.device.type != "cpu" for p in parts]
+    if any(on_device):
+        dev = next(p.device for p, d in zip(parts, on_device, strict=True) if d)
+        moved = torch.cat([p.to(dev, non_blocking=True) for p, d in zip(
+            parts, on_device, strict=True) if d]).to("cpu")
+        sizes = [int(p.numel()) for p, d in zip(parts, on_device, strict=True) if d]
+        chunks = iter(moved.split(sizes))
+        parts = [next(chunks) if d else p for p, d in zip(parts, on_device, strict=True)]
+    return (parts[0], parts[1].reshape(positions.shape).clone(),
+            parts[2].reshape(rel.shape))

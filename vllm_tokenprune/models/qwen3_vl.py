@@ -37,6 +37,7 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vllm_tokenprune import guard
 from vllm_tokenprune.models._qwen import (
     Embeds,
     TokenPruneQwenVLModelMixin,
@@ -108,28 +109,45 @@ class TokenPruneQwen3VLForConditionalGeneration(
 
     def _tp_embed_video_items(self, mm_input: Any, params: Any, text: Any,
                               timestamps: list[list[float]]) -> Embeds:
-        embeds = self._process_video_input(mm_input)
+        """Each video's span: its timestamp/delimiter slots (text embeddings) and its kept
+        visual tokens, in order, each with its unpruned position. The span's layout is host
+        data (the prompt's token ids); the kept slots are gathered on the device with the
+        scorer's device indices (no device-to-host sync)."""
+        embeds = guard.shorten_for_test(self._process_video_input(mm_input), params)
         grids = self._llm_grid(mm_input["video_grid_thw"])
         items = self._tp_params(params, [e.shape[0] for e in embeds], grids)
         keep = self._tp_select("video", [self._tp_score_view(e) for e in embeds], items, text)
         video_token_id = int(self.config.video_token_id)
         out = []
         for emb, (t, h, w), idx, stamps in zip(embeds, grids, keep, timestamps, strict=True):
+            dev = emb.device
             tokens = self._tp_video_tokens(t, h, w, stamps)
             ids = torch.tensor(tokens, dtype=torch.long)
             visual = ids == video_token_id
-            slots = ~visual  # every timestamp/delimiter slot stays
             visual_slots = visual.nonzero().flatten()
-            slots[visual_slots if idx is None else visual_slots[idx.cpu()]] = True
-            kept = slots.nonzero().flatten()
-            kept_visual = visual[kept]
-            rows = emb.new_zeros(kept.numel(), emb.shape[1])
-            rows[kept_visual.to(emb.device)] = emb if idx is None else emb.index_select(0, idx)
-            text_ids = ids[kept[~kept_visual]].to(emb.device)
-            text_rows = self.get_language_model().embed_input_ids(text_ids)
-            rows[(~kept_visual).to(emb.device), : self.visual_dim] = text_rows.to(rows.dtype)
-            pos = span_positions(tokens, video_token_id, h, w)
-            out.append(self._tp_with_positions(rows, pos[kept]))
+            text_slots = (~visual).nonzero().flatten()
+            n_rows = int(emb.shape[0])
+            if idx is None:
+                idx = torch.arange(n_rows, device=dev)
+            # rows and grid disagree (a count-mismatch fallback): spread the slots like the rows
+            slot_idx = idx if n_rows == visual_slots.shape[0] else guard.uniform_fallback(
+                int(visual_slots.shape[0]), int(idx.shape[0]), dev)
+            kept_visual = visual_slots.to(dev, non_blocking=True).index_select(0, slot_idx)
+            text_dev = text_slots.to(dev, non_blocking=True)
+            order = torch.sort(torch.cat([text_dev, kept_visual]), stable=True)
+            kept = order.values
+            dest = torch.empty_like(order.indices)  # where each slot's row goes in the span
+            dest[order.indices] = torch.arange(kept.shape[0], device=dev)
+            n_text = int(text_slots.shape[0])
+            rows = emb.new_zeros(kept.shape[0], emb.shape[1])
+            rows.index_copy_(0, dest[n_text:], emb.index_select(0, idx))
+            text_rows = self.get_language_model().embed_input_ids(
+                ids[text_slots].to(dev, non_blocking=True))
+            rows[:, : self.visual_dim] = rows[:, : self.visual_dim].index_copy(
+                0, dest[:n_text], text_rows.to(rows.dtype))
+            pos = self._tp_host_positions(span_positions(tokens, video_token_id, h, w))
+            out.append(self._tp_with_positions(
+                rows, pos.to(dev, non_blocking=True).index_select(0, kept)))
         return tuple(out)
 
     def _tp_feature_span(self, feature: Any) -> MediaSpan:

@@ -76,17 +76,36 @@ class ItemParams(NamedTuple):
 
     @classmethod
     def from_row(cls, row: Sequence[int]) -> ItemParams:
-        t, h, w = (int(v) for v in row[3:6])
-        return cls(int(row[0]), METHODS_BY_ID[int(row[1])], int(row[2]),
-                   (t, h, w) if t > 0 else None, tuple(int(v) for v in row[PARAMS_HEAD:]))
+        """Parse and validate a row; ValueError naming what is wrong (the worker serves such an
+        item by the fallback, never raises: ``TokenPruneModelMixin._tp_params``)."""
+        if len(row) < PARAMS_HEAD:
+            raise ValueError(f"a params row has {len(row)} values, expected at least "
+                             f"{PARAMS_HEAD}")
+        num_keep, method_id, num_tokens, t, h, w = (int(v) for v in row[:PARAMS_HEAD])
+        method = METHODS_BY_ID.get(method_id)
+        if method is None:
+            raise ValueError(f"unknown method id {method_id}")
+        if num_tokens < 1 or not 0 <= num_keep <= num_tokens:
+            raise ValueError(f"num_keep {num_keep} / num_tokens {num_tokens} out of range")
+        if t < 0 or (t > 0 and (h < 1 or w < 1 or t * h * w != num_tokens)):
+            raise ValueError(f"grid {(t, h, w)} does not hold {num_tokens} tokens")
+        return cls(num_keep, method, num_tokens, (t, h, w) if t > 0 else None,
+                   tuple(int(v) for v in row[PARAMS_HEAD:]))
 
 
-def encode_positions(pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+#: Relative positions at or above this do not fit :func:`encode_positions`' two digits.
+MAX_POSITION = 256 * 256
+
+
+def encode_positions(pos: torch.Tensor, dtype: torch.dtype, *, check: bool = True
+                     ) -> torch.Tensor:
     """(n, 3) int64 -> (n, 6) ``dtype``: each value as (value // 256, value % 256).
 
-    Every digit is an integer in [0, 256), exact in bf16/fp16/fp32 alike.
+    Every digit is an integer in [0, 256), exact in bf16/fp16/fp32 alike. ``check`` (a host
+    read of the maximum: a device sync for device positions) refuses values that do not fit;
+    callers that checked before moving positions to the device pass False.
     """
-    if pos.numel() and int(pos.max()) >= 256 * 256:
+    if check and pos.numel() and int(pos.max()) >= MAX_POSITION:
         raise ValueError("media grid too large for position encoding (>= 65536)")
     return torch.cat([pos // 256, pos % 256], dim=1).to(dtype)
 

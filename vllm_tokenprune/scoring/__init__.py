@@ -129,9 +129,8 @@ def _validate(
         ks.append(check_num_keep(num_keep[i], n))
         txts.append(check_text(texts[i], int(f.shape[1]), f.device))
         grs.append(check_grid(grid_list[i], n))
-    check_finite(feats, "features" if single else "features")
     text_items = [t for t in txts if t is not None]
-    check_finite(text_items, "text_embeds")
+    check_finite(feats, "features", (text_items, "text_embeds"))
     return Batch(feats, ks, txts, grs)
 
 

@@ -112,16 +112,20 @@ def check_text(text: object, dim: int, device: torch.device) -> Tensor | None:
     return text
 
 
-def check_finite(tensors: Sequence[Tensor], what: str) -> None:
-    """One host sync for the whole batch (needed to raise a Python exception)."""
-    if not tensors:
+def check_finite(tensors: Sequence[Tensor], what: str,
+                 *more: tuple[Sequence[Tensor], str]) -> None:
+    """One host sync for the whole batch (needed to raise a Python exception): ``tensors``
+    (named ``what``) and every further ``(tensors, what)`` group checked together."""
+    named = [(t, w, i) for ts, w in ((tensors, what), *more) for i, t in enumerate(ts)]
+    if not named:
         return
     # min/max propagate NaN and expose +-Inf: a single fast reduction per tensor (several times
     # cheaper than isfinite().all(), which materialises a bool tensor)
-    flags = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in tensors])
+    flags = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all()
+                         for t, _, _ in named])
     if not bool(flags.all()):
-        bad = int((~flags).nonzero()[0, 0])
-        raise ValueError(f"{what}[{bad}] contains NaN or Inf values")
+        _, w, i = named[int((~flags).nonzero()[0, 0])]
+        raise ValueError(f"{w}[{i}] contains NaN or Inf values")
 
 
 @dataclass
