@@ -29,7 +29,8 @@ Inside :class:`GpuEmulation` (a context manager):
   True; ``elapsed_time`` works), as code timing the device uses them.
 
 Not emulated: asynchrony itself (kernels run when launched), pinned memory (``pin_memory``
-requests give plain host tensors), multiple devices, CUDA graphs, memory limits.
+requests give plain host tensors), multiple devices, CUDA graphs (a capture attempt fails, so
+the greedy scorers' graph replay takes its eager fallback here), memory limits.
 """
 
 from __future__ import annotations
@@ -574,7 +575,16 @@ _CUDA_PATCHES: dict[str, Callable[..., Any] | type] = {
     "stream": lambda s=None: contextlib.nullcontext(s),
     "synchronize": lambda device=None: _record_active("device synchronize"),
     "current_device": lambda: 0,
+    # CUDA graphs are not emulated: a capture attempt (the greedy scorers' ``run_graphed``)
+    # fails, which is the path a GPU takes when capture fails (eager from then on).
+    "is_current_stream_capturing": lambda: False,
+    "memory_reserved": lambda device=None: 0,
+    "CUDAGraph": lambda *a, **k: _no_graphs(),
 }
+
+
+def _no_graphs() -> Any:
+    raise RuntimeError("CUDA graphs are not emulated")
 
 
 # --------------------------------------------------------------------------- the context
