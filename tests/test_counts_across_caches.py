@@ -13,34 +13,20 @@ this is the stricter case.)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import QWEN25_ARCH
+from tests.conftest import DEFAULT_RATIO
 from vllm_tokenprune import metrics, num_kept, response
 from vllm_tokenprune.testing.media import make_image, qwen_image_tokens
-from vllm_tokenprune.testing.server import token_prune_overrides
-
-DEFAULT_RATIO = 0.5
 
 
 @pytest.fixture(scope="module")
-def vllm_config(tiny_qwen_dir: Path) -> Any:
-    from vllm.engine.arg_utils import EngineArgs
-
-    from vllm_tokenprune.plugin import register
-
-    register()
-    overrides = json.loads(token_prune_overrides(QWEN25_ARCH, method="lrcp",
-                                                 prune_ratio=DEFAULT_RATIO))
-    args = EngineArgs(model=str(tiny_qwen_dir), hf_overrides=overrides, enforce_eager=True,
-                      max_model_len=4096, dtype="float32", mm_processor_cache_gb=0.05)
+def vllm_config(tiny_qwen_vllm_config: Any) -> Any:
     metrics.enable_frontend()
-    return args.create_engine_config()
+    return tiny_qwen_vllm_config
 
 
 def _cache(kind: str, vllm_config: Any) -> Any:

@@ -68,6 +68,7 @@ from vllm_tokenprune.config import (
     config_from_hf_config,
     parse_request_fields,
 )
+from vllm_tokenprune.features import install_features_guard
 from vllm_tokenprune.response import PruneDetailsMiddleware, matched_route
 from vllm_tokenprune.scoring import list_methods
 
@@ -532,6 +533,25 @@ class TokenPruneMiddleware:
         await self.app(scope, replay, send)
 
 
+#: Server flags that serve ``POST /inference/v1/generate`` with client-supplied ``features``.
+FEATURE_FLAGS = ("enable_scale_out", "tokens_only")
+
+
+def check_features_guard(bridge: _BridgeState, args: Namespace | None) -> None:
+    """Refuse to start a TokenPrune server that takes precomputed features
+    (``--enable-scale-out``, ``--tokens-only``) when their pruning rows cannot be checked."""
+    flags = [f for f in FEATURE_FLAGS if getattr(args, f, False)]
+    if bridge.config is None or not flags or install_features_guard():
+        return
+    raise RuntimeError(
+        f"vllm-tokenprune: --{flags[0].replace('_', '-')} serves /inference/v1/generate with "
+        "client-supplied features, whose pruning rows this vLLM version gives the plugin no "
+        f"place to check ({_FEATURES_INTERNAL}); start the server without it")
+
+
+_FEATURES_INTERNAL = "ServingTokens._validate_mm_cache_handles"
+
+
 def _bridge_state(vllm_config: Any, args: Namespace | None) -> _BridgeState:
     from vllm_tokenprune.plugin import ARCHITECTURES
 
@@ -564,6 +584,7 @@ class TokenPruneEndpointPlugin:
             }
 
         install_request_guard()
+        install_features_guard()
         app.include_router(router)
         app.add_middleware(TokenPruneMiddleware)
         app.add_middleware(PruneDetailsMiddleware)
@@ -575,4 +596,5 @@ class TokenPruneEndpointPlugin:
             return
         bridge = _bridge_state(engine_client.vllm_config, args)
         install_request_guard()
+        check_features_guard(bridge, args)
         setattr(state, _STATE_KEY, bridge)
