@@ -386,3 +386,10 @@ def test_byte_scan_catches_every_spelling():
         assert maybe_guarded(json.dumps({key: 1}).encode("utf-16"))
     assert not maybe_guarded(json.dumps({"model": "m", "max_tokens": 3,
                                          "messages": [{"content": "a\nb"}]}).encode())
+    # past the anchors it visits one by one, the scan searches the rest of the body
+    many = "a_b\n" * 3000
+    for tail in ('"prune_ratio": 1', '"x": "\\u0041"', '"extra_body": {}',
+                 '"media_io_kwargs": {}'):
+        body = json.dumps({"text": many})[:-1] + ", " + tail + "}"
+        assert maybe_guarded(body.encode()), tail
+    assert not maybe_guarded(json.dumps({"text": many}).encode())

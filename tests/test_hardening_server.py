@@ -676,10 +676,13 @@ def test_two_api_servers_report_and_count_exactly(hard):
     sums."""
     h = hard
     pids = _api_pids(h)
-    images = [make_image(140, 140, seed=94), make_image(196, 140, seed=95)]
+    # new images: the scorer runs (in the worker, whose histogram reaches /metrics through
+    # Prometheus' multiprocess mode under --api-server-count 2)
+    images = [make_image(140, 140, seed=97), make_image(196, 140, seed=98)]
     plan = [(images[i % 2:] + images[:i % 2], [DEFAULT_RATIO, 0.75][i % 3 == 0])
             for i in range(24)]
     before = settled_scrape(h)
+    calls = _scorer_calls(h)
     per_process = _items_by_process(pids)
 
     def one(i: int) -> tuple[int, dict[str, Any]]:
@@ -699,6 +702,16 @@ def test_two_api_servers_report_and_count_exactly(hard):
     assert sum(moved.values()) == sum(len(ims) for ims, _ in plan)
     assert delta(settled_scrape(h), before) == counters_for(
         h, [(ims, ratio, "lrcp") for ims, ratio in plan])
+    assert 1 <= _scorer_calls(h) - calls <= sum(len(ims) for ims, _ in plan)
+
+
+def _scorer_calls(h: Hard) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(h.url + "/metrics", timeout=30).text
+    return sum(s.value for fam in text_string_to_metric_families(text)
+               if fam.name == "tokenprune_scorer_seconds" for s in fam.samples
+               if s.name == "tokenprune_scorer_seconds_count")
 
 
 def test_supplied_features_rows_are_checked(hard):

@@ -6,14 +6,25 @@ A chat or completions request may carry, at the top level of its JSON body:
 * ``video_prune_ratio`` (number in [0, 1)): the same for video items (default: ``prune_ratio``);
 * ``prune_method`` (string): scorer for this request (one of ``token_prune.allowed_methods``).
 
-:class:`TokenPruneMiddleware` (an ASGI middleware) parses every JSON ``POST`` body on every
-route with the same parser vLLM uses (:func:`json.loads`, so JSON escapes such as
-``"prune\u005fratio"`` are seen exactly as vLLM sees them), validates the fields and moves them
-into the request's ``mm_processor_kwargs``, which vLLM hashes into its multimodal cache keys and
+:class:`TokenPruneMiddleware` (an ASGI middleware) validates the fields and moves them into
+the request's ``mm_processor_kwargs``, which vLLM hashes into its multimodal cache keys and
 hands to the model's processor. Bad values, a guarded key given twice, pruning fields inside
 ``extra_body`` or a client-sent ``mm_processor_kwargs``, and pruning fields on routes that
 cannot prune get HTTP 400 in vLLM's error format with ``param`` naming the field; the engine
 never sees them.
+
+What it reads, and when (the reading rule): only the body of a ``POST`` that vLLM's own app
+routes to a route whose body it parses as JSON (Starlette's matching, so the root path is
+removed exactly as vLLM removes it, :func:`json_route`), with the media type vLLM accepts
+there, and only after vLLM's ``--api-key`` check (which wraps the bridge; :class:`_AuthCheck`).
+Everything else (unknown paths, wrong methods, unauthenticated requests, multipart uploads,
+routes that take no body) goes through unread, so the bridge reads no byte vLLM would not read
+itself. It holds the body once, as the one ``bytes`` object it hands on. Before any parse it
+scans the bytes for the guarded keys (:func:`maybe_guarded`: every plain spelling contains
+``prune_``, ``_kwargs`` or ``extra_body``; any ``\\u`` escape or a UTF-16/32 body counts as a
+maybe); then it parses with the parser vLLM uses (:func:`json.loads`, so an escaped key is the
+key vLLM sees), and only when a guarded key is present at the top level does it check for
+duplicates (a second, C-speed parse, :func:`_duplicated`).
 
 Per-request ``mm_processor_kwargs`` are refused by vLLM unless the server trusts clients
 (``--trust-request-mm-kwargs``), because arbitrary HF-processor options change preprocessing
@@ -43,6 +54,10 @@ vLLM internals touched (also in :data:`vllm_tokenprune._vllm_internals.INTERNALS
 * ``VLLMValidationError`` (``vllm.exceptions``): raised by the wrapper so vLLM answers 400 with
   ``param`` set.
 * ``app.state`` of vLLM's FastAPI app: the bridge keeps its state under ``app.state.tokenprune``.
+* vLLM's ``AuthenticationMiddleware`` (its order in ``app.user_middleware``, ``verify_token``,
+  ``GUARDED_PREFIX``) and the name of its ``validate_json_request`` dependency: the reading rule.
+* ``ServingTokens._validate_mm_cache_handles`` (wrapped, :mod:`vllm_tokenprune.features`):
+  pruning rows in client-supplied ``features`` on ``/inference/v1/generate``.
 """
 
 from __future__ import annotations
@@ -115,12 +130,38 @@ def seal(fields: Mapping[str, Any]) -> str:
 
 #: Byte strings one of which every spelling of a guarded key without a JSON escape contains
 #: (the three pruning fields, the two kwargs, ``extra_body``): a body without any of them and
-#: without a ``\\u`` escape cannot carry a guarded key, so it is handed on unparsed.
+#: without a ``\\u`` escape cannot carry a guarded key, so it is handed on unparsed. Each holds
+#: an underscore, the anchor the scan looks for first.
 _KEY_MARKS = (b"prune_", b"_kwargs", b"extra_body")
+#: Anchors visited one by one (``memchr`` speed) before the scan falls back to substring
+#: searches over the rest of the body.
+_FEW_ANCHORS = 512
+
+
+def _has_any(body: bytes, anchor: bytes, marks: tuple[bytes, ...]) -> bool:
+    """Whether ``body`` contains one of ``marks`` (each containing the one-byte ``anchor``).
+
+    Visits the anchor's occurrences with ``bytes.find`` (``memchr``: a base64 image has no
+    underscore and no backslash, so this is one pass at memory speed) and checks the marks
+    around each; past :data:`_FEW_ANCHORS` occurrences, searches the rest for the marks."""
+    offsets = [(mark, mark.index(anchor)) for mark in marks]
+    find = body.find
+    pos = find(anchor)
+    visited = 0
+    while pos >= 0:
+        for mark, off in offsets:
+            if pos >= off and body.startswith(mark, pos - off):
+                return True
+        visited += 1
+        if visited > _FEW_ANCHORS:
+            start = max(0, pos - max(len(m) for m in marks))
+            return any(find(mark, start) >= 0 for mark in marks)
+        pos = find(anchor, pos + 1)
+    return False
 
 
 def maybe_guarded(body: bytes) -> bool:
-    """Whether ``body`` may carry a guarded key at all (cheap byte scan, no parse).
+    """Whether ``body`` may carry a guarded key at all (a byte scan, no parse, no copy).
 
     JSON spells a key either plainly or with ``\\uXXXX`` escapes (no other escape yields a
     letter, digit or underscore), so: any ``\\u`` escape anywhere counts as "maybe"; so does a
@@ -128,9 +169,7 @@ def maybe_guarded(body: bytes) -> bool:
     """
     if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
         return True
-    if b"\\" in body and b"\\u" in body:
-        return True
-    return any(mark in body for mark in _KEY_MARKS)
+    return _has_any(body, b"\\", (b"\\u",)) or _has_any(body, b"_", _KEY_MARKS)
 
 
 def _parse_int(text: str) -> int | OversizedInteger:
