@@ -192,7 +192,7 @@ def _load(body: bytes) -> tuple[Any, bool]:
         return json.loads(body, parse_int=_parse_int), True
 
 
-def _duplicated(body: bytes, present: list[str]) -> str | None:
+def _duplicated(body: bytes, present: list[str], oversized: bool = False) -> str | None:
     """The first guarded key of ``present`` given more than once at the top level of ``body``.
 
     JSON's last-wins would hide the first value. Cheap when each such key is spelled once and
@@ -200,7 +200,8 @@ def _duplicated(body: bytes, present: list[str]) -> str | None:
     tuple``: objects become tuples of pairs, no Python call per object)."""
     if b"\\u" not in body and all(body.count(b'"%s"' % k.encode()) == 1 for k in present):
         return None
-    pairs = json.loads(body, object_pairs_hook=tuple, parse_int=_parse_int)
+    pairs = json.loads(body, object_pairs_hook=tuple,
+                       **({"parse_int": _parse_int} if oversized else {}))
     keys = [k for k, _ in pairs] if isinstance(pairs, tuple) else []
     return next((k for k in present if keys.count(k) > 1), None)
 
@@ -235,7 +236,7 @@ def rewrite_body(
     present = [k for k in GUARDED_KEYS if k in data]
     if present:
         try:
-            dup = _duplicated(body, present)
+            dup = _duplicated(body, present, oversized)
         except RecursionError:
             return None, _error(400, "request body: JSON nested too deeply", None)
         if dup is not None:
