@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,24 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vllm_tokenprune.testing.tiny_model import build_qwen2_5_vl
 
     return build_qwen2_5_vl(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vllm_config(tiny_qwen_dir: Path) -> Any:
+    """vLLM's engine config of the TokenPrune tiny Qwen2.5-VL (LRCP at 0.5; no server, no
+    weights loaded): builds the real processor in-process (``MULTIMODAL_REGISTRY``)."""
+    import json
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_tokenprune.plugin import register
+
+    register()
+    overrides = json.loads(token_prune_overrides(QWEN25_ARCH, method="lrcp",
+                                                 prune_ratio=DEFAULT_RATIO))
+    args = EngineArgs(model=str(tiny_qwen_dir), hf_overrides=overrides, enforce_eager=True,
+                      max_model_len=4096, dtype="float32", mm_processor_cache_gb=0.05)
+    return args.create_engine_config()
 
 
 def _start(model: Path, args: list[str], name: str) -> VLLMServer:

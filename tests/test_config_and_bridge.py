@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 
@@ -205,3 +206,190 @@ def test_guard_wraps_vllms_check_and_keeps_its_rule():
     with pytest.raises(VLLMValidationError) as exc:
         guarded(mm_processor_kwargs=kw, media_io_kwargs=None, trust_request_mm_kwargs=False)
     assert exc.value.parameter == "mm_processor_kwargs"
+
+
+# -- the bridge inside vLLM's real app (build_app: its routes, --api-key, --root-path), no engine
+
+KEY = "unit-key"
+
+
+@pytest.fixture(scope="module")
+def vllm_app() -> Any:
+    """vLLM's FastAPI app as ``vllm serve --api-key unit-key --root-path /api`` builds it, with
+    the plugin attached and its bridge state set (no engine: only answers given before a route
+    handler runs are observable)."""
+    import os
+
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    saved = os.environ.get("VLLM_PLUGINS")
+    os.environ["VLLM_PLUGINS"] = "tokenprune"
+    try:
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            ["--model", "m", "--api-key", KEY, "--root-path", "/api"])
+        app = build_app(args, supported_tasks=("generate",))
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_PLUGINS", None)
+        else:
+            os.environ["VLLM_PLUGINS"] = saved
+    app.state.tokenprune = _state()
+    return app
+
+
+def _asgi_post(app: Any, path: str, body: bytes, *, key: bool = True, ctype: str | None =
+               "application/json", method: str = "POST") -> tuple[int, dict[str, Any], int]:
+    """One request through the ASGI app: (status, JSON answer, how many times anyone asked for
+    the request body)."""
+    import asyncio
+
+    headers = [] if ctype is None else [(b"content-type", ctype.encode())]
+    if key:
+        headers.append((b"authorization", f"Bearer {KEY}".encode()))
+    headers.append((b"content-length", str(len(body)).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "root_path": "", "query_string": b"", "headers": headers,
+             "server": ("t", 80), "client": ("c", 1)}
+    reads = 0
+    out: dict[str, Any] = {"body": b""}
+    half = len(body) // 2
+
+    async def receive() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            return {"type": "http.request", "body": body[:half], "more_body": True}
+        if reads == 2:
+            return {"type": "http.request", "body": body[half:], "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    asyncio.run(app(scope, receive, send))
+    try:
+        answer = json.loads(out["body"] or b"{}")
+    except ValueError:
+        answer = {"raw": out["body"][:200]}
+    return out["status"], answer, reads
+
+
+def _param(answer: dict[str, Any]) -> Any:
+    return (answer.get("error") or {}).get("param") if isinstance(answer.get("error"), dict) \
+        else None
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The route paths the bridge looked at a body for."""
+    from vllm_tokenprune import serving
+
+    seen: list[str] = []
+    original = serving.rewrite_body
+
+    def spy(body: bytes, path: str, state: Any) -> Any:
+        seen.append(path)
+        return original(body, path, state)
+
+    monkeypatch.setattr(serving, "rewrite_body", spy)
+    return seen
+
+
+BIG = ("[" + ",".join(["{}"] * 500_000) + "]").encode()  # 1.5 MB of objects
+
+
+def test_no_work_on_unknown_paths_methods_and_unauthenticated_requests(vllm_app, parses):
+    ratio = b'{"prune_ratio": 7, "x": ' + BIG + b"}"
+    for path, key, status in (("/nope", False, 404), ("/nope", True, 404),
+                              ("/api/nope", True, 404), ("/apix/v1/chat/completions", True, 404),
+                              ("/v1/chat/completions", False, 401),
+                              ("/api/v1/chat/completions", False, 401),
+                              ("/api/v1/completions", False, 401),
+                              ("/v1/models", True, 405)):  # a GET-only route
+        got, _, reads = _asgi_post(vllm_app, path, ratio, key=key)
+        assert (got, reads) == (status, 0), (path, key, got, reads)
+    assert parses == []
+
+
+def test_bodies_vllm_does_not_parse_as_json_are_not_read(vllm_app, parses):
+    body = b'{"prune_ratio": 7}'
+    # vLLM's validate_json_request refuses these before using the body
+    for ctype in ("text/plain", "application/json-patch+json", None, "multipart/form-data; b=x"):
+        status, answer, _ = _asgi_post(vllm_app, "/api/v1/chat/completions", body, ctype=ctype)
+        assert status == 400 and _param(answer) != "prune_ratio", (ctype, answer)
+    # a route that takes no body: the scale-out route this server disabled (403, unread)
+    status, answer, reads = _asgi_post(vllm_app, "/api/inference/v1/generate", body)
+    assert (status, reads) == (403, 0), answer
+    assert parses == []
+
+
+def test_root_path_routes_as_vllm_routes(vllm_app, parses):
+    huge = b'{"model": "m", "messages": [], "prune_ratio": 1' + b"0" * 400 + b"}"
+    for path in ("/api/v1/chat/completions", "/v1/chat/completions", "/api/v1/completions"):
+        status, answer, reads = _asgi_post(vllm_app, path, huge)
+        assert status == 400 and _param(answer) == "prune_ratio", (path, answer)
+        assert "must be a number in [0, 1)" in answer["error"]["message"]
+        assert len(answer["error"]["message"]) < 200
+    # unguarded by --api-key (vLLM guards /v1, /v2, /inference, /cohere only): still the route
+    status, answer, _ = _asgi_post(vllm_app, "/api/tokenize", b'{"prune\\u005fratio": 0.5}',
+                                   key=False)
+    assert status == 400 and _param(answer) == "prune_ratio"
+    assert "not supported on /tokenize" in answer["error"]["message"]
+    assert parses == ["/v1/chat/completions"] * 2 + ["/v1/completions", "/tokenize"]
+
+
+def test_bridge_checks_the_key_itself_if_it_ever_runs_first():
+    """If a vLLM version put the bridge outside its AuthenticationMiddleware, the bridge applies
+    vLLM's own check before reading (here: an app built with the order inverted)."""
+    from fastapi import FastAPI
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    from vllm_tokenprune.serving import TokenPruneMiddleware, _auth_verifier
+
+    app = FastAPI(root_path="/api")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> dict[str, Any]:
+        return body
+
+    app.add_middleware(AuthenticationMiddleware, tokens=[KEY])
+    assert _auth_verifier(app) is None  # no bridge in the stack: nothing of ours to order
+    app.add_middleware(TokenPruneMiddleware)  # outermost
+    assert _auth_verifier(app) is not None
+    app.state.tokenprune = _state()
+    bad = b'{"prune_ratio": 7}'
+    assert _asgi_post(app, "/api/v1/chat/completions", bad, key=False)[::2] == (401, 0)
+    status, answer, _ = _asgi_post(app, "/api/v1/chat/completions", bad)
+    assert status == 400 and _param(answer) == "prune_ratio"
+
+
+def test_real_app_orders_vllms_key_check_first(vllm_app):
+    from vllm_tokenprune.serving import _auth_verifier
+
+    assert _auth_verifier(vllm_app) is None
+
+
+def test_byte_scan_catches_every_spelling():
+    from vllm_tokenprune.serving import GUARDED_KEYS, maybe_guarded
+
+    for key in GUARDED_KEYS:
+        assert maybe_guarded(json.dumps({key: 1}).encode())
+        esc = key[:2] + f"\\u{ord(key[2]):04x}" + key[3:]
+        assert maybe_guarded(b'{"' + esc.encode() + b'": 1}')
+        assert maybe_guarded(json.dumps({key: 1}).encode("utf-16"))
+    assert not maybe_guarded(json.dumps({"model": "m", "max_tokens": 3,
+                                         "messages": [{"content": "a\nb"}]}).encode())
+    # past the anchors it visits one by one, the scan searches the rest of the body
+    many = "a_b\n" * 3000
+    for tail in ('"prune_ratio": 1', '"x": "\\u0041"', '"extra_body": {}',
+                 '"media_io_kwargs": {}'):
+        body = json.dumps({"text": many})[:-1] + ", " + tail + "}"
+        assert maybe_guarded(body.encode()), tail
+    assert not maybe_guarded(json.dumps({"text": many}).encode())

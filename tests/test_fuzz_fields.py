@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from vllm_tokenprune.config import (
     REQUEST_FIELDS,
+    OversizedInteger,
     RequestFieldError,
     TokenPruneConfig,
     TokenPruneConfigError,
@@ -34,10 +36,20 @@ from vllm_tokenprune.serving import SEAL_KEY, _BridgeState, check_sealed_kwargs,
 
 RATIO_FIELDS = ("prune_ratio", "video_prune_ratio")
 
-#: JSON texts of values, edge cases first.
+#: JSON texts of values, edge cases first: every JSON number form (sign, fraction, exponent
+#: with and without sign, either case), Python's non-standard NaN/Infinity, and numbers past
+#: float range: integers of 400 digits (past about 309, ``float()`` raises OverflowError) and of
+#: 5000 digits (past ``sys.get_int_max_str_digits()``, ``int()`` itself refuses them).
 _EDGE_NUMBERS = ["0", "-0", "-0.0", "0.0", "1", "1.0", "0.999999999999", "0.9999999999999999999",
-                 "1e309", "-1e309", "1e-320", "5e-324", "NaN", "Infinity", "-Infinity",
-                 "100000000000000000000000000000000000000000", "-1", "0.5e0", "5E-1"]
+                 "1e309", "-1e309", "1e400", "-1e400", "1E+400", "1e-320", "5e-324", "1e-400",
+                 "-1e-400", "0e0", "-0E-0", "0.5E+0", "NaN", "Infinity", "-Infinity",
+                 "100000000000000000000000000000000000000000", "-1", "0.5e0", "5E-1",
+                 "1" + "0" * 400, "-1" + "0" * 400, "0" + "." + "0" * 400 + "1",
+                 "0." + "9" * 400, "1" + "0" * 400 + ".0", "1" + "0" * 5000, "-" + "9" * 5000,
+                 "0." + "5" * 5000 + "e-3", "123456789e-999999", "1e999999"]
+
+#: Integers up to this many digits in the random draws (float range ends near 309 digits).
+_BIG = 10 ** 450
 
 
 def _json_value() -> st.SearchStrategy[str]:
@@ -46,6 +58,8 @@ def _json_value() -> st.SearchStrategy[str]:
         st.floats(allow_nan=False, allow_infinity=False).map(json.dumps),
         st.floats(min_value=0.0, max_value=1.0).map(json.dumps),
         st.integers(min_value=-10**40, max_value=10**40).map(str),
+        st.integers(min_value=-_BIG, max_value=_BIG).map(str),
+        st.integers(300, 6000).map(lambda n: "1" + "0" * n),
         st.sampled_from(["true", "false", "null", '""', '"0.5"', '"lrcp"', '"LRCP"', '" lrcp"',
                          '"norm\\u0000"', '"__import__"', '"../etc/passwd"', '"n\\u006frm"']),
         st.sampled_from(list_methods()).map(json.dumps),
@@ -72,12 +86,20 @@ def field_values(draw: Any) -> dict[str, str]:
     return out
 
 
+def _parse_int(text: str) -> int | OversizedInteger:
+    """What the bridge hands over for an integer literal Python's ``int`` refuses."""
+    digits = len(text.lstrip("-"))
+    return OversizedInteger(digits) if digits > sys.get_int_max_str_digits() else int(text)
+
+
 def _decode(fields: dict[str, str]) -> dict[str, Any]:
-    return {json.loads(f'"{k}"'): json.loads(v) for k, v in fields.items()}
+    return {json.loads(f'"{k}"'): json.loads(v, parse_int=_parse_int) for k, v in fields.items()}
 
 
 def _ratio_ok(v: Any) -> bool:
-    return (type(v) in (int, float)) and math.isfinite(v) and 0 <= v < 1
+    if type(v) is int:  # any length: compared as an integer, never as a float
+        return v == 0
+    return type(v) is float and math.isfinite(v) and 0 <= v < 1
 
 
 def expected_outcome(fields: dict[str, str],
@@ -105,6 +127,7 @@ def test_parse_request_fields_follows_the_documented_rule(fields, allowed):
     except RequestFieldError as e:
         assert outcome == e.field, (fields, str(e))
         assert str(e).startswith(e.field + ":")
+        assert len(str(e)) < 400, str(e)  # a client's megabyte value is never echoed
         return
     assert got == outcome
     for k in RATIO_FIELDS:
@@ -230,6 +253,10 @@ def test_token_prune_block_accepted_as_documented_or_refused_naming_the_key(bloc
 
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"a":' * 100_000])
 def test_bridge_answers_pathologically_nested_json(text):
-    new, err = rewrite_body(text.encode(), "/v1/chat/completions",
-                            _BridgeState(TokenPruneConfig(), False, ["TokenPruneX"]))
+    state = _BridgeState(TokenPruneConfig(), False, ["TokenPruneX"])
+    # no guarded key: not parsed at all (vLLM answers the body itself)
+    assert rewrite_body(text.encode(), "/v1/chat/completions", state) == (None, None)
+    # with one: the parse recurses out, a clean 400
+    body = ('{"prune_ratio": 0.5, "x": ' + text).encode()
+    new, err = rewrite_body(body, "/v1/chat/completions", state)
     assert new is None and err is not None and err[0] == 400

@@ -1,8 +1,13 @@
-"""Hardening against a real CPU server with the plugin (issue 11): abuse, ``--api-key``, faults,
-a bounded fuzz sample and a load run, all on one dedicated server of this module.
+"""Hardening against a real CPU server with the plugin (issues 11 and 18): abuse, ``--api-key``,
+faults, a bounded fuzz sample, a load run, huge numbers, unread bodies, a root path, two API
+server processes and client-supplied features, all on one dedicated server of this module.
 
-The server runs with ``--api-key`` and ``min_keep`` 8 (above the 4 tokens of the tiny model's
-smallest image), so every test also checks that the key is required. Expected prompt lengths
+The server runs as ``vllm serve`` with ``--api-key``, ``--root-path /api`` (as behind a proxy
+that keeps the prefix; vLLM routes both ``/api/v1/...`` and ``/v1/...``), ``--api-server-count
+2`` (two API server processes on one port, each with its own processor cache; Prometheus in
+multiprocess mode), ``--enable-scale-out`` (render routes and ``/inference/v1/generate`` with
+precomputed ``features``) and ``min_keep`` 8 (above the 4 tokens of the tiny model's smallest
+image), so every test also checks that the key is required. Expected prompt lengths
 are computed, not observed: ``T(k) + sum(num_kept(N_i, ratio, min_keep))``, with ``N_i`` from
 transformers' own processor and ``T(k)``, the text tokens of a k-image prompt, measured once at
 ratio 0. Prometheus counters are compared as deltas over the requests of one test.
@@ -31,7 +36,10 @@ from vllm_tokenprune.config import REQUEST_FIELDS
 from vllm_tokenprune.testing.media import data_url, make_image, qwen_image_tokens
 from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 
+pytestmark = pytest.mark.server
+
 KEY = "tokenprune-test-key"
+ROOT = "/api"
 DEFAULT_RATIO = 0.5
 MIN_KEEP = 8
 #: token_prune.max_greedy_keep on this server: below the largest image's 234 tokens, above every
@@ -160,11 +168,12 @@ def hard(tiny_qwen_dir: Path) -> Any:
                                       min_keep=MIN_KEEP, max_greedy_keep=MAX_GREEDY_KEEP)
     args = ["--dtype", "float32", "--max-num-batched-tokens", "512", "--seed", "0",
             "--api-key", KEY, "--limit-mm-per-prompt", json.dumps({"image": MAX_IMAGES}),
+            "--root-path", ROOT, "--api-server-count", "2", "--enable-scale-out",
             "--hf-overrides", overrides]
     log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
     log_dir.mkdir(parents=True, exist_ok=True)
     server = VLLMServer(tiny_qwen_dir, args, log_path=log_dir / "hardening.log",
-                        env={"VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)})
+                        env={"VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)}, cli=True)
     h = Hard(server, tiny_qwen_dir)
     im = make_image(56, 56, seed=1)
     for k in range(1, MAX_IMAGES + 1):
@@ -256,32 +265,46 @@ def test_nested_fields(hard):
         assert r.json()["usage"]["prompt_tokens"] == expected_tokens(hard, [im], DEFAULT_RATIO)
 
 
-def _post_routes(h: Hard) -> list[str]:
+def _post_routes(h: Hard) -> dict[str, bool]:
+    """POST route -> whether vLLM reads its body as JSON (a request body in the app's OpenAPI
+    listing, or ``/invocations``, which parses the body itself and dispatches on it)."""
     spec = requests.get(h.url + "/openapi.json", headers=_headers(), timeout=30).json()
-    return sorted(p for p, ops in spec["paths"].items() if "post" in ops)
+    return {p: "requestBody" in ops["post"] or p == "/invocations"
+            for p, ops in sorted(spec["paths"].items()) if "post" in ops}
 
 
 def test_every_post_route_refuses_guarded_fields(hard):
-    """Every POST route vLLM serves (from the app's own OpenAPI listing): an escaped pruning
-    field or escaped processor kwargs get a 400 naming the field, never a 500 or a pass."""
+    """Every POST route vLLM serves (from the app's own OpenAPI listing), with and without the
+    root path: on a route whose body vLLM parses, an escaped pruning field or escaped processor
+    kwargs get a 400 naming the field; a route that reads no body never sees them (never a 500);
+    an unknown path is vLLM's 404, its body unread."""
     routes = _post_routes(hard)
-    assert {"/v1/chat/completions", "/v1/completions", "/tokenize"} <= set(routes)
-    seen = []
-    # plus paths outside the schema: the bridge answers before routing
-    for route in [*routes, "/collective_rpc", "/no/such/route"]:
+    assert {"/v1/chat/completions", "/v1/completions", "/tokenize",
+            "/inference/v1/generate"} <= set(routes)
+    outcomes = Counter()
+    for route, reads in [*routes.items(), ("/collective_rpc", None), ("/no/such/route", None)]:
         path = route.replace("{", "").replace("}", "")  # path parameters: any literal
-        for raw, value, param in (
-            (escaped("prune_ratio"), 7, "prune_ratio"),
-            (escaped("prune_method"), "x", "prune_method"),
-            (escaped("mm_processor_kwargs"), {"max_pixels": 10**9}, "mm_processor_kwargs"),
-            (escaped("media_io_kwargs"), {"image": {}}, "media_io_kwargs"),
-        ):
-            r = post(hard, path, '{"model": "m", "' + raw + '": ' + json.dumps(value) + "}")
-            assert r.status_code == 400, (route, raw, r.status_code, r.text[:300])
-            assert r.json()["error"]["param"] == param, (route, r.text[:300])
-        seen.append(route)
-    assert len(seen) == len(routes) + 2 and len(routes) >= 10
-    print(f"{len(routes)} POST routes: {' '.join(routes)}")
+        for prefix in ("", ROOT):
+            for raw, value, param in (
+                (escaped("prune_ratio"), 7, "prune_ratio"),
+                (escaped("prune_method"), "x", "prune_method"),
+                (escaped("mm_processor_kwargs"), {"max_pixels": 10**9}, "mm_processor_kwargs"),
+                (escaped("media_io_kwargs"), {"image": {}}, "media_io_kwargs"),
+            ):
+                r = post(hard, prefix + path,
+                         '{"model": "m", "' + raw + '": ' + json.dumps(value) + "}")
+                if reads is None:
+                    assert r.status_code == 404, (route, r.status_code, r.text[:300])
+                elif reads:
+                    assert r.status_code == 400, (route, raw, r.status_code, r.text[:300])
+                    assert r.json()["error"]["param"] == param, (route, r.text[:300])
+                else:
+                    assert r.status_code < 500, (route, r.status_code, r.text[:300])
+                outcomes[reads] += 1
+    assert outcomes[True] >= 8 * 12 and outcomes[None] == 16
+    print(f"{len(routes)} POST routes, JSON body: "
+          f"{' '.join(p for p, j in routes.items() if j)}; no body: "
+          f"{' '.join(p for p, j in routes.items() if not j)}")
     _assert_serves(hard)
 
 
@@ -466,3 +489,270 @@ def test_load_exact_accounting(hard):
     assert delta(settled_scrape(h), before) == counters_for(h, served)
     print(f"load: {LOAD_REQUESTS} requests, {IN_FLIGHT} in flight, "
           f"{sum(len(p[0]) for p in plan)} images in {elapsed:.1f}s")
+
+
+# --------------------------------------------------------------------------- issue 18
+
+
+def _log_since(h: Hard, offset: int) -> str:
+    with open(h.server.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def _api_pids(h: Hard) -> list[int]:
+    import re
+
+    return sorted({int(p) for p in re.findall(r"\(ApiServer_\d+ pid=(\d+)\)", h.server.log_text())})
+
+
+@pytest.mark.parametrize("text", ["1" + "0" * 400, "-1" + "0" * 400, "1e400", "-1e400",
+                                  "1" + "0" * 5000, "0." + "9" * 400, "1E+309"])
+def test_huge_numbers_get_400_naming_the_field_and_no_traceback(hard, text):
+    offset = hard.server.log_path.stat().st_size
+    body = json.dumps(chat_body(hard, [make_image(56, 56)]))[:-1]
+    for name in ("prune_ratio", "video_prune_ratio"):
+        for prefix in ("", ROOT):
+            r = post(hard, prefix + "/v1/chat/completions", body + f', "{name}": {text}}}')
+            _assert_400(r, name)
+            assert len(r.json()["error"]["message"]) < 200
+    time.sleep(1)
+    log = _log_since(hard, offset)
+    assert "Traceback" not in log and "Error" not in log.replace("BadRequestError", ""), \
+        log[-2000:]
+
+
+def _rss_mb(pids: list[int]) -> float:
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def _slow_upload(h: Hard, path: str, body: bytes, *, key: bool, seconds: float) -> str:
+    """Send ``body`` in pieces over about ``seconds``; the status line of the answer."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + (f"Authorization: Bearer {KEY}\r\n" if key else "")
+            + f"Content-Length: {len(body)}\r\n\r\n").encode()
+    pieces = 20
+    step = -(-len(body) // pieces)
+    with socket.create_connection(("127.0.0.1", h.server.port), timeout=60) as s:
+        try:
+            s.sendall(head)
+            for i in range(pieces):
+                s.sendall(body[i * step:(i + 1) * step])
+                time.sleep(seconds / pieces)
+        except OSError:  # the server answered and closed before the upload ended
+            pass
+        try:
+            return s.recv(200).split(b"\r\n", 1)[0].decode()
+        except OSError:
+            return "closed"
+
+
+def test_unauthenticated_30mb_body_on_an_unknown_path_is_not_read(hard):
+    """30 MB of ``[{},{},...]`` (the shape whose parse cost 33x its size) to ``POST /nope``
+    without a key, sent over about 3 s, three times in parallel, plus once with the key to
+    another unknown path: ``/health`` keeps answering within 1 s, chat requests are served, and
+    the API server processes' resident memory grows by less than 200 MB."""
+    body = ("[" + ",".join(["{}"] * 10_000_000) + "]").encode()
+    assert len(body) > 30_000_000
+    pids = _api_pids(hard)
+    assert len(pids) == 2, pids
+    im = make_image(112, 84, seed=90)
+    _assert_serves(hard)
+    base = _rss_mb(pids)
+    peak = base
+    health: list[float] = []
+    chats: list[float] = []
+    with ThreadPoolExecutor(4) as pool:
+        uploads = [pool.submit(_slow_upload, hard, p, body, key=k, seconds=3.0)
+                   for p, k in (("/nope", False), ("/nope", False), (ROOT + "/nope", False),
+                                ("/v1/nope", True))]
+        while not all(u.done() for u in uploads):
+            t = time.monotonic()
+            assert requests.get(hard.url + "/health", timeout=5).status_code == 200
+            health.append(time.monotonic() - t)
+            t = time.monotonic()
+            r = post(hard, ROOT + "/v1/chat/completions", chat_body(hard, [im], prune_ratio=0.5))
+            assert r.status_code == 200, r.text
+            chats.append(time.monotonic() - t)
+            peak = max(peak, _rss_mb(pids))
+        statuses = [u.result() for u in uploads]
+    assert all(" 404 " in st or st == "closed" for st in statuses), statuses
+    assert health and max(health) < 1.0, health
+    print(f"30 MB x4 on unknown paths: /health max {max(health) * 1000:.0f} ms over "
+          f"{len(health)}, chat median {sorted(chats)[len(chats) // 2] * 1000:.0f} ms over "
+          f"{len(chats)}, API servers' RSS {base:.0f} -> peak {peak:.0f} MB")
+    assert peak - base < 200, (base, peak)
+
+
+def _stream(h: Hard, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    chunks = []
+    with requests.post(h.url + path, data=json.dumps(body), headers=_headers(), stream=True,
+                       timeout=300) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+def _expected_field(h: Hard, images: list[Image.Image], ratio: float,
+                    method: str = "lrcp") -> dict[str, Any]:
+    items = [{"modality": "image", "index": i, "tokens": h.tokens(im),
+              "kept": num_kept(h.tokens(im), ratio, MIN_KEEP)} for i, im in enumerate(images)]
+    return {"method": method, "ratios": {"image": ratio},
+            "tokens": sum(i["tokens"] for i in items), "kept": sum(i["kept"] for i in items),
+            "items": items}
+
+
+def test_concurrent_streams_each_carry_their_own_field_once(hard):
+    images = [make_image(168, 112, seed=91)]
+    ratios = [0.25, 0.5, 0.75, 0.889]
+
+    def one(i: int) -> list[dict[str, Any]]:
+        prefix = ROOT if i % 2 else ""
+        return _stream(hard, prefix + "/v1/chat/completions",
+                       chat_body(hard, images, prune_ratio=ratios[i], max_tokens=4))
+
+    for _ in range(2):  # the second round: every item from a processor cache
+        with ThreadPoolExecutor(len(ratios)) as pool:
+            results = list(pool.map(one, range(len(ratios))))
+        for ratio, chunks in zip(ratios, results, strict=True):
+            carrying = [c for c in chunks if "token_prune" in c]
+            assert len(carrying) == 1, (ratio, len(carrying))
+            final = carrying[0]
+            assert final is chunks[-1] and final["choices"] == []
+            assert final["token_prune"] == _expected_field(hard, images, ratio)
+            assert final["usage"]["prompt_tokens"] == expected_tokens(hard, images, ratio)
+
+
+def test_root_path_prunes_and_reports(hard):
+    images = [make_image(140, 112, seed=92), make_image(112, 112, seed=93)]
+    body = chat_body(hard, images, prune_ratio=0.75, prune_method="norm")
+    r = post(hard, ROOT + "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == expected_tokens(hard, images, 0.75)
+    assert r.json()["token_prune"] == _expected_field(hard, images, 0.75, "norm")
+    plain = post(hard, "/v1/chat/completions", body)
+    assert plain.json()["usage"] == r.json()["usage"]
+    assert plain.json()["token_prune"] == r.json()["token_prune"]
+    # the completions route behind the prefix: the fields are accepted (no media: no field)
+    r = post(hard, ROOT + "/v1/completions", {"model": hard.server.model, "prompt": "Hi",
+                                               "max_tokens": 1, "prune_ratio": 0.5})
+    assert r.status_code == 200 and "token_prune" not in r.json(), r.text
+
+
+def _items_by_process(pids: list[int]) -> dict[int, float]:
+    """``tokenprune_media_items_total`` as each API server process recorded it: Prometheus'
+    multiprocess mode keeps one memory-mapped file per process (``counter_<pid>.db``)."""
+    import psutil
+    from prometheus_client.mmap_dict import MmapedDict
+
+    out = {}
+    for pid in pids:
+        paths = [m.path for m in psutil.Process(pid).memory_maps()
+                 if m.path.endswith(f"/counter_{pid}.db")]
+        total = 0.0
+        for path in paths[:1]:
+            for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+                if json.loads(key)[1] == "tokenprune_media_items_total":
+                    total += value
+        out[pid] = total
+    return out
+
+
+def test_two_api_servers_report_and_count_exactly(hard):
+    """Requests spread over both API server processes (each with its own processor cache):
+    every response's ``token_prune`` is exact, first sight or cache hit, and the counters
+    (aggregated over the processes by Prometheus' multiprocess mode) move by exactly the
+    sums."""
+    h = hard
+    pids = _api_pids(h)
+    # new images: the scorer runs (in the worker, whose histogram reaches /metrics through
+    # Prometheus' multiprocess mode under --api-server-count 2)
+    images = [make_image(140, 140, seed=97), make_image(196, 140, seed=98)]
+    plan = [(images[i % 2:] + images[:i % 2], [DEFAULT_RATIO, 0.75][i % 3 == 0])
+            for i in range(24)]
+    before = settled_scrape(h)
+    calls = _scorer_calls(h)
+    per_process = _items_by_process(pids)
+
+    def one(i: int) -> tuple[int, dict[str, Any]]:
+        ims, ratio = plan[i]
+        r = post(h, [ROOT, ""][i % 2] + "/v1/chat/completions",
+                 chat_body(h, ims, prune_ratio=ratio))
+        assert r.status_code == 200, r.text
+        return i, r.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        for i, data in pool.map(one, range(len(plan))):
+            ims, ratio = plan[i]
+            assert data["token_prune"] == _expected_field(h, ims, ratio), i
+            assert data["usage"]["prompt_tokens"] == expected_tokens(h, ims, ratio)
+    moved = {p: v - per_process[p] for p, v in _items_by_process(pids).items()}
+    assert len(moved) == 2 and min(moved.values()) > 0, moved  # both processes served items
+    assert sum(moved.values()) == sum(len(ims) for ims, _ in plan)
+    assert delta(settled_scrape(h), before) == counters_for(
+        h, [(ims, ratio, "lrcp") for ims, ratio in plan])
+    assert 1 <= _scorer_calls(h) - calls <= sum(len(ims) for ims, _ in plan)
+
+
+def _scorer_calls(h: Hard) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(h.url + "/metrics", timeout=30).text
+    return sum(s.value for fam in text_string_to_metric_families(text)
+               if fam.name == "tokenprune_scorer_seconds" for s in fam.samples
+               if s.name == "tokenprune_scorer_seconds_count")
+
+
+def test_supplied_features_rows_are_checked(hard):
+    """``/inference/v1/generate`` with ``features`` rendered by this server is served; the same
+    features with a tampered params row get a 400 naming the row, and the server serves on."""
+    import torch
+    from vllm.entrypoints.scale_out.token_in_token_out.mm_serde import (
+        decode_mm_kwargs_item,
+        encode_mm_kwargs_item,
+    )
+
+    im = make_image(112, 84, seed=96)
+    r = post(hard, ROOT + "/v1/chat/completions/render", chat_body(hard, [im]))
+    assert r.status_code == 200, r.text
+    rendered = r.json()
+    rendered["sampling_params"] = {"max_tokens": 1, "temperature": 0.0}
+    assert rendered["features"]["kwargs_data"]["image"][0]
+    r = post(hard, ROOT + "/inference/v1/generate", rendered)
+    assert r.status_code == 200, r.text
+
+    import dataclasses
+
+    from vllm.multimodal.inputs import MultiModalKwargsItem
+
+    # the row rides in kwargs_data and, as a CPU field, in mm_metadata (which vLLM merges over
+    # kwargs_data): tamper it wherever it is
+    places = [w for w in ("kwargs_data", "mm_metadata")
+              if (rendered["features"].get(w) or {}).get("image", [None])[0]
+              and "image_prune_params" in decode_mm_kwargs_item(
+                  rendered["features"][w]["image"][0])]
+    assert "kwargs_data" in places, places
+    for col, value in ((1, 99), (0, 10**6), (0, 0), (2, 7)):
+        bad = json.loads(json.dumps(rendered))
+        for where in places:
+            item = decode_mm_kwargs_item(bad["features"][where]["image"][0])
+            row = item["image_prune_params"].data.clone().to(torch.int64)
+            row[col] = value
+            bad["features"][where]["image"][0] = encode_mm_kwargs_item(MultiModalKwargsItem(
+                {**item, "image_prune_params": dataclasses.replace(
+                    item["image_prune_params"], data=row)}))
+        r = post(hard, ROOT + "/inference/v1/generate", bad)
+        _assert_400(r, "features.kwargs_data.image[0].image_prune_params")
+    assert post(hard, ROOT + "/inference/v1/generate", rendered).status_code == 200
+    _assert_serves(hard)

@@ -272,7 +272,18 @@ INTERNALS: tuple[Internal, ...] = (
            _params("hf_inputs", "hf_processor_mm_kwargs")),
           ("_get_prompt_updates", "cuts each item's placeholder to its keep-count",
            _params("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
+          ("_maybe_apply_prompt_updates", "reads each item's (method, tokens, kept) off its "
+           "resolved placeholder content, which every processor cache returns with a hit "
+           "(response field, metrics)", _params("mm_items", "mm_res")),
       )),
+    Internal("vllm.multimodal.processing:PromptUpdateDetails", "dataclass (subclassed)",
+             "models/processor.py (_counted)", "an item's placeholder content carries its "
+             "counts in a subclass with one more field; vLLM keeps the object as it is in its "
+             "processor caches", _UNTIL_API, _has_field("full", "is_embed")),
+    Internal("vllm.multimodal.processing.processor:BaseMultiModalProcessor._merge_mm_kwargs",
+             "processor contract", "models/processor.py (_counted)",
+             "a cache hit's prompt updates come from the cache entry (get_and_update_item)",
+             _UNTIL_API, _uses("get_and_update_item")),
     Internal("vllm.multimodal.processing.processor:ProcessorInputs", "dataclass",
              "models/processor.py", "apply() reads inputs.prompt and "
              "inputs.hf_processor_mm_kwargs", _UNTIL_API,
@@ -306,6 +317,33 @@ INTERNALS: tuple[Internal, ...] = (
                "vLLM lets endpoint plugins pass trusted processor kwargs",
                _params("mm_processor_kwargs", "media_io_kwargs", "trust_request_mm_kwargs"))
       for mod in ("vllm.renderers.online_renderer", "vllm.entrypoints.pooling.base.serving")),
+    # -- the request bridge's reading rule (serving.py: json_route, _AuthCheck)
+    Internal("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware",
+             "class (middleware order)", "serving.py (_AuthCheck)",
+             "--api-key: added after the endpoint plugins, so it wraps the bridge and answers "
+             "401 before any body is read; the bridge checks the order and otherwise applies "
+             "verify_token itself", "stays", lambda cls: None if callable(
+                 getattr(cls, "verify_token", None)) else "no verify_token"),
+    Internal("vllm.entrypoints.serve.middleware.authenticate:GUARDED_PREFIX", "constant",
+             "serving.py (_AuthCheck)", "the paths --api-key guards", "stays"),
+    Internal("vllm.entrypoints.launchers.app:build_app", "function", "serving.py",
+             "endpoint plugins attach before init_entrypoints_middleware (their middleware "
+             "ends up inside vLLM's)", "stays", _uses("attach_endpoint_plugins",
+                                                      "init_entrypoints_middleware")),
+    Internal("vllm.entrypoints.serve.utils.api_utils:validate_json_request", "function",
+             "serving.py (json_route)", "routes depending on it (found by name) need exactly "
+             "application/json; the bridge reads no other body there", "stays"),
+    Internal("vllm.entrypoints.scale_out.token_in_token_out.serving:"
+             "ServingTokens._validate_mm_cache_handles", "wrapped method", "features.py",
+             "vLLM's check of client-supplied features items on /inference/v1/generate; the "
+             "wrapper first holds the plugin's rows in them to what the processor produces "
+             "(400 naming the row); if missing, --enable-scale-out / --tokens-only servers "
+             "refuse to start", "vLLM validates supplied items with the model's processor",
+             _params("mm_kwargs", "mm_hashes")),
+    Internal("vllm.renderers.base:BaseRenderer", "attribute", "features.py",
+             "mm_processor: the server's processor, whose hooks judge supplied rows", "stays",
+             lambda cls: None if "mm_processor" in code_names(cls.__init__)
+             else "no mm_processor"),
     Internal("vllm.exceptions:VLLMValidationError", "class", "serving.py (check_sealed_kwargs)",
              "raised for unsealed pruning keys so vLLM answers 400 with `param` set", "stays",
              _params("parameter")),

@@ -183,14 +183,56 @@ class RequestFieldError(ValueError):
         self.field = field
 
 
+class OversizedInteger:
+    """A JSON integer literal too long for Python's ``int`` (more than
+    ``sys.get_int_max_str_digits()`` digits): the request bridge's parser hands it over in place
+    of the number, so that the field it was sent as is refused by name."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+#: Longest shown value in an error message (values come from clients and can be megabytes).
+_SHOWN = 60
+
+
+def shown(value: Any) -> str:
+    """A short, safe description of a client value for an error message (never raises: huge
+    integers, megabyte strings and deep nests all come out bounded)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if value.bit_length() > 64:  # repr is slow, and refused past 4300 digits
+            digits = int(value.bit_length() * 0.30103) + 1
+            return f"{'-' if value < 0 else ''}an integer of about {digits} digits"
+        return repr(value)
+    if isinstance(value, (float, str, OversizedInteger)):
+        text = repr(value)
+    elif isinstance(value, (list, dict)):
+        text = f"a JSON {'array' if isinstance(value, list) else 'object'}"
+        return f"{text} of {len(value)} element{'s' if len(value) != 1 else ''}"
+    else:
+        text = type(value).__name__
+    return text if len(text) <= _SHOWN else text[:_SHOWN - 4] + "...'"
+
+
 def _check_ratio(field: str, value: Any) -> float:
+    """A JSON number in [0, 1), exactly: a JSON integer of any length is compared as an
+    integer (never converted to a float, which overflows past about 309 digits)."""
     # bool is an int subclass in Python: reject it explicitly, as JSON true is not a number.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        shown = "null" if value is None else repr(value)
-        raise RequestFieldError(field, f"must be a number in [0, 1), got {shown}")
-    value = float(value)
+        raise RequestFieldError(field, f"must be a number in [0, 1), got {shown(value)}")
+    if isinstance(value, int):
+        if value != 0:
+            raise RequestFieldError(field, f"must be a number in [0, 1), got {shown(value)}")
+        return 0.0
     if not math.isfinite(value) or not (0.0 <= value < 1.0):
-        raise RequestFieldError(field, f"must be a number in [0, 1), got {value!r}")
+        raise RequestFieldError(field, f"must be a number in [0, 1), got {shown(value)}")
     return value + 0.0  # -0.0 -> 0.0 (one cache key per meaning)
 
 
@@ -208,11 +250,11 @@ def parse_request_fields(
     if "prune_method" in fields:
         method = fields["prune_method"]
         if not isinstance(method, str):
-            raise RequestFieldError("prune_method", f"must be a string, got {method!r}")
+            raise RequestFieldError("prune_method", f"must be a string, got {shown(method)}")
         if method not in known_methods():
             raise RequestFieldError(
                 "prune_method",
-                f"unknown method {method!r}; known: {', '.join(known_methods())}",
+                f"unknown method {shown(method)}; known: {', '.join(known_methods())}",
             )
         if is_layerwise(method) and not config.is_allowed(method):
             raise RequestFieldError(

@@ -59,9 +59,34 @@ logger = init_logger(__name__)
 
 #: Response field name.
 FIELD = "token_prune"
-#: Routes whose responses get the field.
+#: Routes whose responses get the field (route paths: compared after the root path is removed).
 DETAIL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _BRIDGE_STATE_KEY = "tokenprune"
+_ROUTE_KEY = "tokenprune.route"
+_UNSET = object()
+
+
+def matched_route(scope: dict[str, Any]) -> Any:
+    """The route vLLM's app dispatches this request to, or None (a 404 or 405, a mount).
+
+    Starlette's own matching (``Route.matches``: the root path removed as its router removes
+    it, path parameters, methods), so ``--root-path /api`` and a proxy that strips the prefix
+    route alike. The first full match wins, as in Starlette's router. Remembered in the scope,
+    so the bridge and this module match once per request.
+    """
+    cached = scope.get(_ROUTE_KEY, _UNSET)
+    if cached is not _UNSET:
+        return cached
+    from starlette.routing import Match, Route
+
+    found = None
+    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            found = route if isinstance(route, Route) else None
+            break
+    scope[_ROUTE_KEY] = found
+    return found
 
 
 class RequestDetails:
@@ -200,11 +225,11 @@ class PruneDetailsMiddleware:
     def _enabled(self, scope: dict[str, Any]) -> bool:
         if scope.get("type") != "http" or scope.get("method") != "POST":
             return False
-        if scope.get("path") not in DETAIL_PATHS:
-            return False
         state = getattr(scope.get("app"), "state", None)
         bridge = getattr(state, _BRIDGE_STATE_KEY, None)
         if bridge is None or getattr(bridge, "config", None) is None:
+            return False
+        if getattr(matched_route(scope), "path", None) not in DETAIL_PATHS:
             return False
         if self._propagating is None:
             engine = getattr(state, "engine_client", None)

