@@ -322,8 +322,7 @@ INTERNALS: tuple[Internal, ...] = (
              "class (middleware order)", "serving.py (_AuthCheck)",
              "--api-key: added after the endpoint plugins, so it wraps the bridge and answers "
              "401 before any body is read; the bridge checks the order and otherwise applies "
-             "verify_token itself", "stays", lambda cls: None if callable(
-                 getattr(cls, "verify_token", None)) else "no verify_token"),
+             "verify_token itself", "stays", _has_field("verify_token")),
     Internal("vllm.entrypoints.serve.middleware.authenticate:GUARDED_PREFIX", "constant",
              "serving.py (_AuthCheck)", "the paths --api-key guards", "stays"),
     Internal("vllm.entrypoints.launchers.app:build_app", "function", "serving.py",
@@ -340,10 +339,9 @@ INTERNALS: tuple[Internal, ...] = (
              "(400 naming the row); if missing, --enable-scale-out / --tokens-only servers "
              "refuse to start", "vLLM validates supplied items with the model's processor",
              _params("mm_kwargs", "mm_hashes")),
-    Internal("vllm.renderers.base:BaseRenderer", "attribute", "features.py",
-             "mm_processor: the server's processor, whose hooks judge supplied rows", "stays",
-             lambda cls: None if "mm_processor" in code_names(cls.__init__)
-             else "no mm_processor"),
+    Internal("vllm.renderers.base:BaseRenderer.__init__", "attribute", "features.py",
+             "sets mm_processor: the server's processor, whose hooks judge supplied rows",
+             "stays", _uses("mm_processor")),
     Internal("vllm.exceptions:VLLMValidationError", "class", "serving.py (check_sealed_kwargs)",
              "raised for unsealed pruning keys so vLLM answers 400 with `param` set", "stays",
              _params("parameter")),
