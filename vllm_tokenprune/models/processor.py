@@ -20,7 +20,8 @@ server).
 * declares the pixel fields ``keep_on_cpu``, so the model stages them to the device one encoder
   sub-batch at a time (:func:`vllm_tokenprune.guard.stage_items`).
 
-Also imported by the worker (vLLM builds the profile run's dummy inputs there).
+vLLM also runs the processor in the engine core and the worker, for its dummy inputs
+(``MultiModalBudget``).
 """
 
 from __future__ import annotations
