@@ -24,7 +24,8 @@ Three jobs, all in the worker (inside vLLM's batched encoder step), none of them
 * **Test-only hooks**, inert unless their environment variable is set when the worker starts:
   ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG=<file>`` appends one line per vision-tower call
   (``call <unpruned tokens> <cap>``), per encoder batch (``batch <unpruned tokens> <cap>``) and
-  per staging of a sub-batch's pixels to the device (``stage <bytes> 0``);
+  per staging of a sub-batch's pixels to the device (``stage <bytes> <profiled batch's pixel
+  bytes, 0 until the profile run came by>``);
   ``VLLM_TOKENPRUNE_TEST_NAN_TOKENS=<N>`` makes the scorer see NaN features for every item of
   exactly N tokens.
 """
