@@ -39,6 +39,8 @@ pytestmark = pytest.mark.server
 BIG = (448, 448)
 BIG_TOKENS = 256
 PROFILED = 512
+#: Pixel values per LM token of this model: 2x2 patches of 3 channels x 2 frames x 14 x 14.
+PIXELS_PER_TOKEN = 4 * 3 * 2 * 14 * 14
 #: 280x224 -> 10x8 = 80 tokens: the size the NaN hook poisons.
 NAN_SIZE = (280, 224)
 NAN_TOKENS = 80
@@ -110,13 +112,19 @@ def test_vision_tower_calls_stay_within_profiled_budget(safety_server):
     entries = encoder_log(log)[before:]
     calls = [n for kind, n, _ in entries if kind == "call"]
     batches = [n for kind, n, _ in entries if kind == "batch"]
-    caps = {c for _, _, c in entries}
+    staged = [n for kind, n, _ in entries if kind == "stage"]
+    caps = {c for kind, _, c in entries if kind != "stage"}
     assert caps == {PROFILED}, caps
     assert sum(calls) == 16 * BIG_TOKENS  # every image went through the tower exactly once
     assert max(calls) <= PROFILED, calls
     # the guard had work to do: some scheduler step brought more than the profiled batch
     assert max(batches) > PROFILED, batches
     assert num_kept(BIG_TOKENS, ratio) == 26
+    # each tower call had exactly its own pixels moved to the device, just before it (uint8
+    # where vLLM normalizes on the device, mm_device_do_normalize; else float32)
+    per_token = staged[0] // calls[0]
+    assert per_token in (PIXELS_PER_TOKEN, 4 * PIXELS_PER_TOKEN)
+    assert staged == [n * per_token for n in calls], (staged, calls)
 
 
 def _fallbacks(server: VLLMServer) -> dict[str, float]:

@@ -36,6 +36,17 @@ def test_plan_chunks(charges, cap, expected):
         assert len(c) == 1 or cap is None or sum(charges[i] for i in c) <= cap
 
 
+@pytest.mark.parametrize("charges,sizes,size_cap,expected", [
+    ([100] * 4, [10, 10, 10, 10], 25, [[0, 1], [2, 3]]),       # bytes bind before tokens
+    ([100, 100, 100], [5, 30, 5], 20, [[0], [1], [2]]),         # an item over it goes alone
+    ([300, 300, 10], [1, 1, 1], 100, [[0], [1, 2]]),            # tokens still bind
+    ([100] * 3, [50] * 3, None, [[0, 1, 2]]),                    # not profiled yet: tokens only
+])
+def test_plan_chunks_with_pixel_bytes(charges, sizes, size_cap, expected):
+    chunks = guard.plan_chunks(charges, 400, sizes, size_cap)
+    assert [list(c) for c in chunks] == expected
+
+
 def test_slice_items_on_vllm_qwen_pixel_inputs():
     """Sub-batches of vLLM's own Qwen2.5-VL input schema: the flat pixel rows and the
     per-item grid rows of the chosen items, nothing else changed."""
@@ -88,7 +99,6 @@ class _Stub:
     def __init__(self, cfg: TokenPruneConfig) -> None:
         self.tp_config = cfg
         self._tp_sweep_now = False
-        self._tp_profile_sweep_done = False
 
     def _tp_text_embeds(self, ids_row, device):  # noqa: ANN001, ANN202
         ids = ids_row[ids_row >= 0]
@@ -145,17 +155,39 @@ def test_profile_sweep_runs_every_allowed_method_at_its_worst(monkeypatch):
 
     monkeypatch.setattr(model_mod, "select_tokens_batch", spy)
     monkeypatch.setattr(budget_mod, "select_tokens_batch", spy)
-    stub = _Stub(TokenPruneConfig(allowed_methods=("lrcp", "resprune", "divprune")))
+    stub = _Stub(TokenPruneConfig(allowed_methods=("lrcp", "resprune", "divprune"),
+                                  max_greedy_keep=12))
     stub._tp_sweep_now = True
     feats = [torch.randn(16, 8), torch.randn(16, 8)]
     params = [ItemParams(8, "lrcp", 16, (1, 4, 4), ())] * 2
     stub._tp_select("image", feats, params)
     sweep = calls[:3]
     assert [m for m, _, _ in sweep] == ["lrcp", "resprune", "divprune"]
-    assert all(k == [15, 15] for _, k, _ in sweep)
+    # N - 1 = 15; greedy methods at most max_greedy_keep, the most a request may keep
+    assert [k for _, k, _ in sweep] == [[15, 15], [12, 12], [12, 12]]
     assert [t for _, _, t in sweep] == [False, True, False]
     assert calls[3] == ("lrcp", [8, 8], False)  # then the batch's own selection
-    assert stub._tp_profile_sweep_done
+
+
+def test_profile_sweep_failure_names_the_method_and_cause(monkeypatch):
+    """A scorer that cannot run at its worst in the profile run stops start-up (raises out of
+    embed_multimodal, which fails vLLM's profile run) with the method and the cause, instead of
+    a warning and uniform fallbacks for every later request of that method."""
+    real = budget_mod.select_tokens_batch
+
+    def oom_for_divprune(feats, keep, method, **kw):  # noqa: ANN001, ANN202, ANN003
+        if method == "divprune":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(feats, keep, method, **kw)
+
+    monkeypatch.setattr(budget_mod, "select_tokens_batch", oom_for_divprune)
+    stub = _Stub(TokenPruneConfig(allowed_methods=("lrcp", "divprune")))
+    stub._tp_sweep_now = True
+    params = [ItemParams(8, "lrcp", 16, (1, 4, 4), ())]
+    with pytest.raises(RuntimeError, match=r"could not run divprune at its worst \(1 items of "
+                       r"\[16\] tokens, keeping 15\): OutOfMemoryError: CUDA out of memory.*"
+                       r"does not start.*allowed_methods"):
+        stub._tp_select("image", [torch.randn(16, 8)], params)
 
 
 def test_fallback_metric_reaches_the_api_server_collector(tmp_path, monkeypatch):

@@ -268,8 +268,11 @@ INTERNALS: tuple[Internal, ...] = (
            _params("inputs", "mm_is_cached")),
           ("_apply_hf_processor_main", "hides the request fields from the HF processor, adds the "
            "per-item params rows", _params("mm_items", "hf_kwargs")),
-          ("_get_mm_fields_config", "declares the params rows as batched CPU fields",
+          ("_get_mm_fields_config", "declares the params rows as batched CPU fields and the "
+           "pixel fields keep_on_cpu (staged per encoder sub-batch)",
            _params("hf_inputs", "hf_processor_mm_kwargs")),
+          ("get_dummy_mm_inputs", "vLLM's profiling dummy inputs: processed unpruned and "
+           "marked, never refused (docs/worker-safety.md)", _params("mm_counts")),
           ("_get_prompt_updates", "cuts each item's placeholder to its keep-count",
            _params("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
           ("_maybe_apply_prompt_updates", "reads each item's (method, tokens, kept) off its "
@@ -295,6 +298,24 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.multimodal.inputs:MultiModalFieldConfig.batched", "method",
              "models/processor.py", "params rows ride as batched fields kept on CPU",
              "stays", _params("modality", "keep_on_cpu")),
+    Internal("vllm.multimodal.inputs:MultiModalFieldConfig", "dataclass",
+             "models/processor.py", "dataclasses.replace(config, field=replace(config.field, "
+             "keep_on_cpu=True)) on the model's own pixel fields", "stays",
+             _has_field("field", "modality")),
+    Internal("vllm.multimodal.inputs:BaseMultiModalField.reduce_data", "runner contract",
+             "models/processor.py, models/encoder_budget.py",
+             "keep_on_cpu fields stay on the host when both runners batch encoder inputs "
+             "(group_and_batch_mm_kwargs): the pixels reach embed_multimodal on the host",
+             "vLLM bounds a step's encoder inputs by their unpruned size", _uses("keep_on_cpu")),
+    Internal("vllm.multimodal.utils:strip_covered_mm_data", "side effect",
+             "models/processor.py", "keeps keep_on_cpu fields of prefix-cache-covered items of "
+             "M-RoPE models: the pixels of such items now travel to the worker (host memory "
+             "and IPC only)", "vLLM bounds a step's encoder inputs by their unpruned size",
+             _uses("keep_on_cpu")),
+    Internal("vllm.entrypoints.scale_out.token_in_token_out.mm_features:_encode_metadata_items",
+             "side effect", "models/processor.py", "serializes keep_on_cpu fields as item "
+             "metadata (EPD disaggregation): the pixels ride along", "same",
+             _uses("keep_on_cpu")),
     Internal("vllm.multimodal.inputs:MultiModalFeatureSpec", "dataclass", "models/_qwen.py",
              "get_mrope_input_positions reads feature.data / modality / mm_position",
              "stays (interface argument)", _has_field("data", "modality", "mm_position")),
@@ -414,6 +435,28 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(f"{_V1}.profile_run", "runner contract (V1)", "models/encoder_budget.py",
              "profiles the encoder with one embed_multimodal call on the dummy batch, where the "
              "scorer sweep runs", "stays", _uses("embed_multimodal")),
+    Internal(f"{_V1}._execute_mm_encoder", "runner contract (V1)", "models/encoder_budget.py",
+             "batches a step's encoder inputs with group_and_batch_mm_kwargs (keep_on_cpu "
+             "honoured)", "stays", _uses("group_and_batch_mm_kwargs")),
+    Internal("vllm.v1.worker.gpu.mm.encoder_runner:EncoderRunner.execute_mm_encoder",
+             "runner contract (V2)", "models/encoder_budget.py",
+             "batches a step's encoder inputs with group_and_batch_mm_kwargs (keep_on_cpu "
+             "honoured)", "stays", _uses("group_and_batch_mm_kwargs")),
+    Internal("vllm.multimodal.encoder_budget:MultiModalBudget.get_dummy_encoder_profile_inputs",
+             "method", "models/processor.py", "both runners' profile dummies come from the "
+             "processor's get_dummy_mm_inputs", "stays", _uses("get_dummy_mm_inputs")),
+    Internal("vllm.v1.worker.cpu_model_runner:CPUModelRunner.warming_up_model",
+             "runner contract (CPU)", "models/encoder_budget.py (_profile_sizes_memory)",
+             "the CPU worker runs profile_run only as a compile warm-up", "stays",
+             _uses("profile_run")),
+    Internal("vllm.config.cache:CacheConfig", "config field",
+             "models/encoder_budget.py (_profile_sizes_memory)",
+             "kv_cache_memory_bytes set (VLLM_CPU_KVCACHE_SPACE): the CPU worker does not size "
+             "memory from its warm-up, so the scorer sweep is skipped there", "stays",
+             _has_field("kv_cache_memory_bytes")),
+    Internal("vllm.utils.platform_utils:is_pin_memory_available", "function",
+             "models/encoder_budget.py", "pins a sub-batch's pixels before the non_blocking "
+             "copy, as vLLM's own batching does", "stays"),
     Internal("vllm.v1.worker.gpu.mm.encoder_runner:EncoderRunner.profile_encoder_cache",
              "runner contract (V2)", "models/encoder_budget.py",
              "V2 profiles the encoder through execute_mm_encoder (embed_multimodal)", "stays",

@@ -12,7 +12,9 @@ Three jobs, all in the worker (inside vLLM's batched encoder step), none of them
   ``profile_run`` uses). A single item is never split (the vision tower attends over a whole
   item); the processor refuses, with a 400, any item whose unpruned token count exceeds
   ``mm_max_toks_per_item`` (see :meth:`TokenPruneProcessorMixin._tp_check_item`), so one item
-  alone always fits what profiling measured.
+  alone always fits what profiling measured. The pixels follow the same cut
+  (:func:`stage_items`): the runners leave them on the host and each sub-batch moves only its
+  own to the device.
 * **Fallbacks** (:func:`uniform_fallback`, :func:`report_fallback`). vLLM marks the engine dead
   when ``execute_model`` raises, so nothing in the hook may raise because of what a request
   sent. When scoring an item fails (NaN/Inf features, a scorer error, an encoder/processor count
@@ -21,7 +23,9 @@ Three jobs, all in the worker (inside vLLM's batched encoder step), none of them
   counted in ``tokenprune_scorer_fallbacks_total{model_name,method,reason}``.
 * **Test-only hooks**, inert unless their environment variable is set when the worker starts:
   ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG=<file>`` appends one line per vision-tower call
-  (``call <unpruned tokens> <cap>``) and per encoder batch (``batch <unpruned tokens> <cap>``);
+  (``call <unpruned tokens> <cap>``), per encoder batch (``batch <unpruned tokens> <cap>``) and
+  per staging of a sub-batch's pixels to the device (``stage <bytes> <profiled batch's pixel
+  bytes, 0 until the profile run came by>``);
   ``VLLM_TOKENPRUNE_TEST_NAN_TOKENS=<N>`` makes the scorer see NaN features for every item of
   exactly N tokens; ``VLLM_TOKENPRUNE_TEST_FAULTS=<site>:<N>[,...]`` makes one failure site of
   the worker fail for items of N rows (``*``: every item), see :data:`FAULT_SITES`.
@@ -100,24 +104,32 @@ _warned: set[str] = set()
 # --------------------------------------------------------------------------- encoder budget
 
 
-def plan_chunks(charges: Sequence[int], cap: int | None) -> list[range]:
-    """Split items (in order) into consecutive groups whose charges sum to at most ``cap``.
+def plan_chunks(charges: Sequence[int], cap: int | None, sizes: Sequence[int] | None = None,
+                size_cap: int | None = None) -> list[range]:
+    """Split items (in order) into consecutive groups whose charges sum to at most ``cap`` and,
+    when both are given, whose ``sizes`` (pixel bytes) sum to at most ``size_cap``.
 
-    An item whose charge alone exceeds ``cap`` forms a group of its own (items are never
-    split). ``cap`` None or <= 0: one group.
+    An item over either bound alone forms a group of its own (items are never split). A bound
+    that is None or <= 0 does not apply; with neither: one group.
     """
     n = len(charges)
     if n == 0:
         return []
-    if not cap or cap <= 0:
+    cap = cap if cap and cap > 0 else None
+    size_cap = size_cap if sizes is not None and size_cap and size_cap > 0 else None
+    if cap is None and size_cap is None:
         return [range(n)]
     out: list[range] = []
-    start, total = 0, 0
+    start, total, size = 0, 0, 0
     for i, c in enumerate(charges):
-        if i > start and total + c > cap:
+        s = sizes[i] if sizes is not None and size_cap is not None else 0
+        over = ((cap is not None and total + c > cap)
+                or (size_cap is not None and size + s > size_cap))
+        if i > start and over:
             out.append(range(start, i))
-            start, total = i, 0
+            start, total, size = i, 0, 0
         total += c
+        size += s
     out.append(range(start, n))
     return out
 
@@ -140,6 +152,25 @@ def profiled_encoder_tokens(vllm_config: Any) -> tuple[int | None, dict[str, int
     return budget.mm_max_items_per_batch[modality] * per_item[modality], per_item
 
 
+def _fields(mm_input: Any) -> dict[str, Any]:
+    """The fields of a parsed multimodal input (vLLM ``TensorSchema`` or dict)."""
+    if isinstance(mm_input, dict):
+        return dict(mm_input)
+    return {k: v for k, v in vars(mm_input).items() if not k.startswith("_")}
+
+
+def _with_fields(mm_input: Any, fields: dict[str, Any]) -> Any:
+    """A copy of ``mm_input`` with ``fields`` set (a shallow copy of a ``TensorSchema``)."""
+    if isinstance(mm_input, dict):
+        return {**mm_input, **fields}
+    import copy
+
+    out = copy.copy(mm_input)
+    for key, value in fields.items():
+        setattr(out, key, value)
+    return out
+
+
 def slice_items(mm_input: Any, items: range, num_items: int,
                 flat: dict[str, Sequence[int]] | None = None) -> Any:
     """A copy of a parsed multimodal input (vLLM ``TensorSchema`` or dict) holding only
@@ -150,12 +181,8 @@ def slice_items(mm_input: Any, items: range, num_items: int,
     ``pixel_values``). Everything else (e.g. ``type``) is kept as is.
     """
     flat = flat or {}
-    if isinstance(mm_input, dict):
-        fields = dict(mm_input)
-    else:
-        fields = {k: v for k, v in vars(mm_input).items() if not k.startswith("_")}
     out: dict[str, Any] = {}
-    for key, value in fields.items():
+    for key, value in _fields(mm_input).items():
         if key in flat:
             rows = list(flat[key])
             lo = sum(rows[: items.start])
@@ -167,12 +194,64 @@ def slice_items(mm_input: Any, items: range, num_items: int,
             out[key] = value
     if isinstance(mm_input, dict):
         return out
-    import copy
+    return _with_fields(mm_input, out)
 
-    sub = copy.copy(mm_input)
-    for key, value in out.items():
-        setattr(sub, key, value)
-    return sub
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def item_bytes(mm_input: Any, keys: Sequence[str], num_items: int,
+               flat: dict[str, Sequence[int]] | None = None) -> list[int]:
+    """Bytes of the fields ``keys`` per item (fields in ``flat``: per-item row counts of a
+    concatenation, as in :func:`slice_items`; other fields: one entry per item)."""
+    out = [0] * num_items
+    fields = _fields(mm_input)
+    for key in keys:
+        value = fields.get(key)
+        if value is None:
+            continue
+        if flat and key in flat:
+            row = _nbytes(value[0]) if len(value) else 0
+            for i, rows in enumerate(flat[key]):
+                out[i] += int(rows) * row
+        elif isinstance(value, (torch.Tensor, list, tuple)) and len(value) == num_items:
+            for i in range(num_items):
+                out[i] += _nbytes(value[i])
+    return out
+
+
+def _to_device(value: Any, device: torch.device, pin: bool) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device, pin) for v in value)
+    if not isinstance(value, torch.Tensor) or value.device == device:
+        return value
+    if pin and value.is_cpu and not value.is_pinned():
+        value = value.pin_memory()
+    return value.to(device, non_blocking=True)
+
+
+def stage_items(mm_input: Any, keys: Sequence[str], device: torch.device,
+                pin: bool = False) -> tuple[Any, int]:
+    """(a copy of ``mm_input`` whose fields ``keys`` are on ``device``, their bytes).
+
+    The pixel fields reach ``embed_multimodal`` on the host (the processor declares them
+    ``keep_on_cpu``); each encoder sub-batch moves only its own pixels to the device, just
+    before its vision-tower call (pinned first when ``pin``, then ``non_blocking``), so the
+    device never holds more pixels than the profiled batch did. Tensors, or lists/tuples of
+    them (LLaVA's per-item pixels); anything already on ``device`` stays as it is.
+    """
+    fields = _fields(mm_input)
+    moved = {k: fields[k] for k in keys if fields.get(k) is not None}
+    if not moved:
+        return mm_input, 0
+    nbytes = sum(_nbytes(v) for v in moved.values())
+    moved = {k: _to_device(v, device, pin) for k, v in moved.items()}
+    return _with_fields(mm_input, moved), nbytes
 
 
 def log_encoder_call(kind: str, tokens: int, cap: int | None) -> None:

@@ -75,7 +75,7 @@ class TokenPruneQwenVLModelMixin(TokenPruneModelMixin):
             return self._tp_prune("image", embeds, grids, [1.0] * len(grids),
                                   rows_of(params, items), rows_of(text, items))
 
-        return self._tp_in_chunks(mm_input, "image", run)
+        return self._tp_in_chunks(mm_input, "image", run, kwargs)
 
     def _tp_video_seconds(self, kwargs: Mapping[str, object], num: int) -> list[float]:
         seconds = kwargs.get("second_per_grid_ts")
@@ -97,10 +97,10 @@ class TokenPruneQwenVLModelMixin(TokenPruneModelMixin):
             return self._tp_prune("video", embeds, grids, [secs[i] * tps for i in items],
                                   rows_of(params, items), rows_of(text, items))
 
-        return self._tp_in_chunks(mm_input, "video", run)
+        return self._tp_in_chunks(mm_input, "video", run, kwargs)
 
-    def _tp_in_chunks(self, mm_input: Any, modality: str,
-                      run: Callable[[Any, range], Embeds]) -> Embeds:
+    def _tp_in_chunks(self, mm_input: Any, modality: str, run: Callable[[Any, range], Embeds],
+                      kwargs: Mapping[str, object]) -> Embeds:
         """``run`` on sub-batches within the profiled encoder budget (pixel inputs only;
         precomputed embeddings do not go through the vision tower)."""
         grid_thw = mm_input[f"{modality}_grid_thw"]
@@ -111,7 +111,8 @@ class TokenPruneQwenVLModelMixin(TokenPruneModelMixin):
         patches = grid_thw.prod(-1).tolist()
         charges = [int(p) // (merge * merge) for p in patches]
         key = "pixel_values" if modality == "image" else "pixel_values_videos"
-        return self._tp_encode_in_chunks(charges, mm_input, {key: patches}, run)
+        return self._tp_encode_in_chunks(charges, mm_input, {key: patches}, run,
+                                         profile=self._tp_is_profile(kwargs, modality))
 
     def get_encoder_cudagraph_config(self) -> Any:
         """vLLM's config with no graph modality: every item must go through

@@ -66,6 +66,8 @@ class TokenPruneLlavaForConditionalGeneration(TokenPruneModelMixin, LlavaForCond
                                       rows_of(text, items))
 
         if image_input["type"] != "pixel_values" or not isinstance(params, torch.Tensor):
-            return run(image_input, range(0, len(params) if params is not None else 0))
+            return run(self._tp_stage(image_input),
+                       range(0, len(params) if params is not None else 0))
         charges = [self._tp_row_charge(r) for r in params.tolist()]
-        return self._tp_encode_in_chunks(charges, image_input, None, run)
+        return self._tp_encode_in_chunks(charges, image_input, None, run,
+                                         profile=self._tp_is_profile(kwargs, "image"))

@@ -132,7 +132,7 @@ class TokenPruneLlavaNextForConditionalGeneration(
             return []
         params = kwargs.get(params_key("image"))
         if not isinstance(params, torch.Tensor):  # e.g. precomputed embeddings: no layout
-            return list(self._process_image_input(image_input))
+            return list(self._process_image_input(self._tp_stage(image_input)))
         text = kwargs.get(text_key("image"))
 
         def run(sub: Any, items: range) -> list[torch.Tensor]:
@@ -142,7 +142,8 @@ class TokenPruneLlavaNextForConditionalGeneration(
         charges = [self._tp_row_charge(r) for r in params.tolist()]
         if image_input["type"] != "pixel_values":
             return run(image_input, range(len(charges)))
-        return self._tp_encode_in_chunks(charges, image_input, None, run)
+        return self._tp_encode_in_chunks(charges, image_input, None, run,
+                                         profile=self._tp_is_profile(kwargs, "image"))
 
     def _tp_prune_merged(self, merged: list[torch.Tensor], params: torch.Tensor,
                          text: Any) -> list[torch.Tensor]:

@@ -13,7 +13,15 @@ server).
   text), see :mod:`vllm_tokenprune.cache_keys`;
 * refuses (400) an item the worker could not serve safely: more tokens before pruning than the
   largest item vLLM profiled the encoder with (pruning would otherwise let such an item in, as
-  the prompt only holds its kept tokens), or a grid too large for the position encoding.
+  the prompt only holds its kept tokens), or a grid too large for the position encoding;
+* processes vLLM's profiling dummy inputs (``get_dummy_mm_inputs``: the profile run, the encoder
+  budget) unpruned and marked, never refused: the worker profiles the unpruned batch and runs
+  every allowed scorer at its worst on it (:mod:`.encoder_budget`);
+* declares the pixel fields ``keep_on_cpu``, so the model stages them to the device one encoder
+  sub-batch at a time (:func:`vllm_tokenprune.guard.stage_items`).
+
+vLLM also runs the processor in the engine core and the worker, for its dummy inputs
+(``MultiModalBudget``).
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ from vllm_tokenprune.config import (
 from vllm_tokenprune.models.wire import (
     METHOD_IDS,
     PARAMS_HEAD,
+    STAGED_FIELDS,
     Grid,
     ItemLayout,
     ItemParams,
     params_key,
+    profile_key,
     text_key,
 )
 from vllm_tokenprune.scoring import get_method, num_kept
@@ -88,6 +98,11 @@ def _counted(content: Any, count: ItemCount) -> Any:
     full = getattr(content, "full", content)
     return _counted_class(full=list(full), is_embed=getattr(content, "is_embed", None),
                           tp_count=count)
+#: True while vLLM builds its profiling dummy inputs (``get_dummy_mm_inputs``) in this context.
+_profiling: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tokenprune_profiling", default=False)
+#: Hash suffix of the profiling dummy items (they carry a field no request's items carry).
+PROFILE_SALT = "-tpprofile"
 
 
 def _uses_text(method: str) -> bool:
@@ -148,8 +163,11 @@ class TokenPruneProcessorMixin:
         return cfg
 
     def _tp_resolve(self, mm_kwargs: Mapping[str, object], modality: str) -> tuple[float, str]:
-        """(ratio, method) for items of ``modality`` under these processor kwargs."""
+        """(ratio, method) for items of ``modality`` under these processor kwargs (vLLM's
+        profiling dummies: ratio 0, see :meth:`get_dummy_mm_inputs`)."""
         cfg = self._tp_config()
+        if _profiling.get():
+            return 0.0, cfg.method
         fields = parse_request_fields(
             {k: v for k, v in mm_kwargs.items() if k in REQUEST_FIELDS}, cfg
         )
@@ -162,6 +180,23 @@ class TokenPruneProcessorMixin:
         return float(ratio), method
 
     # -- vLLM hooks
+    def get_dummy_mm_inputs(self, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's dummy inputs of the largest media (the profile run's encoder batch, the
+        encoder budget), processed unpruned and marked with ``<modality>_prune_profile``.
+
+        Unpruned: the profile then measures the vision tower and an encoder cache of full-size
+        outputs, the most a request can cost (a pruned item's outputs are smaller), and nothing
+        about the server's default can refuse it (a greedy default whose keep-count exceeds
+        ``max_greedy_keep`` on the largest item used to stop start-up). Marked: the worker runs
+        every allowed scorer at its worst on the marked batch (``_tp_profile_sweep``), and only
+        there. Never counted in the request metrics.
+        """
+        token = _profiling.set(True)
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            _profiling.reset(token)
+
     def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         token = _prompt_text_ids.set(self._tp_text_ids(inputs.prompt))
         token_items = _item_text_ids.set(self._tp_item_texts(inputs))
@@ -198,7 +233,7 @@ class TokenPruneProcessorMixin:
         content (:func:`_counted`), which vLLM's processor cache returns with every hit."""
         from vllm_tokenprune import metrics, response
 
-        if metrics._frontend is None:
+        if metrics._frontend is None or _profiling.get():
             return
         items = []
         routed = []
@@ -292,6 +327,8 @@ class TokenPruneProcessorMixin:
 
     def _get_mm_hashes(self, inputs: Any) -> Any:
         hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
+        if _profiling.get():
+            return {m: [f"{h}{PROFILE_SALT}" for h in items] for m, items in hashes.items()}
         out = {}
         for modality, items in hashes.items():
             salted = []
@@ -414,6 +451,8 @@ class TokenPruneProcessorMixin:
             rows = [lay.row(k, METHOD_IDS[method]) for lay, k in zip(layouts, keeps, strict=True)]
             width = max((len(r) for r in rows), default=PARAMS_HEAD)
             out[params_key(modality)] = torch.tensor(rows, dtype=torch.long).reshape(-1, width)
+            if _profiling.get():
+                out[profile_key(modality)] = torch.ones(len(rows), dtype=torch.long)
             if _uses_text(method):
                 # item j processed now is the prompt's item original[j] (cache misses only)
                 texts = item_texts.get(modality)
@@ -431,13 +470,22 @@ class TokenPruneProcessorMixin:
 
         fields = {}
         for modality in ("image", "video"):
-            for key in (params_key(modality), text_key(modality)):
+            for key in (params_key(modality), text_key(modality), profile_key(modality)):
                 if key in hf_inputs:
                     fields[key] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return fields
 
     def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Any) -> Any:
-        base = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)  # type: ignore[misc]
+        """The model's own fields, its pixel fields kept on the host (both runners then leave
+        them there: ``group_and_batch_mm_kwargs`` moves only the other fields to the device),
+        plus the pruning fields."""
+        from dataclasses import replace
+
+        base = dict(super()._get_mm_fields_config(  # type: ignore[misc]
+            hf_inputs, hf_processor_mm_kwargs))
+        for key in STAGED_FIELDS:
+            if key in base:
+                base[key] = replace(base[key], field=replace(base[key].field, keep_on_cpu=True))
         return dict(**base, **self._tp_fields_config(hf_inputs))
 
     def _get_prompt_updates(

@@ -105,7 +105,7 @@ class TokenPruneQwen3VLForConditionalGeneration(
             return self._tp_embed_video_items(sub, rows_of(params, items), rows_of(text, items),
                                               timestamps[items.start: items.stop])
 
-        return self._tp_in_chunks(mm_input, "video", run)
+        return self._tp_in_chunks(mm_input, "video", run, kwargs)
 
     def _tp_embed_video_items(self, mm_input: Any, params: Any, text: Any,
                               timestamps: list[list[float]]) -> Embeds:

@@ -5,7 +5,10 @@ batched multimodal field (``<modality>_prune_params``, kept on CPU so reading it
 device): ``[num_keep, method_id, num_tokens, t, h, w, *extra]`` (see :data:`PARAMS_HEAD`), where
 ``num_tokens`` is how many tokens the scorer chooses from, ``(t, h, w)`` their grid (``t = 0``:
 no grid) and ``extra`` whatever else the architecture's model side needs (LLaVA-NeXT: where its
-image-newline tokens sit). Text-conditioned methods also get ``<modality>_prune_text_ids``.
+image-newline tokens sit). Text-conditioned methods also get ``<modality>_prune_text_ids``;
+vLLM's profiling dummy items carry ``<modality>_prune_profile``. The pixel fields
+(:data:`STAGED_FIELDS`) are declared ``keep_on_cpu`` too, so the model moves them to the device
+one encoder sub-batch at a time.
 
 For M-RoPE models the kept embedding rows carry their unpruned ``(t, h, w)`` positions as
 :data:`POS_CHANNELS` extra channels (base-256 digit pairs, so they survive bf16 exactly at any
@@ -47,6 +50,17 @@ def params_key(modality: str) -> str:
 
 def text_key(modality: str) -> str:
     return f"{modality}_prune_text_ids"
+
+
+def profile_key(modality: str) -> str:
+    """The field that marks vLLM's profiling dummy items (present on them only)."""
+    return f"{modality}_prune_profile"
+
+
+#: The pixel fields the processor declares ``keep_on_cpu``: the runners leave them on the host
+#: and the model stages them to the device one encoder sub-batch at a time
+#: (:func:`vllm_tokenprune.guard.stage_items`).
+STAGED_FIELDS = ("pixel_values", "pixel_values_videos")
 
 
 class ItemLayout(NamedTuple):
