@@ -330,3 +330,35 @@ def test_qwen2_vl_encoder_cudagraph_config_has_no_modality():
     cfg = stub(TokenPruneQwen2VLForConditionalGeneration).get_encoder_cudagraph_config()
     assert cfg.modalities == []
     assert cfg.out_hidden_size == 32
+
+
+def test_greedy_graph_budget_is_allocated_inside_the_profile(monkeypatch):
+    """The greedy scorers' CUDA-graph budget (scoring/_graphs.py) is allocated once in the
+    profile sweep on a CUDA device, so vLLM's memory profile leaves room for the graphs; not on
+    the CPU, not without a greedy method, not when graphs are off."""
+    from vllm_tokenprune.models import encoder_budget
+    from vllm_tokenprune.scoring import _graphs
+    from vllm_tokenprune.testing.gpu_emulation import GpuEmulation
+
+    sizes: list[int] = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        if kwargs.get("dtype") is torch.uint8:
+            sizes.append(int(args[0]))
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setenv(_graphs.GRAPH_MB_ENV, "2")
+    cpu = [real_empty(4, 8)]
+    encoder_budget._reserve_graph_memory(cpu, ["divprune"])
+    assert sizes == []
+    with GpuEmulation():
+        feats = [torch.zeros(4, 8, device="cuda")]
+        encoder_budget._reserve_graph_memory(feats, ["lrcp", "norm"])
+        assert sizes == []
+        encoder_budget._reserve_graph_memory(feats, ["lrcp", "divprune"])
+        assert sizes == [2 << 20]
+        monkeypatch.setenv(_graphs.GRAPHS_ENV, "0")
+        encoder_budget._reserve_graph_memory(feats, ["divprune"])
+        assert sizes == [2 << 20]

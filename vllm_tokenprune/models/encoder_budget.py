@@ -160,6 +160,7 @@ class EncoderBudgetMixin:
                     "token_prune.allowed_methods, lower token_prune.max_greedy_keep (greedy "
                     "methods), or profile smaller media (--max-model-len, "
                     "--limit-mm-per-prompt, --max-num-batched-tokens)") from e
+        _reserve_graph_memory(feats, methods)
         logger.info("vllm-tokenprune: profiled the scorers (%s) on %d items in %.2f s",
                     ", ".join(methods), len(feats), time.perf_counter() - start)
 
@@ -174,3 +175,19 @@ def _profile_sizes_memory(vllm_config: Any) -> bool:
     cache = getattr(vllm_config, "cache_config", None)
     return not (current_platform.is_cpu()
                 and getattr(cache, "kv_cache_memory_bytes", None) is not None)
+
+
+def _reserve_graph_memory(feats: Sequence[torch.Tensor], methods: Sequence[str]) -> None:
+    """On CUDA, allocate (and free) the greedy scorers' CUDA-graph budget inside the memory
+    profile, so that vLLM sizes the KV cache with room for the graphs captured later
+    (``scoring/_graphs.py``)."""
+    from vllm_tokenprune.scoring._graphs import graph_memory_budget
+
+    device = feats[0].device if feats else None
+    if device is None or device.type != "cuda" or \
+            not any(get_method(m).greedy for m in methods):
+        return
+    budget = graph_memory_budget()
+    if budget > 0:
+        reserved = torch.empty(budget, dtype=torch.uint8, device=device)
+        del reserved

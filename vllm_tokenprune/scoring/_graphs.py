@@ -15,8 +15,9 @@ Policy:
 * A signature is captured the second time it is seen (the first call runs eagerly), so one-off
   shapes never pay for a capture. The call that captures also runs eagerly for its own answer.
 * Each graph keeps static input buffers and a private memory pool; all graphs together stay under
-  ``TOKENPRUNE_GREEDY_GRAPH_MB`` (default 256 MiB, least recently used evicted first). This
-  memory is outside what vLLM's start-up profile measured.
+  ``TOKENPRUNE_GREEDY_GRAPH_MB`` (default 256 MiB, least recently used evicted first). The vLLM
+  integration allocates that much once inside vLLM's start-up memory profile (the scorer sweep,
+  ``models/encoder_budget.py``), so the KV cache is sized with room for it.
 * A failed capture is logged once and turns graphs off for the process (eager from then on).
 * No host synchronisation: capture uses ``CUDAGraph.capture_begin`` directly (the
   ``torch.cuda.graph`` context manager would synchronise the device and empty the cache), and a
@@ -38,7 +39,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GRAPHS_ENV", "GRAPH_MB_ENV", "clear_graphs", "graph_count", "run_graphed"]
+__all__ = ["GRAPHS_ENV", "GRAPH_MB_ENV", "clear_graphs", "graph_count", "graph_memory_budget",
+           "run_graphed"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,12 @@ class _Graph:
 
 def _budget() -> int:
     return int(float(os.environ.get(GRAPH_MB_ENV, "256")) * (1 << 20))
+
+
+def graph_memory_budget() -> int:
+    """Bytes the captured graphs may hold at most (0 when graphs are switched off): what the
+    vLLM integration sets aside inside the start-up memory profile."""
+    return 0 if os.environ.get(GRAPHS_ENV, "1") == "0" else _budget()
 
 
 def _eager_only(args: Sequence[Tensor | None]) -> bool:
