@@ -163,7 +163,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.multimodal:MULTIMODAL_REGISTRY", "object", "models/*.py",
              "binds each pruned model class to its processor, info and dummy-inputs classes",
              "stays (public API)", _has_field("register_processor")),
-    Internal("vllm.plugins:load_endpoint_plugins", "function", "serving.py, plugin.py",
+    Internal("vllm.plugins:load_endpoint_plugins", "function", "serving/__init__.py, runtime.py",
              "the vllm.endpoint_plugins group (attach_router / init_state) that hosts the "
              "request bridge; loaded only when named in VLLM_PLUGINS",
              "stays (plugin interface)"),
@@ -234,10 +234,10 @@ INTERNALS: tuple[Internal, ...] = (
           ("llava_next", "LlavaNextForConditionalGeneration", "_process_image_input",
            "models/llava_next.py", "same, LLaVA-NeXT (merged tiles with newlines)", _UNTIL_API),
           ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "embed_input_ids",
-           "models/model.py", "overridden: refuses rows that still carry position channels",
+           "models/model_hooks.py", "overridden: refuses rows that still carry position channels",
            "stays while positions travel as channels"),
           ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "get_language_model",
-           "models/model.py, qwen3_vl.py", "text embeddings for text-conditioned scorers and "
+           "models/model_hooks.py, qwen3_vl.py", "text embeddings for text-conditioned scorers and "
            "Qwen3-VL timestamp slots", "stays (SupportsMultiModal)"),
       )),
     Internal(f"{_MODELS}.interfaces:SupportsMRoPE.get_mrope_input_positions", "interface method",
@@ -321,16 +321,16 @@ INTERNALS: tuple[Internal, ...] = (
              "stays (interface argument)", _has_field("data", "modality", "mm_position")),
     # -- mutated flags
     Internal("vllm.config.multimodal:MultiModalConfig.is_multimodal_pruning_enabled",
-             "mutated flag", "models/model.py (_tp_pre_init)",
+             "mutated flag", "models/model_hooks.py (_tp_pre_init)",
              "replaced per instance by `lambda: True`: the runners enable the pruning path "
              "(V1 load_model, V2 maybe_create_mm_pruner) only when it says so, and its only "
              "switch is EVS's video_pruning_rate", "vLLM lets a model declare pruning itself"),
     Internal("vllm.config.multimodal:MultiModalConfig", "config field",
-             "models/model.py", "video_pruning_rate > 0 (EVS) is refused with TokenPrune",
+             "models/model_hooks.py", "video_pruning_rate > 0 (EVS) is refused with TokenPrune",
              "stays", _has_field("video_pruning_rate")),
     # -- wrapped function (the request bridge's guard; never switches vLLM's check off)
     *(Internal(f"{mod}:validate_request_mm_kwargs", "wrapped module global",
-               "serving.py (install_request_guard)",
+               "serving/seal.py (install_request_guard)",
                "vLLM's --trust-request-mm-kwargs check for online requests; rebound to a wrapper "
                "that exempts exactly the pruning keys sealed by the bridge (HMAC under a "
                "per-process key) and hands everything else to vLLM's own function; a missing "
@@ -338,21 +338,21 @@ INTERNALS: tuple[Internal, ...] = (
                "vLLM lets endpoint plugins pass trusted processor kwargs",
                _params("mm_processor_kwargs", "media_io_kwargs", "trust_request_mm_kwargs"))
       for mod in ("vllm.renderers.online_renderer", "vllm.entrypoints.pooling.base.serving")),
-    # -- the request bridge's reading rule (serving.py: json_route, _AuthCheck)
+    # -- the request bridge's reading rule (serving/reading.py: json_route, _AuthCheck)
     Internal("vllm.entrypoints.serve.middleware.authenticate:AuthenticationMiddleware",
-             "class (middleware order)", "serving.py (_AuthCheck)",
+             "class (middleware order)", "serving/reading.py (_AuthCheck)",
              "--api-key: added after the endpoint plugins, so it wraps the bridge and answers "
              "401 before any body is read; the bridge checks the order and otherwise applies "
              "verify_token itself", "stays", _has_field("verify_token")),
     Internal("vllm.entrypoints.serve.middleware.authenticate:GUARDED_PREFIX", "constant",
-             "serving.py (_AuthCheck)", "the paths --api-key guards", "stays"),
-    Internal("vllm.entrypoints.launchers.app:build_app", "function", "serving.py",
+             "serving/reading.py (_AuthCheck)", "the paths --api-key guards", "stays"),
+    Internal("vllm.entrypoints.launchers.app:build_app", "function", "serving/__init__.py",
              "endpoint plugins attach before init_entrypoints_middleware (their middleware "
              "ends up inside vLLM's)", "stays", _uses("attach_endpoint_plugins",
                                                       "init_entrypoints_middleware")),
     Internal("vllm.entrypoints.serve.utils.api_utils:validate_json_request", "function",
-             "serving.py (json_route)", "routes depending on it (found by name) need exactly "
-             "application/json; the bridge reads no other body there", "stays"),
+             "serving/reading.py (json_route)", "routes depending on it (found by name) need "
+             "exactly application/json; the bridge reads no other body there", "stays"),
     Internal("vllm.entrypoints.scale_out.token_in_token_out.serving:"
              "ServingTokens._validate_mm_cache_handles", "wrapped method", "features.py",
              "vLLM's check of client-supplied features items on /inference/v1/generate; the "
@@ -363,7 +363,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.renderers.base:BaseRenderer.__init__", "attribute", "features.py",
              "sets mm_processor: the server's processor, whose hooks judge supplied rows",
              "stays", _uses("mm_processor")),
-    Internal("vllm.exceptions:VLLMValidationError", "class", "serving.py (check_sealed_kwargs)",
+    Internal("vllm.exceptions:VLLMValidationError", "class",
+             "serving/seal.py (check_sealed_kwargs)",
              "raised for unsealed pruning keys so vLLM answers 400 with `param` set", "stays",
              _params("parameter")),
     # -- runner contracts
@@ -384,9 +385,20 @@ INTERNALS: tuple[Internal, ...] = (
              "pipeline parallelism is refused for M-RoPE families", "vLLM ships recomputed "
              "positions to later stages"),
     Internal("vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",
-             "runner contract (V1, CPU)", "scripts/cpu_dev_shims.py, check_mrope_runner",
-             "vLLM 0.32/0.33 CPU runner skips the pruning switch; the dev shim restores it, "
-             "check_mrope_runner refuses to start without it", "vLLM's CPU runner sets it"),
+             "runner contract (V1, CPU)", "patches/cpu_model_runner.py, check_mrope_runner",
+             "vLLM 0.32/0.33 CPU runner skips the pruning switch; the plugin's patch wraps it "
+             "to set the switch (only where its code does not), check_mrope_runner refuses to "
+             "start without it", "vLLM's CPU runner sets it", compare="code"),
+    Internal("vllm.v1.worker.cpu_model_runner:CPUModelRunner", "class (patched)",
+             "patches/cpu_model_runner.py",
+             "load_model is replaced by a wrapper that calls it, then sets "
+             "is_multimodal_pruning_enabled as GPUModelRunner.load_model does",
+             "vLLM's CPU runner sets it", _has_field("load_model", "get_model",
+                                                     "model_config"), compare="presence"),
+    Internal("vllm.model_executor.models.interfaces:supports_multimodal_pruning", "function",
+             "patches/cpu_model_runner.py",
+             "the CPU runner patch decides the switch as GPUModelRunner.load_model does",
+             "vLLM's CPU runner sets it", compare="code"),
     Internal("vllm.v1.worker.gpu.model_states.mm_pruning:maybe_create_mm_pruner",
              "runner contract (V2)", "check_mrope_runner",
              "V2 creates the pruner only for models passing supports_multimodal_pruning with "
@@ -403,7 +415,7 @@ INTERNALS: tuple[Internal, ...] = (
              "runner contract (V2)", "check_mrope_runner", "where V2 builds the pruner",
              "stays while V2 prunes this way", _uses("maybe_create_mm_pruner")),
     Internal("vllm.v1.worker.gpu.model_states.default:DefaultModelState.prepare_inputs_embeds",
-             "runner contract (V2)", "models/_qwen.py, models/alvts.py",
+             "runner contract (V2)", "models/_qwen.py, alvts/model.py",
              "V2's step: execute_mm_encoder (embed_multimodal, where items are pruned), then "
              "the pruner's recompute (recompute_mrope_positions strips the position channels), "
              "then get_inputs_embeds (embed_input_ids strips the route channels) on the "
@@ -426,11 +438,13 @@ INTERNALS: tuple[Internal, ...] = (
              "vision-tower calls are split to the profiled batch",
              "vLLM charges unpruned counts", _uses("get_num_embeds")),
     Internal("vllm.multimodal.encoder_budget:MultiModalBudget.__init__", "attributes",
-             "guard.profiled_encoder_tokens", "the profiled encoder batch, as profile_run "
-             "computes it", "vLLM exposes the profiled budget to models",
+             "models/staging.py (profiled_encoder_tokens)",
+             "the profiled encoder batch, as profile_run computes it",
+             "vLLM exposes the profiled budget to models",
              _uses("mm_max_items_per_batch", "mm_max_toks_per_item")),
     Internal("vllm.multimodal.encoder_budget:MultiModalBudget.get_modality_with_max_tokens",
-             "method", "guard.profiled_encoder_tokens", "the modality profile_run uses",
+             "method", "models/staging.py (profiled_encoder_tokens)",
+             "the modality profile_run uses",
              "vLLM exposes the profiled budget to models", compare="code"),
     Internal(f"{_V1}.profile_run", "runner contract (V1)", "models/encoder_budget.py",
              "profiles the encoder with one embed_multimodal call on the dummy batch, where the "
@@ -466,25 +480,25 @@ INTERNALS: tuple[Internal, ...] = (
              "the largest profiled item: a pruned item above it gets a 400 (vLLM's own check "
              "sees only the kept count)", "vLLM bounds items by their unpruned size",
              _params("seq_len", "mm_counts"), compare="code"),
-    Internal("vllm.utils.tensor_schema:TensorSchema", "class", "guard.slice_items",
+    Internal("vllm.utils.tensor_schema:TensorSchema", "class", "models/staging.py (slice_items)",
              "sub-batches are shallow copies of the parsed input with sliced attributes",
              "vLLM splits encoder batches itself"),
     Internal("vllm.config.compilation:CompilationConfig", "mutated flag",
-             "models/model.py (_tp_disable_encoder_cudagraphs)",
+             "models/model_hooks.py (_tp_disable_encoder_cudagraphs)",
              "cudagraph_mm_encoder cleared: the encoder graph path bypasses embed_multimodal",
              "the graph path calls a pruning hook", _has_field("cudagraph_mm_encoder"),
              compare="presence"),
     Internal(f"{_V1}._create_encoder_cudagraph_manager", "runner contract (V1)",
-             "models/model.py", "reads cudagraph_mm_encoder after the model is built",
+             "models/model_hooks.py", "reads cudagraph_mm_encoder after the model is built",
              "the graph path calls a pruning hook", _uses("cudagraph_mm_encoder")),
     Internal("vllm.v1.worker.gpu.model_states.interface:ModelState.__init__",
-             "runner contract (V2)", "models/model.py",
+             "runner contract (V2)", "models/model_hooks.py",
              "reads cudagraph_mm_encoder after the model is built",
              "the graph path calls a pruning hook", _uses("cudagraph_mm_encoder")),
     Internal(f"{_MODELS}.qwen2_vl:Qwen2VLForConditionalGeneration.get_encoder_cudagraph_config",
              "model method", "models/_qwen.py", "overridden to list no graph modality",
              "the graph path calls a pruning hook"),
-    Internal("vllm.distributed:get_tensor_model_parallel_rank", "function", "metrics.py",
+    Internal("vllm.distributed:get_tensor_model_parallel_rank", "function", "metrics/worker.py",
              "only TP rank 0 records scorer timings", "stays (public)"),
     # -- the response field (docs/visibility.md)
     Internal("vllm.renderers.base:BaseRenderer.__init__", "attributes", "response.py",
@@ -492,9 +506,9 @@ INTERNALS: tuple[Internal, ...] = (
              "submit so the processor's per-request notes reach the response",
              "vLLM runs preprocessing in the request's context (or returns per-item details)",
              _uses("_mm_executor", "_executor")),
-    # -- alvts: layer-wise routing inside the LM (docs/alvts.md, models/alvts.py)
+    # -- alvts: layer-wise routing inside the LM (docs/alvts.md, alvts/model.py)
     *(Internal(f"{_MODELS}.{mod}:{cls}DecoderLayer.forward", "model method (layer contract)",
-               "models/alvts.py (_routed_forward)",
+               "alvts/model.py (_routed_forward)",
                "routed layers run the same steps themselves: input_layernorm (fused add on "
                "the residual), self_attn(positions=, hidden_states=), post_attention_layernorm, "
                "mlp; (hidden, residual) out, their sum the stream",
@@ -502,16 +516,16 @@ INTERNALS: tuple[Internal, ...] = (
                _uses("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
       for mod, cls in (("qwen2", "Qwen2"), ("llama", "Llama"))),
     *(Internal(f"{_MODELS}.{mod}:{cls}Attention.__init__", "attributes",
-               "models/alvts.py (_tp_alvts_build)",
+               "alvts/model.py (_tp_alvts_build)",
                "the selector's factors come from the fused qkv_proj weight/bias split by "
                "q_size / kv_size, with num_heads / num_kv_heads", "stays",
                _uses("qkv_proj", "q_size", "kv_size", "num_heads", "num_kv_heads"))
       for mod, cls in (("qwen2", "Qwen2"), ("llama", "Llama"))),
     Internal("vllm.model_executor.layers.layernorm:RMSNorm.__init__", "attributes",
-             "models/alvts.py", "the input norm's gamma (weight) and variance_epsilon are "
+             "alvts/model.py", "the input norm's gamma (weight) and variance_epsilon are "
              "folded into the factors", "stays", _uses("variance_epsilon")),
     *(Internal(f"vllm.model_executor.layers.layernorm:RMSNorm.{meth}",
-               "model method (layer contract)", "models/alvts.py (_routed_forward)",
+               "model method (layer contract)", "alvts/model.py (_routed_forward)",
                "norm(x, residual) returns (normed x + residual, x + residual) and may update "
                f"the residual in place ({where}): the skipped rows' entering stream is copied "
                "before the post-attention norm", "vLLM offers a per-token layer-skip hook",
@@ -520,24 +534,25 @@ INTERNALS: tuple[Internal, ...] = (
           ("forward_native", "CPU, and CUDA through forward_cuda", ("fused_add_rms_norm",)),
           ("forward_cuda", "CUDA", ("forward_native",)))),
     Internal("vllm.model_executor.model_loader.base_loader:BaseModelLoader.load_model",
-             "loader contract", "models/alvts.py (load_weights)",
+             "loader contract", "alvts/model.py (load_weights)",
              "model.load_weights runs before process_weights_after_loading, which on CPU "
              "repacks linear weights and may drop layer.weight: the factors are built there",
              "stays", _uses("load_weights", "process_weights_after_loading")),
-    Internal(f"{_V1}._preprocess", "runner contract (V1)", "models/alvts.py",
+    Internal(f"{_V1}._preprocess", "runner contract (V1)", "alvts/model.py",
              "embed_input_ids(ids, multimodal_embeddings=, is_multimodal=) runs on the step's "
              "rows right before the forward: the step's routed items are recorded there",
              "vLLM passes per-request media metadata to the forward", _uses("embed_input_ids")),
     Internal("vllm.v1.worker.gpu.mm.encoder_runner:EncoderRunner.get_inputs_embeds",
-             "runner contract (V2)", "models/alvts.py", "the same in V2",
+             "runner contract (V2)", "alvts/model.py", "the same in V2",
              "vLLM passes per-request media metadata to the forward",
              _params("input_ids", "mm_embeds", "is_mm_embed")),
     Internal("vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
-             "scheduler contract", "models/alvts.py (check_alvts_server)",
+             "scheduler contract", "alvts/model.py (check_alvts_server)",
              "with disable_chunked_mm_input an item is scheduled whole in one step: why the "
              "selector sees every token of the item", "stays",
              _uses("disable_chunked_mm_input")),
-    Internal("vllm.v1.core.sched.scheduler:Scheduler", "class (subclassed)", "scheduler.py",
+    Internal("vllm.v1.core.sched.scheduler:Scheduler", "class (subclassed)",
+             "alvts/scheduler.py",
              "WholeMediaScheduler overrides _try_schedule_encoder_inputs to keep every media "
              "item whole in one step (vLLM's rollback misses an item starting exactly at the "
              "step start)", "vLLM's disable_chunked_mm_input rule includes that boundary",
@@ -545,26 +560,27 @@ INTERNALS: tuple[Internal, ...] = (
                             "num_new_tokens", "encoder_compute_budget",
                             "shift_computed_tokens")),
     Internal("vllm.v1.core.sched.async_scheduler:AsyncScheduler", "class (subclassed)",
-             "scheduler.py", "WholeMediaAsyncScheduler: the same rule under async scheduling",
+             "alvts/scheduler.py",
+             "WholeMediaAsyncScheduler: the same rule under async scheduling",
              "as above", _subclass_of("vllm.v1.core.sched.scheduler:Scheduler")),
     Internal("vllm.config.scheduler:SchedulerConfig.get_scheduler_cls", "method",
-             "models/alvts.py (check_alvts_server)", "the scheduler class the engine builds "
+             "alvts/model.py (check_alvts_server)", "the scheduler class the engine builds "
              "(--scheduler-cls, or vLLM's default)", "stays", compare="code"),
     Internal("vllm.v1.core.encoder_cache_manager:compute_mm_encoder_budget", "function",
              "docs/alvts.md", "refuses to start when an item exceeds --max-num-batched-tokens "
              "under disable_chunked_mm_input (else it could never be scheduled)", "stays",
              _uses("disable_chunked_mm_input"), compare="code"),
     Internal("vllm.config.compilation:CompilationConfig", "config field",
-             "models/alvts.py (check_alvts_server)", "alvts needs mode NONE and no CUDA graphs",
+             "alvts/model.py (check_alvts_server)", "alvts needs mode NONE and no CUDA graphs",
              "stays", _has_field("mode", "cudagraph_mode")),
-    Internal("vllm.config:CompilationMode", "enum", "models/alvts.py",
+    Internal("vllm.config:CompilationMode", "enum", "alvts/model.py",
              "NONE: no torch.compile", "stays (public)", _has_field("NONE")),
-    Internal("vllm.config:CUDAGraphMode", "enum", "models/alvts.py", "NONE: no CUDA graphs",
+    Internal("vllm.config:CUDAGraphMode", "enum", "alvts/model.py", "NONE: no CUDA graphs",
              "stays (public)", _has_field("NONE")),
-    Internal("vllm.config.cache:CacheConfig", "config field", "models/alvts.py",
+    Internal("vllm.config.cache:CacheConfig", "config field", "alvts/model.py",
              "alvts refuses prefix caching", "per-item routing decisions are cached with "
              "blocks", _has_field("enable_prefix_caching")),
-    Internal("vllm.config.scheduler:SchedulerConfig", "config field", "models/alvts.py",
+    Internal("vllm.config.scheduler:SchedulerConfig", "config field", "alvts/model.py",
              "alvts needs disable_chunked_mm_input", "stays",
              _has_field("disable_chunked_mm_input", "max_num_batched_tokens")),
 )
@@ -614,6 +630,12 @@ def vllm_version() -> str:
     import vllm
 
     return str(vllm.__version__)
+
+
+def vllm_release() -> tuple[int, int, int]:
+    """The installed vLLM's release number, padded to (major, minor, patch)."""
+    release = tuple(_release(vllm_version())) + (0, 0, 0)
+    return (int(release[0]), int(release[1]), int(release[2]))
 
 
 def check_vllm_version(version: str | None = None) -> None:
@@ -691,8 +713,9 @@ def check_mrope_runner(vllm_config: Any) -> None:
         return
     hint = ""
     if runner.__module__ == "vllm.v1.worker.cpu_model_runner":
-        hint = (" On vLLM CPU builds install scripts/cpu_dev_shims.py "
-                "(scripts/setup-cpu.sh does).")
+        hint = (" The plugin patches vLLM's CPU runner for this (vllm_tokenprune/patches/"
+                "cpu_model_runner.py, for vLLM 0.32/0.33) unless "
+                "VLLM_TOKENPRUNE_DISABLE_PATCHES lists it.")
     raise RuntimeError(
         f"vllm-tokenprune: {problem}; a TokenPrune M-RoPE model would serve kept visual tokens "
         f"at approximate positions, so the server does not start.{hint}"

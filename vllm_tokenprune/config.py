@@ -13,7 +13,9 @@ Request side, a chat request may carry ``prune_ratio`` / ``prune_method`` /
 (:mod:`vllm_tokenprune.serving`) validates them with :func:`parse_request_fields` and moves them
 into the request's ``mm_processor_kwargs``, which vLLM hashes into every multimodal cache key
 (processor cache, encoder cache, prefix cache), so an image pruned at two ratios never shares
-embeddings. This module imports no vLLM code: it is shared by every process.
+embeddings. This module imports no vLLM code: it is shared by every process. Which methods
+exist, and whether one acts inside the language model, is the method registry's answer
+(:mod:`vllm_tokenprune.scoring`, including the methods of installed packages).
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ from pydantic import (
     model_validator,
 )
 
-from vllm_tokenprune.alvts import ALVTS, LAYERWISE_METHODS, alvts_options, is_layerwise
-from vllm_tokenprune.scoring import list_methods, validate_options
+from vllm_tokenprune.scoring import LAYER, get_method, list_methods, validate_options
 
 
 def known_methods() -> list[str]:
-    """Every method a server can be configured with: the input-side scorers and ``alvts``."""
-    return [*list_methods(), *LAYERWISE_METHODS]
+    """Every method a server can be configured with: the input-side scorers, then the
+    layer-stage methods (``alvts``), as registered in this process."""
+    return list_methods(None)
+
+
+def _acts_in_layers(method: str) -> bool:
+    return get_method(method).stage == LAYER
 
 #: Request fields (top level of a chat/completions JSON body) and the same names inside
 #: ``mm_processor_kwargs``.
@@ -112,26 +118,31 @@ class TokenPruneConfig(BaseModel):
                     f"options.{name}: unknown method {name!r}; known: {', '.join(known_methods())}"
                 )
             try:
-                if name == ALVTS:
-                    alvts_options(opts)
-                else:
-                    validate_options(name, dict(opts))
+                validate_options(name, dict(opts))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"options.{name}: {e}") from None
         return self
 
     def is_allowed(self, method: str) -> bool:
-        """Whether requests may pick ``method``. A layer-wise method needs server flags of its
+        """Whether requests may pick ``method``. A layer-stage method needs server flags of its
         own (docs/alvts.md), so it is allowed only when named: as ``method`` or in
         ``allowed_methods``."""
-        if is_layerwise(method):
+        if _acts_in_layers(method):
             return method == self.method or method in (self.allowed_methods or ())
         return self.allowed_methods is None or method in self.allowed_methods
+
+    def enabled_methods(self) -> list[str]:
+        """Every registered method requests may pick on this server (the default included)."""
+        return [m for m in known_methods() if self.is_allowed(m)]
+
+    def layer_methods(self) -> list[str]:
+        """The layer-stage methods this server enables (each needs its family's support)."""
+        return [m for m in list_methods(LAYER) if self.is_allowed(m)]
 
     @property
     def alvts_enabled(self) -> bool:
         """Whether this server may route visual tokens layer by layer (``alvts``)."""
-        return self.is_allowed(ALVTS)
+        return "alvts" in self.layer_methods()
 
     def ratio_for(self, modality: str) -> float:
         if modality == "video" and self.video_prune_ratio is not None:
@@ -256,7 +267,7 @@ def parse_request_fields(
                 "prune_method",
                 f"unknown method {shown(method)}; known: {', '.join(known_methods())}",
             )
-        if is_layerwise(method) and not config.is_allowed(method):
+        if _acts_in_layers(method) and not config.is_allowed(method):
             raise RequestFieldError(
                 "prune_method",
                 f"method {method!r} is not enabled on this server: it is served only where the "

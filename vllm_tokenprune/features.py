@@ -31,7 +31,15 @@ from typing import Any
 
 import torch
 
-from vllm_tokenprune.models.wire import METHODS_BY_ID, PARAMS_HEAD, params_key, text_key
+from vllm_tokenprune.models.wire import (
+    MAX_TEXT_TOKENS,
+    METHODS_BY_ID,
+    PARAMS_HEAD,
+    params_key,
+    text_key,
+)
+from vllm_tokenprune.plan import ItemPlan
+from vllm_tokenprune.scoring import get_method
 
 _MODULE = "vllm.entrypoints.scale_out.token_in_token_out.serving"
 _lock = threading.Lock()
@@ -91,17 +99,16 @@ def _check_params(processor: Any, modality: str, item: Mapping[str, Any], param:
         raise SuppliedRowError(
             param, f"keeps {num_keep} of {n} tokens; a prune ratio in [0, 1) keeps between "
             f"{min(n, cfg.min_keep)} and {n} (token_prune.min_keep = {cfg.min_keep})")
+    # the plan this row was written from, as far as the row tells (the ratio it does not)
+    plan = ItemPlan(modality, 0, method, get_method(method).stage, 0.0, n, num_keep,
+                    layout.grid, tuple(layout.extra), 0, "supplied")
     try:
-        if num_keep < n:
-            processor._tp_check_item(modality, layout, processor._tp_layout_charge(layout))
-        processor._tp_check_greedy(modality, method, [layout], [num_keep])
+        processor._tp_check_plan(plan)
     except ValueError as e:
         raise SuppliedRowError(param, str(e)) from None
 
 
 def _check_text(processor: Any, modality: str, item: Mapping[str, Any], param: str) -> None:
-    from vllm_tokenprune.models.processor import MAX_TEXT_TOKENS
-
     ids = _int_vector(getattr(item[text_key(modality)], "data", None))
     if ids is None or len(ids) != MAX_TEXT_TOKENS:
         raise SuppliedRowError(param, f"must be a 1-D integer tensor of {MAX_TEXT_TOKENS} values")

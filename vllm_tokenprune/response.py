@@ -1,4 +1,5 @@
-"""Per-request pruning details in chat and completions responses (the ``token_prune`` field).
+"""Per-request pruning details in chat and completions responses (the ``token_prune`` field;
+runs in the API server).
 
 A response to a request whose media went through a TokenPrune model carries, next to
 ``usage``, what happened to its media::
@@ -30,10 +31,10 @@ the server's ``--enable-force-include-usage``) has no usage chunk and no ``token
 chunk a client did not ask for is added, and no content chunk changes shape.
 
 How the counts reach the response: they are exact in the API server, where the model's
-processor fixes each item's keep-count before the encoder runs (the same numbers the
-Prometheus counters get, including items served from vLLM's processor cache).
+processor fixes each item's keep-count in its plan before the encoder runs (the same plans the
+Prometheus counters read, including items served from vLLM's processor cache).
 :class:`PruneDetailsMiddleware` puts a fresh :class:`RequestDetails` in a context variable
-before the route runs; the processor reports into it (:func:`note_request`). vLLM runs the
+before the route runs; the processor reports its plans into it (:func:`note_plans`). vLLM runs the
 processor in a thread pool (``loop.run_in_executor``, which does not carry context variables),
 so the middleware makes the renderer's thread pools run each job inside a copy of the
 submitting task's context (:func:`propagate_context`), as ``asyncio.to_thread`` does.
@@ -50,10 +51,11 @@ from __future__ import annotations
 
 import contextvars
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from vllm.logger import init_logger
+from vllm_tokenprune.log import init_logger
+from vllm_tokenprune.plan import ItemPlan
 
 logger = init_logger(__name__)
 
@@ -153,11 +155,22 @@ def note_request(method: str, items: Iterable[tuple[str, str, int, int]],
 
 
 def note_routing(items: Iterable[tuple[str, str, int, int]], layers: int) -> None:
-    """Called by the processor for a prompt's layer-wise routed items (see
-    :meth:`RequestDetails.add_routing`). No-op outside a request."""
+    """A prompt's layer-wise routed items (see :meth:`RequestDetails.add_routing`). No-op
+    outside a request."""
     details = _current.get()
     if details is not None:
         details.add_routing(items, layers)
+
+
+def note_plans(method: str, plans: Sequence[ItemPlan], ratios: dict[str, float]) -> None:
+    """Called by the processor for each prompt it preprocessed: its items' plans (in prompt
+    order per modality), the method it asked for and the ratio per modality. No-op outside a
+    request."""
+    note_request(method, [(p.modality, p.method, p.num_tokens, p.kept) for p in plans], ratios)
+    routed = [p for p in plans if p.layers]
+    for layers in sorted({p.layers for p in routed}):
+        note_routing([(p.modality, p.method, p.num_tokens, p.num_keep)
+                      for p in routed if p.layers == layers], layers)
 
 
 # --------------------------------------------------------------------------- context

@@ -1,17 +1,23 @@
-"""ALVTS: layer-wise visual token routing inside the language model (pure torch, no vLLM).
+"""ALVTS: layer-wise visual token routing inside the language model. Everything of it lives in
+this package; this module is pure torch (no vLLM; every process).
 
-Not an input-side scorer: ALVTS drops nothing at the input, so it is not in the scorer registry
-(:func:`vllm_tokenprune.scoring.list_methods`); it is the one *layer-wise* method, listed in
-:data:`LAYERWISE_METHODS`. What exists: the selector (:mod:`.selector`), the per-request router
-(:class:`AlvtsRouter`) and a transformers reference (:mod:`.reference`). The vLLM integration is
-:mod:`vllm_tokenprune.models.alvts`. Semantics, option defaults and the overlap table that chose
-them: ``docs/alvts.md``.
+Not an input-side scorer: ALVTS drops nothing at the input. It is registered in the method
+registry at stage ``"layer"`` (:data:`vllm_tokenprune.scoring.LAYER`), with its options
+(:class:`AlvtsOptions`) validated by the same machinery as every scorer's; the integration asks
+the registry for a method's stage. What exists:
+
+* :mod:`.selector`: which tokens go through a layer (pure torch);
+* :class:`AlvtsRouter` (here): the per-request routing decisions over the routed layers;
+* :mod:`.reference`: the same on transformers' models (tests and benchmarks);
+* :mod:`.model` (worker): the model-side integration, mixed only into the families that
+  serve ``alvts`` (Qwen2-VL, Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT), and its start-up checks;
+* :mod:`.scheduler` (engine core): the schedulers that keep a media item whole in one step.
+
+Semantics, option defaults and the overlap table that chose them: ``docs/alvts.md``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +31,14 @@ from vllm_tokenprune.alvts.selector import (
     layer_factors,
     top_tokens,
 )
-from vllm_tokenprune.scoring import num_kept
-from vllm_tokenprune.scoring._registry import _check_bounds, _coerce, option
+from vllm_tokenprune.scoring import (
+    LAYER,
+    get_method,
+    make_options,
+    num_kept,
+    option,
+    register_method,
+)
 
 __all__ = [
     "ALVTS",
@@ -40,11 +52,12 @@ __all__ = [
     "layer_factors",
     "is_layerwise",
     "num_processed",
+    "routed_layers",
     "top_tokens",
 ]
 
 ALVTS = "alvts"
-#: Methods that act inside the language model (known names, not input-side scorers).
+#: The layer-stage methods this package provides.
 LAYERWISE_METHODS = (ALVTS,)
 
 
@@ -64,21 +77,17 @@ class AlvtsOptions:
     )
 
 
+@register_method(ALVTS, options=AlvtsOptions, stage=LAYER,
+                 summary="layer-wise visual token routing inside the language model")
+def routed_layers(opts: AlvtsOptions, num_layers: int) -> int:
+    """Decoder layers ``alvts`` routes in a language model of ``num_layers`` layers
+    (``first_layer`` to the last)."""
+    return max(0, num_layers - opts.first_layer)
+
+
 def alvts_options(options: Mapping[str, Any] | None = None) -> AlvtsOptions:
     """Validated :class:`AlvtsOptions`; ValueError naming an unknown key or a bad value."""
-    options = dict(options or {})
-    fields = {f.name: f for f in dataclasses.fields(AlvtsOptions)}
-    unknown = sorted(k for k in options if k not in fields)
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for method "
-                         f"'alvts'; valid options: {', '.join(fields)}")
-    hints = typing.get_type_hints(AlvtsOptions)
-    values = {}
-    for key, value in options.items():
-        where = f"option {key!r} of method 'alvts'"
-        values[key] = _coerce(value, hints[key], where)
-        _check_bounds(values[key], fields[key].metadata, where)
-    return AlvtsOptions(**values)
+    return make_options(ALVTS, options)
 
 
 def num_processed(num_tokens: int, prune_ratio: float, min_keep: int = 1) -> int:
@@ -88,8 +97,12 @@ def num_processed(num_tokens: int, prune_ratio: float, min_keep: int = 1) -> int
 
 
 def is_layerwise(method: str) -> bool:
-    """Whether ``method`` acts inside the language model (drops nothing at the input)."""
-    return method in LAYERWISE_METHODS
+    """Whether ``method`` acts inside the language model (drops nothing at the input), as the
+    registry records it (False for an unknown name)."""
+    try:
+        return get_method(method).stage == LAYER
+    except ValueError:
+        return False
 
 
 class AlvtsRouter:

@@ -1,7 +1,9 @@
-"""ALVTS inside vLLM: layer-wise visual token routing in the language model's decoder layers.
+"""ALVTS inside vLLM: layer-wise visual token routing in the language model's decoder layers
+(runs in the worker; :func:`check_alvts_server` also where the model is built).
 
 The selector is :mod:`vllm_tokenprune.alvts` (pure torch); this module is the model-side
-integration (docs/alvts.md, "In vLLM"):
+integration (docs/alvts.md, "In vLLM"), :class:`AlvtsModelMixin`, mixed only into the families
+that serve ``alvts`` (before :class:`~vllm_tokenprune.models.model_hooks.TokenPruneModelMixin`):
 
 * the processor leaves every visual token in the prompt and puts the per-layer count ``k`` in
   the item's params row (:mod:`.wire`, ``num_keep``);
@@ -24,12 +26,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from vllm.logger import init_logger
 
-from vllm_tokenprune import guard
 from vllm_tokenprune.alvts import ALVTS, AlvtsOptions, AlvtsRouter, alvts_options, layer_factors
+from vllm_tokenprune.alvts.scheduler import WholeMediaMixin, scheduler_cls_name
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
-from vllm_tokenprune.models.wire import ROUTE_CHANNELS, decode_route, encode_route
+from vllm_tokenprune.log import init_logger
+from vllm_tokenprune.models import fallbacks, faults
+from vllm_tokenprune.models.wire import ROUTE_CHANNELS, ItemParams, decode_route, encode_route
 
 logger = init_logger(__name__)
 
@@ -173,8 +176,6 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
                "the scheduler chunks a prompt): start the server with --disable-chunked-mm-input")
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
-    from vllm_tokenprune.scheduler import WholeMediaMixin, scheduler_cls_name
-
     cls = scheduler.get_scheduler_cls()
     async_on = bool(getattr(scheduler, "async_scheduling", False))
     name = scheduler_cls_name(async_on)
@@ -204,16 +205,26 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
 
 
 class AlvtsModelMixin:
-    """Model-side ``alvts`` (mixed into :class:`.model.TokenPruneModelMixin`)."""
+    """Model-side ``alvts``: mix into a family whose language model's decoder layers are vLLM's
+    Qwen2 / Llama ones, before :class:`~vllm_tokenprune.models.model_hooks.TokenPruneModelMixin`
+    in the MRO. It extends the base's set-up (:meth:`_tp_pre_init`, :meth:`_tp_setup`), marks
+    an item's rows for the routed layers (:meth:`_tp_layer_rows`) and takes the marks off in
+    ``embed_input_ids`` (:meth:`_tp_embed_input_ids`)."""
 
-    #: Whether this family serves ``alvts`` (its LM's decoder layers are Qwen2 / Llama ones).
-    tp_alvts: ClassVar[bool] = False
+    tp_layer_methods: ClassVar[frozenset[str]] = frozenset({ALVTS})
+    #: This family serves ``alvts``.
+    tp_alvts: ClassVar[bool] = True
     _tp_alvts: AlvtsRuntime | None = None
 
-    def _tp_alvts_pre_init(self, vllm_config: Any) -> None:
+    def _tp_pre_init(self, vllm_config: Any) -> None:
+        super()._tp_pre_init(vllm_config)  # type: ignore[misc]
         cfg = config_from_hf_config(vllm_config.model_config.hf_config)
         if cfg.alvts_enabled:
             check_alvts_server(vllm_config, type(self).__name__, self.tp_alvts)
+
+    def _tp_setup(self, vllm_config: Any) -> None:
+        super()._tp_setup(vllm_config)  # type: ignore[misc]
+        self._tp_alvts_setup(self.tp_config)  # type: ignore[attr-defined]
 
     def _tp_alvts_setup(self, cfg: TokenPruneConfig) -> None:
         """Swap the routed decoder layers' classes (no weights needed yet)."""
@@ -272,14 +283,22 @@ class AlvtsModelMixin:
         runtime.router = AlvtsRouter(factors, runtime.options)
 
     # -- rows
-    def _tp_alvts_rows(self, emb: Tensor, num_process: int,
-                       roles: Tensor | None = None) -> Tensor:
-        """``emb`` with :data:`ROUTE_CHANNELS` appended (``roles``: 1 scored, 2 always goes
-        through; default all scored)."""
-        if roles is None:
-            roles = torch.ones(emb.shape[0], dtype=torch.int64)
-        route = encode_route(roles, num_process, emb.dtype).to(emb.device, non_blocking=True)
+    def _tp_layer_rows(self, emb: Tensor, p: ItemParams, through: Tensor | None = None
+                       ) -> Tensor:
+        """An ``alvts`` item's rows with :data:`ROUTE_CHANNELS` appended: each row's role (1:
+        scored, 2: always goes through, ``through``: a host bool mask of those) and the
+        item's count ``p.num_keep`` of scored rows that go through each routed layer."""
+        if p.method != ALVTS:
+            return super()._tp_layer_rows(emb, p, through)  # type: ignore[misc]
+        roles = (torch.ones(emb.shape[0], dtype=torch.int64) if through is None
+                 else through.to(torch.int64) + 1)
+        route = encode_route(roles, p.num_keep, emb.dtype).to(emb.device, non_blocking=True)
         return torch.cat([emb, route], dim=1)
+
+    def _tp_embed_input_ids(self, input_ids: Tensor, multimodal_embeddings: Any,
+                            **kwargs: Any) -> Tensor:
+        embeds = self._tp_alvts_take(multimodal_embeddings, kwargs.get("is_multimodal"))
+        return super()._tp_embed_input_ids(input_ids, embeds, **kwargs)  # type: ignore[misc]
 
     def _tp_alvts_take(self, embeds: Any, is_multimodal: Tensor | None) -> Any:
         """Strip the route channels of this step's media rows and record the step's items.
@@ -305,8 +324,9 @@ class AlvtsModelMixin:
         try:
             items = self._tp_alvts_items(embeds, routed, width, is_multimodal)
         except Exception as e:  # noqa: BLE001 - a request's rows must not kill the engine
-            guard.report_fallback(ALVTS, guard.LAYOUT, f"cannot route this step's items ({e})",
-                                  "its tokens go through every layer (not routed)")
+            fallbacks.report_fallback(ALVTS, fallbacks.LAYOUT,
+                                      f"cannot route this step's items ({e})",
+                                      "its tokens go through every layer (not routed)")
             return out
         if items and is_multimodal is not None:
             runtime.step = Step(items, int(is_multimodal.shape[0]))
@@ -330,12 +350,12 @@ class AlvtsModelMixin:
         host_rows: list[Tensor] = []
         counts: list[int] = []
         for i, chan in zip(routed, channels, strict=True):
-            guard.fault_for_test(guard.FAULT_ALVTS_TAKE, sizes[i], raise_=True)
+            faults.fault_for_test(faults.FAULT_ALVTS_TAKE, sizes[i], raise_=True)
             roles, index, k, n = decode_route(chan)
             scored = roles == 1
             whole = int(scored.sum()) == n and bool(torch.equal(index[scored], torch.arange(n)))
             if not whole:
-                guard.report_fallback(ALVTS, guard.PARTIAL_ITEM,
+                fallbacks.report_fallback(ALVTS, fallbacks.PARTIAL_ITEM,
                                       "an item arrived split across prefill steps (is the "
                                       "server's --scheduler-cls a WholeMedia one?)",
                                       "its tokens go through every layer (not routed)")

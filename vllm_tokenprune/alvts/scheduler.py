@@ -1,4 +1,5 @@
-"""Schedulers that never split a media item across prefill steps (what ``alvts`` needs).
+"""Schedulers that never split a media item across prefill steps (what ``alvts`` needs; runs in
+the engine core).
 
 vLLM's ``--disable-chunked-mm-input`` rolls a prefill chunk back to the start of a media item
 that the chunk would only partly cover, but only when the request's computed tokens are
@@ -11,9 +12,9 @@ routing scores an item on all of its tokens' hidden states, so it needs the item
 :class:`WholeMediaScheduler` (synchronous) and :class:`WholeMediaAsyncScheduler` (vLLM's async
 scheduling, the GPU default) apply the same rule with the boundary included: a chunk that would
 start an item without finishing it stops before the item. Select one with
-``--scheduler-cls vllm_tokenprune.scheduler.WholeMediaScheduler`` (or ``...AsyncScheduler``
+``--scheduler-cls vllm_tokenprune.alvts.scheduler.WholeMediaScheduler`` (or ``...AsyncScheduler``
 when async scheduling is on); a server that enables ``alvts`` refuses to start without it,
-naming the right one (:func:`vllm_tokenprune.models.alvts.check_alvts_server`).
+naming the right one (:func:`vllm_tokenprune.alvts.model.check_alvts_server`).
 """
 
 from __future__ import annotations

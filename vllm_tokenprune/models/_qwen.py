@@ -1,4 +1,5 @@
-"""What the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) shares on top of the shared mixins.
+"""What the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) shares on top of the shared mixins
+(a family module: the processor side runs in the API server, the model side in the worker).
 
 Processor side: an item's LM token grid is its ``<modality>_grid_thw`` divided by the spatial
 merge size. Model side: ``embed_multimodal`` runs the model's own vision tower per modality and
@@ -17,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from vllm_tokenprune.models.model import TokenPruneModelMixin, rows_of
+from vllm_tokenprune.models.model_hooks import TokenPruneModelMixin, rows_of
 from vllm_tokenprune.models.positions import MediaSpan, mrope_positions_for_spans
 from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
 from vllm_tokenprune.models.wire import Grid, params_key, text_key
@@ -39,9 +40,6 @@ class TokenPruneQwenVLModelMixin(TokenPruneModelMixin):
     #: vLLM's model runner hands prefill media rows to ``recompute_mrope_positions`` only for
     #: models that declare this (vLLM's Qwen2-VL does not; Qwen2.5-VL and Qwen3-VL do).
     supports_multimodal_pruning: ClassVar[Literal[True]] = True
-    #: Qwen2-VL and Qwen2.5-VL run a Qwen2 LM: ``alvts`` routes its decoder layers (Qwen3-VL
-    #: turns it off: its deepstack features join visual tokens inside the first layers).
-    tp_alvts: ClassVar[bool] = True
 
     def _llm_grid(self, grid_thw: torch.Tensor) -> list[Grid]:
         merge = self.config.vision_config.spatial_merge_size

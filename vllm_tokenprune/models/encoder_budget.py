@@ -1,8 +1,7 @@
 """Vision-tower calls within the profiled encoder budget, pixels staged per call, and the scorer
-inside vLLM's profile run (see docs/worker-safety.md and :mod:`vllm_tokenprune.guard`). Runs in
-the worker.
+inside vLLM's profile run (see docs/worker-safety.md and :mod:`.staging`). Runs in the worker.
 
-Mixed into :class:`.model.TokenPruneModelMixin`. A family's ``embed_multimodal`` hands
+Mixed into :class:`.model_hooks.TokenPruneModelMixin`. A family's ``embed_multimodal`` hands
 :meth:`EncoderBudgetMixin._tp_encode_in_chunks` each item's unpruned charge, its parsed vLLM
 input and a ``run(sub_input, items)`` that runs the vision tower and prunes; the batch is cut
 into consecutive sub-batches of at most the profiled batch, run one after the other, each with
@@ -17,12 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from vllm.logger import init_logger
 
-from vllm_tokenprune import guard
 from vllm_tokenprune.config import TokenPruneConfig
-from vllm_tokenprune.models.wire import STAGED_FIELDS, ItemParams, profile_key
+from vllm_tokenprune.log import init_logger
+from vllm_tokenprune.models import faults, staging
+from vllm_tokenprune.models.wire import MAX_TEXT_TOKENS, STAGED_FIELDS, ItemParams, profile_key
 from vllm_tokenprune.scoring import get_method, list_methods, select_tokens_batch
+from vllm_tokenprune.scoring._graphs import graph_memory_budget
 
 logger = init_logger(__name__)
 
@@ -44,7 +44,7 @@ class EncoderBudgetMixin:
 
     def _tp_setup_encoder_cap(self, vllm_config: Any) -> None:
         """The unpruned tokens one vision-tower call may take: what vLLM's profile run
-        measured (see :mod:`vllm_tokenprune.guard`); where sub-batches' pixels are staged."""
+        measured (see :mod:`.staging`); where sub-batches' pixels are staged."""
         from vllm.utils.platform_utils import is_pin_memory_available
 
         self._tp_sweep_now = False
@@ -58,7 +58,7 @@ class EncoderBudgetMixin:
         self._tp_stage_device = torch.device(device or "cpu")
         self._tp_stage_pin = self._tp_stage_device.type != "cpu" and is_pin_memory_available()
         try:
-            self._tp_encoder_cap, _ = guard.profiled_encoder_tokens(vllm_config)
+            self._tp_encoder_cap, _ = staging.profiled_encoder_tokens(vllm_config)
         except Exception as e:
             raise RuntimeError(
                 "vllm-tokenprune: cannot compute the encoder batch vLLM profiles "
@@ -80,10 +80,10 @@ class EncoderBudgetMixin:
     def _tp_stage(self, sub: Any) -> Any:
         """``sub`` with its pixel fields on the runner's device (accounted in the test log:
         ``stage <bytes> <profiled batch's bytes, 0 if unknown>``)."""
-        staged, nbytes = guard.stage_items(sub, STAGED_FIELDS, self._tp_stage_device,
+        staged, nbytes = staging.stage_items(sub, STAGED_FIELDS, self._tp_stage_device,
                                            self._tp_stage_pin)
         if nbytes:
-            guard.log_encoder_call("stage", nbytes, self._tp_profiled_bytes)
+            faults.log_encoder_call("stage", nbytes, self._tp_profiled_bytes)
         return staged
 
     def _tp_encode_in_chunks(
@@ -103,17 +103,17 @@ class EncoderBudgetMixin:
         proportional to its tokens)."""
         cap = self._tp_encoder_cap
         total = sum(charges)
-        guard.log_encoder_call("batch", total, cap)
-        sizes = guard.item_bytes(mm_input, STAGED_FIELDS, len(charges), flat)
+        faults.log_encoder_call("batch", total, cap)
+        sizes = staging.item_bytes(mm_input, STAGED_FIELDS, len(charges), flat)
         if profile:
             self._tp_profiled_bytes = max(self._tp_profiled_bytes or 0, sum(sizes)) or None
-        chunks = guard.plan_chunks(charges, cap, sizes, self._tp_profiled_bytes)
+        chunks = staging.plan_chunks(charges, cap, sizes, self._tp_profiled_bytes)
         out: tuple[torch.Tensor, ...] = ()
         self._tp_sweep_now = profile and self._tp_sweep_enabled
         try:
             for items in chunks:
-                guard.log_encoder_call("call", sum(charges[i] for i in items), cap)
-                sub = mm_input if len(chunks) == 1 else guard.slice_items(
+                faults.log_encoder_call("call", sum(charges[i] for i in items), cap)
+                sub = mm_input if len(chunks) == 1 else staging.slice_items(
                     mm_input, items, len(charges), flat)
                 sub = self._tp_stage(sub)
                 out += tuple(run(sub, items))
@@ -144,8 +144,6 @@ class EncoderBudgetMixin:
             try:
                 text = None
                 if get_method(method).uses_text:
-                    from vllm_tokenprune.models.processor import MAX_TEXT_TOKENS
-
                     ids = torch.zeros(MAX_TEXT_TOKENS, dtype=torch.long)
                     text = [self._tp_text_embeds(ids, f.device) for f in feats]
                 select_tokens_batch(list(feats), keep, method, text_embeds=text, grids=grids,
@@ -181,8 +179,6 @@ def _reserve_graph_memory(feats: Sequence[torch.Tensor], methods: Sequence[str])
     """On CUDA, allocate (and free) the greedy scorers' CUDA-graph budget inside the memory
     profile, so that vLLM sizes the KV cache with room for the graphs captured later
     (``scoring/_graphs.py``)."""
-    from vllm_tokenprune.scoring._graphs import graph_memory_budget
-
     device = feats[0].device if feats else None
     if device is None or device.type != "cuda" or \
             not any(get_method(m).greedy for m in methods):

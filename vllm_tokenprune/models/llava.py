@@ -24,7 +24,8 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune.models.model import TokenPruneModelMixin, rows_of
+from vllm_tokenprune.alvts.model import AlvtsModelMixin
+from vllm_tokenprune.models.model_hooks import TokenPruneModelMixin, rows_of
 from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
 from vllm_tokenprune.models.wire import ItemLayout, params_key, text_key
 
@@ -49,9 +50,11 @@ class TokenPruneLlavaMultiModalProcessor(TokenPruneProcessorMixin, LlavaMultiMod
     info=LlavaProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class TokenPruneLlavaForConditionalGeneration(TokenPruneModelMixin, LlavaForConditionalGeneration):
+class TokenPruneLlavaForConditionalGeneration(AlvtsModelMixin, TokenPruneModelMixin,
+                                              LlavaForConditionalGeneration):
+    """A Llama language model: ``alvts`` routes its decoder layers."""
+
     tp_mrope = False
-    tp_alvts = True  # a Llama LM: ``alvts`` routes its decoder layers
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         image_input = self._parse_and_validate_image_input(**kwargs)

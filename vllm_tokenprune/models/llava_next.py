@@ -1,4 +1,5 @@
-"""``TokenPruneLlavaNextForConditionalGeneration``: LLaVA-NeXT with visual-token pruning.
+"""``TokenPruneLlavaNextForConditionalGeneration``: LLaVA-NeXT with visual-token pruning (a family
+module: the processor side runs in the API server, the model side in the worker).
 
 An image becomes the base image's tokens (one tile at the encoder resolution) followed by the
 any-resolution tiles, stitched into one grid, with the padding rows/columns removed and an
@@ -40,9 +41,9 @@ from vllm.model_executor.models.llava_next import (
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune import guard
-from vllm_tokenprune.alvts import ALVTS, is_layerwise
-from vllm_tokenprune.models.model import TokenPruneModelMixin, rows_of
+from vllm_tokenprune.alvts.model import AlvtsModelMixin
+from vllm_tokenprune.models import fallbacks
+from vllm_tokenprune.models.model_hooks import TokenPruneModelMixin, rows_of
 from vllm_tokenprune.models.positions import row_separator_mask
 from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
 from vllm_tokenprune.models.wire import (
@@ -53,6 +54,8 @@ from vllm_tokenprune.models.wire import (
     params_key,
     text_key,
 )
+from vllm_tokenprune.plan import ItemPlan
+from vllm_tokenprune.scoring import LAYER, get_method
 
 
 class TokenPruneLlavaNextMultiModalProcessor(
@@ -102,7 +105,7 @@ class TokenPruneLlavaNextMultiModalProcessor(
     def _tp_layout_charge(self, layout: ItemLayout) -> int:
         return layout.num_tokens + layout.extra[1]  # + one newline token per row
 
-    def _tp_pruned_tokens(self, modality: str, full: list[int], params: ItemParams) -> list[int]:
+    def _tp_pruned_tokens(self, modality: str, full: list[int], params: ItemPlan) -> list[int]:
         _, rows, _ = params.extra
         if len(set(full)) != 1 or len(full) != params.num_tokens + rows:
             raise RuntimeError(
@@ -118,10 +121,12 @@ class TokenPruneLlavaNextMultiModalProcessor(
     dummy_inputs=LlavaDummyInputsBuilder,
 )
 class TokenPruneLlavaNextForConditionalGeneration(
-    TokenPruneModelMixin, LlavaNextForConditionalGeneration
+    AlvtsModelMixin, TokenPruneModelMixin, LlavaNextForConditionalGeneration
 ):
+    """A Llama / Qwen2 language model: ``alvts`` routes its decoder layers; image-newline rows
+    always go through."""
+
     tp_mrope = False
-    tp_alvts = True  # a Llama / Qwen2 LM; image-newline rows always go through
 
     def _tp_charge(self, p: ItemParams) -> int:
         return p.num_tokens + (p.extra[1] if len(p.extra) > 1 else 0)  # + newline tokens
@@ -158,7 +163,7 @@ class TokenPruneLlavaNextForConditionalGeneration(
             try:
                 newlines.append(row_separator_mask(m.shape[0], *r[PARAMS_HEAD:PARAMS_HEAD + 3]))
             except (RuntimeError, TypeError) as e:  # never let a layout surprise kill the engine
-                guard.report_fallback(_method_of(r), guard.LAYOUT, str(e))
+                fallbacks.report_fallback(_method_of(r), fallbacks.LAYOUT, str(e))
                 newlines.append(None)
         if any(nl is None for nl in newlines):
             return [self._tp_unlaid_out(m, r) for m, r in zip(merged, raw, strict=True)]
@@ -168,8 +173,8 @@ class TokenPruneLlavaNextForConditionalGeneration(
         out = []
         for m, nl, idx, p in zip(merged, newlines, keep, items, strict=True):
             assert nl is not None
-            if is_layerwise(p.method):  # newline rows always go through (role 2)
-                out.append(self._tp_alvts_rows(m, p.num_keep, nl.to(torch.int64) + 1))
+            if p.stage == LAYER:  # newline rows always go through
+                out.append(self._tp_layer_rows(m, p, nl))
                 continue
             if idx is None:
                 out.append(m)
@@ -181,16 +186,18 @@ class TokenPruneLlavaNextForConditionalGeneration(
         return out
 
     def _tp_unlaid_out(self, merged: torch.Tensor, row: list[int]) -> torch.Tensor:
-        """An image of a batch whose layout could not be read: ``alvts`` items go through
-        every layer; others keep their placeholder count (``num_keep`` + one newline per row,
-        as far as the row says) of rows, evenly spread."""
+        """An image of a batch whose layout could not be read: a layer-stage method's items
+        go through every layer; others keep their placeholder count (``num_keep`` + one newline
+        per row, as far as the row says) of rows, evenly spread."""
         n = int(merged.shape[0])
-        if _method_of(row) == ALVTS:
-            return self._tp_alvts_rows(merged, 0, torch.full((n,), 2))
+        method = _method_of(row)
+        if method != "-" and get_method(method).stage == LAYER:
+            p = ItemParams(0, method, n, None, (), LAYER)
+            return self._tp_layer_rows(merged, p, torch.ones(n, dtype=torch.bool))
         keep = int(row[0]) + (int(row[PARAMS_HEAD + 1]) if len(row) > PARAMS_HEAD + 1 else 0)
         if len(row) < 3 or int(row[0]) >= int(row[2]) or not 0 < keep < n:
             return merged
-        return merged.index_select(0, guard.uniform_fallback(n, keep, merged.device))
+        return merged.index_select(0, fallbacks.uniform_fallback(n, keep, merged.device))
 
 
 def _method_of(row: list[int]) -> str:

@@ -1,11 +1,12 @@
 """The processor side of visual-token pruning (runs where vLLM preprocesses requests, the API
 server).
 
-* resolves each media item's ``(prune_ratio, method)`` from the request's
-  ``mm_processor_kwargs`` (put there by the endpoint plugin) or the server's ``token_prune``
-  block, and computes the keep-count with :func:`vllm_tokenprune.num_kept` *before* the encoder
+* resolves the request's pruning fields once, from its ``mm_processor_kwargs`` (put there by the
+  endpoint plugin) or the server's ``token_prune`` block, into a plan
+  (:mod:`vllm_tokenprune.plan`), and each media item into an :class:`~vllm_tokenprune.plan.
+  ItemPlan` whose keep-count (:func:`vllm_tokenprune.num_kept`) is fixed *before* the encoder
   runs: the prompt gets exactly the placeholder tokens of the pruned item;
-* carries one params row per item to the model (:mod:`.wire`);
+* carries one params row per item to the model (:mod:`.wire`), written from its plan;
 * for text-conditioned methods, carries the text of the item's own chat message
   (:mod:`vllm_tokenprune.cache_keys`);
 * salts the cache hash of every pruned item with what its selection depends on beyond the
@@ -18,7 +19,7 @@ server).
   budget) unpruned and marked, never refused: the worker profiles the unpruned batch and runs
   every allowed scorer at its worst on it (:mod:`.encoder_budget`);
 * declares the pixel fields ``keep_on_cpu``, so the model stages them to the device one encoder
-  sub-batch at a time (:func:`vllm_tokenprune.guard.stage_items`).
+  sub-batch at a time (:func:`vllm_tokenprune.models.staging.stage_items`).
 
 vLLM also runs the processor in the engine core and the worker, for its dummy inputs
 (``MultiModalBudget``).
@@ -32,29 +33,22 @@ from typing import Any, ClassVar
 
 import torch
 
-from vllm_tokenprune.alvts import alvts_options, is_layerwise
+from vllm_tokenprune import __version__, response
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
-from vllm_tokenprune.config import (
-    REQUEST_FIELDS,
-    TokenPruneConfig,
-    config_from_hf_config,
-    parse_request_fields,
-)
+from vllm_tokenprune.config import REQUEST_FIELDS, TokenPruneConfig, config_from_hf_config
+from vllm_tokenprune.metrics import frontend as metrics
 from vllm_tokenprune.models.wire import (
-    METHOD_IDS,
+    MAX_TEXT_TOKENS,
     PARAMS_HEAD,
     STAGED_FIELDS,
     Grid,
     ItemLayout,
-    ItemParams,
     params_key,
     profile_key,
     text_key,
 )
-from vllm_tokenprune.scoring import get_method, num_kept
-
-#: Longest prompt text (in tokens, the last ones) handed to text-conditioned scorers.
-MAX_TEXT_TOKENS = 256
+from vllm_tokenprune.plan import MODALITIES, ItemPlan, ModalityPlan, RequestPlan, resolve_request
+from vllm_tokenprune.scoring import INPUT, LAYER, get_method
 
 _prompt_text_ids: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
     "tokenprune_prompt_text_ids", default=None
@@ -66,18 +60,20 @@ _item_text_ids: contextvars.ContextVar[dict[str, list[tuple[int, ...]]] | None] 
 #: ``_apply_hf_processor_main`` processes now), for this request.
 _missing_items: contextvars.ContextVar[dict[str, list[int]] | None] = contextvars.ContextVar(
     "tokenprune_missing_items", default=None)
-#: Per modality, each item's (method, tokens, kept) as its placeholder content carries it (see
-#: :func:`_counted`), for this request; None per item: not pruned (e.g. precomputed embeddings).
-_item_counts: contextvars.ContextVar[dict[str, list[ItemCount | None]] | None] = (
-    contextvars.ContextVar("tokenprune_item_counts", default=None))
+#: Per modality, each item's plan as its placeholder content carries it (see :func:`_counted`),
+#: for this request; None per item: not pruned (e.g. precomputed embeddings).
+_item_plans: contextvars.ContextVar[dict[str, list[ItemPlan | None]] | None] = (
+    contextvars.ContextVar("tokenprune_item_plans", default=None))
+#: This request's plan (:func:`vllm_tokenprune.plan.resolve_request`), set by ``apply``.
+_request_plan: contextvars.ContextVar[RequestPlan | None] = contextvars.ContextVar(
+    "tokenprune_request_plan", default=None)
 
-ItemCount = tuple[str, int, int]
 _counted_class: Any = None
 
 
-def _counted(content: Any, count: ItemCount) -> Any:
+def _counted(content: Any, plan: ItemPlan) -> Any:
     """``content`` (an item's placeholder tokens, a list or vLLM's ``PromptUpdateDetails``) as a
-    ``PromptUpdateDetails`` that also carries the item's (method, tokens, kept).
+    ``PromptUpdateDetails`` that also carries the item's plan.
 
     vLLM's processor caches (all kinds: ``lru``, ``shm``, processor-only) keep an item's resolved
     placeholder content with the item and hand it back on every hit, in the process that holds
@@ -92,22 +88,17 @@ def _counted(content: Any, count: ItemCount) -> Any:
 
         @dataclass
         class CountedUpdateDetails(PromptUpdateDetails):
-            tp_count: ItemCount | None = None
+            tp_plan: ItemPlan | None = None
 
         _counted_class = CountedUpdateDetails
     full = getattr(content, "full", content)
     return _counted_class(full=list(full), is_embed=getattr(content, "is_embed", None),
-                          tp_count=count)
+                          tp_plan=plan)
 #: True while vLLM builds its profiling dummy inputs (``get_dummy_mm_inputs``) in this context.
 _profiling: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "tokenprune_profiling", default=False)
 #: Hash suffix of the profiling dummy items (they carry a field no request's items carry).
 PROFILE_SALT = "-tpprofile"
-
-
-def _uses_text(method: str) -> bool:
-    """Whether ``method``'s selection reads the prompt's text (layer-wise methods: no)."""
-    return not is_layerwise(method) and get_method(method).uses_text
 
 
 class TokenPruneProcessorMixin:
@@ -141,7 +132,7 @@ class TokenPruneProcessorMixin:
             out.append(ItemLayout(t * h * w, (t, h, w)))
         return out
 
-    def _tp_pruned_tokens(self, modality: str, full: list[int], params: ItemParams) -> list[int]:
+    def _tp_pruned_tokens(self, modality: str, full: list[int], params: ItemPlan) -> list[int]:
         """The placeholder tokens of a pruned item, from the unpruned replacement ``full``."""
         if len(set(full)) != 1:
             raise NotImplementedError(
@@ -162,22 +153,16 @@ class TokenPruneProcessorMixin:
             self._tp_cfg = cfg
         return cfg
 
-    def _tp_resolve(self, mm_kwargs: Mapping[str, object], modality: str) -> tuple[float, str]:
-        """(ratio, method) for items of ``modality`` under these processor kwargs (vLLM's
-        profiling dummies: ratio 0, see :meth:`get_dummy_mm_inputs`)."""
-        cfg = self._tp_config()
-        if _profiling.get():
-            return 0.0, cfg.method
-        fields = parse_request_fields(
-            {k: v for k, v in mm_kwargs.items() if k in REQUEST_FIELDS}, cfg
-        )
-        method = str(fields.get("prune_method", cfg.method))
-        ratio = fields.get("prune_ratio")
-        if modality == "video" and "video_prune_ratio" in fields:
-            ratio = fields["video_prune_ratio"]
-        if ratio is None:
-            ratio = cfg.ratio_for(modality)
-        return float(ratio), method
+    def _tp_plan(self, mm_kwargs: Mapping[str, object]) -> RequestPlan:
+        """This request's plan: resolved once per ``apply`` (vLLM's profiling dummies: ratio 0,
+        see :meth:`get_dummy_mm_inputs`); a RequestFieldError (a 400) names a bad field."""
+        plan = _request_plan.get()
+        return plan if plan is not None else self._tp_resolve_plan(mm_kwargs)
+
+    def _tp_resolve_plan(self, mm_kwargs: Mapping[str, object]) -> RequestPlan:
+        hf = self.info.get_hf_config()
+        return resolve_request(self._tp_config(), mm_kwargs, profiling=_profiling.get(),
+                               num_layers=int(hf.get_text_config().num_hidden_layers))
 
     # -- vLLM hooks
     def get_dummy_mm_inputs(self, *args: Any, **kwargs: Any) -> Any:
@@ -198,73 +183,54 @@ class TokenPruneProcessorMixin:
             _profiling.reset(token)
 
     def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        token_plan = _request_plan.set(self._tp_resolve_plan(inputs.hf_processor_mm_kwargs))
         token = _prompt_text_ids.set(self._tp_text_ids(inputs.prompt))
         token_items = _item_text_ids.set(self._tp_item_texts(inputs))
         token_missing = _missing_items.set(None)
-        token_counts = _item_counts.set(None)
+        token_plans = _item_plans.set(None)
         try:
             result = super().apply(inputs, *args, **kwargs)  # type: ignore[misc]
-            counts = _item_counts.get() or {}
+            plans = _item_plans.get() or {}
+            request_plan = _request_plan.get()
         finally:
             _prompt_text_ids.reset(token)
             _item_text_ids.reset(token_items)
             _missing_items.reset(token_missing)
-            _item_counts.reset(token_counts)
-        self._tp_record(counts, inputs.hf_processor_mm_kwargs)
+            _item_plans.reset(token_plans)
+            _request_plan.reset(token_plan)
+        if request_plan is not None:
+            self._tp_record(request_plan, plans)
         return result
 
     def _maybe_apply_prompt_updates(self, mm_items: Any, mm_res: Any) -> Any:
-        """Read each item's counts off its placeholder content (cache hits included)."""
-        counts: dict[str, list[ItemCount | None]] = {}
+        """Read each item's plan off its placeholder content (cache hits included), at its
+        place in this prompt."""
+        plans: dict[str, list[ItemPlan | None]] = {}
         for modality, per_item in (mm_res.prompt_updates or {}).items():
-            counts[modality] = [
-                next((u.content.tp_count for u in updates
-                      if getattr(u.content, "tp_count", None) is not None), None)
-                for updates in per_item]
-        _item_counts.set(counts)
+            found = [next((u.content.tp_plan for u in updates
+                           if getattr(u.content, "tp_plan", None) is not None), None)
+                     for updates in per_item]
+            plans[modality] = [None if p is None else ItemPlan(*p)._replace(index=i)
+                               for i, p in enumerate(found)]
+        _item_plans.set(plans)
         return super()._maybe_apply_prompt_updates(  # type: ignore[misc]
             mm_items=mm_items, mm_res=mm_res)
 
-    def _tp_record(self, counts: Mapping[str, Sequence[ItemCount | None]],
-                   mm_kwargs: Mapping[str, object]) -> None:
-        """Count this request's visual tokens (exact: the keep-counts are fixed here).
-
-        ``counts``: per modality, each item's (method, tokens, kept) from its placeholder
-        content (:func:`_counted`), which vLLM's processor cache returns with every hit."""
-        from vllm_tokenprune import metrics, response
-
-        if metrics._frontend is None or _profiling.get():
+    def _tp_record(self, request: RequestPlan,
+                   plans: Mapping[str, Sequence[ItemPlan | None]]) -> None:
+        """Count this request's visual tokens and report them for the response field (exact:
+        every keep-count is fixed by its plan). ``plans``: per modality, each item's plan from
+        its placeholder content (:func:`_counted`), which vLLM's processor cache returns with
+        every hit; None: not pruned (e.g. precomputed embeddings)."""
+        if not metrics.enabled() or _profiling.get():
             return
-        items = []
-        routed = []
-        ratios = {}
-        for modality, modality_counts in counts.items():
-            if modality not in ("image", "video") or not modality_counts:
-                continue
-            ratios[modality], _ = self._tp_resolve(mm_kwargs, modality)
-            for info in modality_counts:
-                if info is None:  # not pruned (e.g. precomputed embeddings)
-                    continue
-                item_method, tokens, kept = info
-                if is_layerwise(item_method):  # nothing dropped at the input
-                    routed.append((modality, item_method, tokens, kept))
-                    kept = tokens
-                items.append((modality, item_method, tokens, kept))
-        if items:
-            _, method = self._tp_resolve(mm_kwargs, "image")
-            model_name = self.info.ctx.model_config.served_model_name
-            metrics.record_request(model_name, method, items, ratios)
-            if routed:
-                layers = self._tp_routed_layers()
-                metrics.record_routing(model_name, routed, layers)
-                response.note_routing(routed, layers)
-            response.note_request(method, items, ratios)
-
-    def _tp_routed_layers(self) -> int:
-        """Decoder layers ``alvts`` routes (``first_layer`` to the last)."""
-        first = alvts_options(self._tp_config().options_for("alvts")).first_layer
-        layers = int(self.info.get_hf_config().get_text_config().num_hidden_layers)
-        return max(0, layers - first)
+        items = [p for modality in MODALITIES for p in plans.get(modality) or () if p is not None]
+        if not items:
+            return
+        ratios = {m: request[m].ratio for m in MODALITIES if plans.get(m)}
+        model_name = self.info.ctx.model_config.served_model_name
+        metrics.record_request(model_name, request.method, items, ratios)
+        response.note_plans(request.method, items, ratios)
 
     def _tp_text_ids(self, prompt: Sequence[int] | str) -> tuple[int, ...]:
         if isinstance(prompt, str):
@@ -310,30 +276,30 @@ class TokenPruneProcessorMixin:
             out[modality] = texts
         return out
 
-    def _tp_salt(self, mm_kwargs: Mapping[str, object], modality: str, index: int) -> str | None:
-        """The hash suffix of item ``index`` of ``modality`` (None: not pruned, vLLM's key)."""
-        from vllm_tokenprune import __version__
-
-        ratio, method = self._tp_resolve(mm_kwargs, modality)
-        if ratio <= 0.0:
+    def _tp_salt(self, plan: ModalityPlan, index: int) -> str | None:
+        """The hash suffix of item ``index`` of ``plan``'s modality (None: not pruned, vLLM's
+        key)."""
+        if not plan.prunes:
             return None
         cfg = self._tp_config()
         text = None
-        if _uses_text(method):
-            texts = (_item_text_ids.get() or {}).get(modality)
+        if plan.uses_text:
+            texts = (_item_text_ids.get() or {}).get(plan.modality)
             text = texts[index] if texts is not None and index < len(texts) else ()
-        return pruned_item_salt(__version__, method, cfg.options_for(method), cfg.min_keep,
-                                text)
+        return pruned_item_salt(__version__, plan.method, cfg.options_for(plan.method),
+                                cfg.min_keep, text)
 
     def _get_mm_hashes(self, inputs: Any) -> Any:
         hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
         if _profiling.get():
             return {m: [f"{h}{PROFILE_SALT}" for h in items] for m, items in hashes.items()}
+        plan = self._tp_plan(inputs.hf_processor_mm_kwargs)
         out = {}
         for modality, items in hashes.items():
             salted = []
             for i, h in enumerate(items):
-                salt = self._tp_salt(inputs.hf_processor_mm_kwargs, modality, i)
+                salt = (self._tp_salt(plan[modality], i) if modality in plan.modalities
+                        else None)
                 salted.append(h if salt is None else f"{h}-tp{salt}")
             out[modality] = salted
         return out
@@ -364,10 +330,17 @@ class TokenPruneProcessorMixin:
             self._tp_max_tokens = cached
         return cached
 
-    def _tp_check_item(self, modality: str, layout: ItemLayout, charge: int) -> None:
-        """Refuse (ValueError: a 400 for this request) what the worker cannot serve safely.
+    def _tp_check_plan(self, plan: ItemPlan) -> None:
+        """Refuse (ValueError: a 400 for this request) an item the worker cannot serve safely:
+        a pruned item larger than the profiled encoder batch or with a grid past the position
+        encoding (:meth:`_tp_check_item`), or one a greedy method would keep too many tokens
+        of (:meth:`_tp_check_greedy`)."""
+        if plan.ratio > 0.0 or plan.num_keep < plan.num_tokens:
+            self._tp_check_item(plan.modality, plan.layout, self._tp_layout_charge(plan.layout))
+        self._tp_check_greedy(plan)
 
-        vLLM refuses an item with more embeddings than its encoder cache holds (at least the
+    def _tp_check_item(self, modality: str, layout: ItemLayout, charge: int) -> None:
+        """vLLM refuses an item with more embeddings than its encoder cache holds (at least the
         largest profiled item of any modality, ``compute_mm_encoder_budget``); a pruned item's
         prompt only shows its kept tokens, so the same bound is applied here to its unpruned
         count (the part of vLLM's bound the processor can see)."""
@@ -383,23 +356,22 @@ class TokenPruneProcessorMixin:
                 f"vllm-tokenprune: this {modality}'s token grid {layout.grid} is too large "
                 "for pruning (positions must stay below 65536)")
 
-    def _tp_check_greedy(self, modality: str, method: str, layouts: Sequence[ItemLayout],
-                         keeps: Sequence[int]) -> None:
-        """Refuse (a 400) an item a greedy method would need more than
-        ``token_prune.max_greedy_keep`` sequential steps for: their cost grows with the
-        keep-count, and one such item stalls every request of the engine's batch."""
-        if is_layerwise(method) or not get_method(method).greedy:
+    def _tp_check_greedy(self, plan: ItemPlan) -> None:
+        """An item a greedy method would need more than ``token_prune.max_greedy_keep``
+        sequential steps for: their cost grows with the keep-count, and one such item stalls
+        every request of the engine's batch."""
+        spec = get_method(plan.method)
+        if spec.stage != INPUT or not spec.greedy:
             return
         cap = self._tp_config().max_greedy_keep
-        for lay, k in zip(layouts, keeps, strict=True):
-            if cap < k < lay.num_tokens:
-                field = "video_prune_ratio" if modality == "video" else "prune_ratio"
-                raise ValueError(
-                    f"{field}: {method} would keep {k} of this {modality}'s {lay.num_tokens} "
-                    f"tokens, more than this server allows for a greedy method "
-                    f"(token_prune.max_greedy_keep = {cap}); send a higher {field}, a smaller "
-                    f"{modality}, or a prune_method such as lrcp"
-                )
+        k, n, modality = plan.num_keep, plan.num_tokens, plan.modality
+        if cap < k < n:
+            field = "video_prune_ratio" if modality == "video" else "prune_ratio"
+            raise ValueError(
+                f"{field}: {plan.method} would keep {k} of this {modality}'s {n} tokens, more "
+                f"than this server allows for a greedy method (token_prune.max_greedy_keep = "
+                f"{cap}); send a higher {field}, a smaller {modality}, or a prune_method such "
+                "as lrcp")
 
     def _tp_layout_charge(self, layout: ItemLayout) -> int:
         """What vLLM charges the unpruned item (its full placeholder count)."""
@@ -409,13 +381,14 @@ class TokenPruneProcessorMixin:
         """Run the model's own HF processing without our request fields, then add the per-item
         pruning fields to its output (only for the items processed now: cached items keep
         theirs, and the cache key includes the request fields)."""
-        self._tp_check_embeds(mm_items, hf_kwargs)
+        plan = self._tp_plan(hf_kwargs)
+        self._tp_check_embeds(mm_items, plan)
         clean = {k: v for k, v in hf_kwargs.items() if k not in REQUEST_FIELDS}
         out = super()._apply_hf_processor_main(mm_items, clean)  # type: ignore[misc]
-        self._tp_add_fields(out, hf_kwargs)
+        self._tp_add_fields(out, plan)
         return out
 
-    def _tp_check_embeds(self, mm_items: Any, mm_kwargs: Mapping[str, object]) -> None:
+    def _tp_check_embeds(self, mm_items: Any, plan: RequestPlan) -> None:
         """Refuse a non-zero ratio for precomputed embedding items (``image_embeds``) on
         families that serve them unpruned (:attr:`tp_prunes_embeds` False), rather than ignore
         it: a ValueError naming ``prune_ratio``, which vLLM answers with a 400."""
@@ -424,39 +397,38 @@ class TokenPruneProcessorMixin:
         for modality, items in mm_items.items():
             if not items or not items.get_passthrough_data():
                 continue
-            ratio, _ = self._tp_resolve(mm_kwargs, modality)
-            if ratio > 0:
-                field = "video_prune_ratio" if modality == "video" else "prune_ratio"
+            if modality in plan.modalities and plan[modality].prunes:
+                field = plan[modality].field
                 raise ValueError(
                     f"{field}: precomputed {modality} embeddings ({modality}_embeds) are not "
                     f"pruned by {type(self).__name__.removesuffix('MultiModalProcessor')}; "
                     f"send {field}=0 with them, or send the {modality} itself"
                 )
 
-    def _tp_add_fields(self, out: Any, mm_kwargs: Mapping[str, object]) -> None:
+    def _tp_add_fields(self, out: Any, request: RequestPlan) -> None:
+        """Plan each item processed now (the processor cache's misses) and add its params row
+        (and its scorer text) to the HF output."""
         cfg = self._tp_config()
         prompt_text = _prompt_text_ids.get() or ()
         item_texts = _item_text_ids.get() or {}
         missing = _missing_items.get()
-        for modality in ("image", "video"):
+        for modality in MODALITIES:
             layouts = self._tp_item_layouts(modality, out)
             if layouts is None:
                 continue
-            ratio, method = self._tp_resolve(mm_kwargs, modality)
-            if ratio > 0.0:
-                for lay in layouts:
-                    self._tp_check_item(modality, lay, self._tp_layout_charge(lay))
-            keeps = [num_kept(lay.num_tokens, ratio, cfg.min_keep) for lay in layouts]
-            self._tp_check_greedy(modality, method, layouts, keeps)
-            rows = [lay.row(k, METHOD_IDS[method]) for lay, k in zip(layouts, keeps, strict=True)]
+            # item j processed now is the prompt's item original[j] (cache misses only)
+            original = (missing or {}).get(modality, list(range(len(layouts))))
+            plans = [ItemPlan.plan(request[modality], original[j] if j < len(original) else j,
+                                   lay, cfg.min_keep) for j, lay in enumerate(layouts)]
+            for plan in plans:
+                self._tp_check_plan(plan)
+            rows = [plan.row() for plan in plans]
             width = max((len(r) for r in rows), default=PARAMS_HEAD)
             out[params_key(modality)] = torch.tensor(rows, dtype=torch.long).reshape(-1, width)
             if _profiling.get():
                 out[profile_key(modality)] = torch.ones(len(rows), dtype=torch.long)
-            if _uses_text(method):
-                # item j processed now is the prompt's item original[j] (cache misses only)
+            if request[modality].uses_text:
                 texts = item_texts.get(modality)
-                original = (missing or {}).get(modality, list(range(len(rows))))
                 ids = torch.full((len(rows), MAX_TEXT_TOKENS), -1, dtype=torch.long)
                 for j in range(len(rows)):
                     k = original[j] if j < len(original) else j
@@ -495,9 +467,10 @@ class TokenPruneProcessorMixin:
         updates = super()._get_prompt_updates(  # type: ignore[misc]
             mm_items, hf_processor_mm_kwargs, out_mm_kwargs
         )
-        return [self._tp_wrap_update(u, out_mm_kwargs) for u in updates]
+        return [self._tp_wrap_update(u, out_mm_kwargs, hf_processor_mm_kwargs) for u in updates]
 
-    def _tp_wrap_update(self, update: Any, out_mm_kwargs: Any) -> Any:
+    def _tp_wrap_update(self, update: Any, out_mm_kwargs: Any,
+                        mm_kwargs: Mapping[str, object]) -> Any:
         from dataclasses import replace
 
         modality = update.modality
@@ -508,12 +481,12 @@ class TokenPruneProcessorMixin:
             item = out_mm_kwargs[modality][item_idx]
             if params_key(modality) not in item:  # e.g. precomputed embeddings: not pruned
                 return full
-            params = ItemParams.from_row(item[params_key(modality)].data.tolist())
-            count = (params.method, params.num_tokens, params.num_keep)
-            if is_layerwise(params.method):  # routed inside the LM: the input keeps all
-                return _counted(full, count)
+            plan = ItemPlan.from_row(self._tp_plan(mm_kwargs)[modality], item_idx,
+                                     item[params_key(modality)].data.tolist())
+            if plan.stage == LAYER:  # acts inside the LM: the input keeps every token
+                return _counted(full, plan)
             tokens = [int(t) for t in getattr(full, "full", full)]
-            return _counted(self._tp_pruned_tokens(modality, tokens, params), count)
+            return _counted(self._tp_pruned_tokens(modality, tokens, plan), plan)
 
         return replace(update, replacement=pruned)
 

@@ -15,6 +15,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vllm_tokenprune.alvts.model import AlvtsModelMixin
 from vllm_tokenprune.models._qwen import (
     TokenPruneQwenVLModelMixin,
     TokenPruneQwenVLProcessorMixin,
@@ -33,6 +34,6 @@ class TokenPruneQwen2_5_VLMultiModalProcessor(
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
 class TokenPruneQwen2_5_VLForConditionalGeneration(
-    TokenPruneQwenVLModelMixin, Qwen2_5_VLForConditionalGeneration
+    AlvtsModelMixin, TokenPruneQwenVLModelMixin, Qwen2_5_VLForConditionalGeneration
 ):
-    pass
+    """Qwen2 language model: ``alvts`` routes its decoder layers."""

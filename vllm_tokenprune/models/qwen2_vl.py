@@ -17,6 +17,7 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vllm_tokenprune.alvts.model import AlvtsModelMixin
 from vllm_tokenprune.models._qwen import (
     TokenPruneQwenVLModelMixin,
     TokenPruneQwenVLProcessorMixin,
@@ -35,6 +36,6 @@ class TokenPruneQwen2VLMultiModalProcessor(
     dummy_inputs=Qwen2VLDummyInputsBuilder,
 )
 class TokenPruneQwen2VLForConditionalGeneration(
-    TokenPruneQwenVLModelMixin, Qwen2VLForConditionalGeneration
+    AlvtsModelMixin, TokenPruneQwenVLModelMixin, Qwen2VLForConditionalGeneration
 ):
-    pass
+    """Qwen2 language model: ``alvts`` routes its decoder layers."""

@@ -37,7 +37,7 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_tokenprune import guard
+from vllm_tokenprune.models import fallbacks, faults
 from vllm_tokenprune.models._qwen import (
     Embeds,
     TokenPruneQwenVLModelMixin,
@@ -45,13 +45,14 @@ from vllm_tokenprune.models._qwen import (
     rows_of,
 )
 from vllm_tokenprune.models.positions import MediaSpan, span_positions
-from vllm_tokenprune.models.wire import ItemParams, params_key, text_key
+from vllm_tokenprune.models.wire import params_key, text_key
+from vllm_tokenprune.plan import ItemPlan
 
 
 class TokenPruneQwen3VLMultiModalProcessor(
     TokenPruneQwenVLProcessorMixin, Qwen3VLMultiModalProcessor
 ):
-    def _tp_pruned_tokens(self, modality: str, full: list[int], params: ItemParams) -> list[int]:
+    def _tp_pruned_tokens(self, modality: str, full: list[int], params: ItemPlan) -> list[int]:
         if modality != "video":
             return super()._tp_pruned_tokens(modality, full, params)
         video_token_id = int(self.info.get_hf_config().video_token_id)
@@ -82,9 +83,9 @@ class TokenPruneQwen3VLForConditionalGeneration(
     visual_dim: int
     multiscale_dim: int
     _tokenizer: Any
-    #: ``alvts`` is refused: deepstack features join the visual tokens inside the first decoder
-    #: layers, and a skipped token's would be lost (not designed yet, docs/alvts.md).
-    tp_alvts = False
+    # No ``alvts`` mixin: deepstack features join the visual tokens inside the first decoder
+    # layers, and a skipped token's would be lost (not designed yet, docs/alvts.md); a server
+    # enabling it is refused at start-up.
 
     def _tp_embed_width(self) -> int:
         return self.visual_dim + self.multiscale_dim
@@ -113,7 +114,7 @@ class TokenPruneQwen3VLForConditionalGeneration(
         visual tokens, in order, each with its unpruned position. The span's layout is host
         data (the prompt's token ids); the kept slots are gathered on the device with the
         scorer's device indices (no device-to-host sync)."""
-        embeds = guard.shorten_for_test(self._process_video_input(mm_input), params)
+        embeds = faults.shorten_for_test(self._process_video_input(mm_input), params)
         grids = self._llm_grid(mm_input["video_grid_thw"])
         items = self._tp_params(params, [e.shape[0] for e in embeds], grids)
         keep = self._tp_select("video", [self._tp_score_view(e) for e in embeds], items, text)
@@ -130,7 +131,7 @@ class TokenPruneQwen3VLForConditionalGeneration(
             if idx is None:
                 idx = torch.arange(n_rows, device=dev)
             # rows and grid disagree (a count-mismatch fallback): spread the slots like the rows
-            slot_idx = idx if n_rows == visual_slots.shape[0] else guard.uniform_fallback(
+            slot_idx = idx if n_rows == visual_slots.shape[0] else fallbacks.uniform_fallback(
                 int(visual_slots.shape[0]), int(idx.shape[0]), dev)
             kept_visual = visual_slots.to(dev, non_blocking=True).index_select(0, slot_idx)
             text_dev = text_slots.to(dev, non_blocking=True)

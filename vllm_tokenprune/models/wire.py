@@ -1,4 +1,5 @@
-"""The per-item wire format between the processor side and the model side.
+"""The per-item wire format between the processor side and the model side (shared: imported by
+the API server and the worker).
 
 The processor (API server) carries one row of ints per media item to the model (worker) as a
 batched multimodal field (``<modality>_prune_params``, kept on CPU so reading it never syncs a
@@ -17,20 +18,56 @@ grid size) until ``recompute_mrope_positions`` strips them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 
-from vllm_tokenprune.alvts import LAYERWISE_METHODS
-from vllm_tokenprune.scoring import list_methods
+from vllm_tokenprune.scoring import INPUT, get_method, list_methods
 
-#: Stable method <-> integer id mapping used in the per-item tensor field (input-side scorers,
-#: then the layer-wise methods). For a layer-wise method ``num_keep`` is the count of the item's
-#: tokens that go through each routed layer; the input keeps all ``num_tokens``.
-METHOD_IDS: dict[str, int] = {
-    m: i for i, m in enumerate([*sorted(list_methods()), *LAYERWISE_METHODS])}
-METHODS_BY_ID: dict[int, str] = {i: m for m, i in METHOD_IDS.items()}
+
+class _MethodIds(Mapping[str, int]):
+    """Live view ``{method name: wire id}`` over the registry (every stage)."""
+
+    def __getitem__(self, name: str) -> int:
+        try:
+            return get_method(name).wire_id
+        except ValueError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list_methods(None))
+
+    def __len__(self) -> int:
+        return len(list_methods(None))
+
+
+class _MethodsById(Mapping[int, str]):
+    """Live view ``{wire id: method name}`` over the registry (every stage)."""
+
+    def __getitem__(self, ident: int) -> str:
+        for name in list_methods(None):
+            if get_method(name).wire_id == ident:
+                return name
+        raise KeyError(ident)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(get_method(name).wire_id for name in list_methods(None))
+
+    def __len__(self) -> int:
+        return len(list_methods(None))
+
+
+#: Method <-> integer id of the per-item tensor field: each method's registry id
+#: (:func:`vllm_tokenprune.scoring.wire_id`, a hash of its name), the same in every process and
+#: node whatever else is installed. For a layer-stage method ``num_keep`` is the count of the
+#: item's tokens that go through each routed layer; the input keeps all ``num_tokens``.
+METHOD_IDS: Mapping[str, int] = _MethodIds()
+METHODS_BY_ID: Mapping[int, str] = _MethodsById()
+
+#: Longest scorer text (in tokens, the last ones of the item's message) carried per item in
+#: ``<modality>_prune_text_ids`` (the row's width; -1 pads).
+MAX_TEXT_TOKENS = 256
 
 #: Leading columns of a per-item params row: num_keep, method_id, num_tokens, t, h, w.
 PARAMS_HEAD = 6
@@ -59,7 +96,7 @@ def profile_key(modality: str) -> str:
 
 #: The pixel fields the processor declares ``keep_on_cpu``: the runners leave them on the host
 #: and the model stages them to the device one encoder sub-batch at a time
-#: (:func:`vllm_tokenprune.guard.stage_items`).
+#: (:func:`vllm_tokenprune.models.staging.stage_items`).
 STAGED_FIELDS = ("pixel_values", "pixel_values_videos")
 
 
@@ -80,13 +117,14 @@ class ItemLayout(NamedTuple):
 
 
 class ItemParams(NamedTuple):
-    """A params row as the model side reads it."""
+    """A params row as the model side reads it (``stage``: the method's, from the registry)."""
 
     num_keep: int
     method: str
     num_tokens: int
     grid: Grid | None
     extra: tuple[int, ...]
+    stage: str = INPUT
 
     @classmethod
     def from_row(cls, row: Sequence[int]) -> ItemParams:
@@ -104,7 +142,7 @@ class ItemParams(NamedTuple):
         if t < 0 or (t > 0 and (h < 1 or w < 1 or t * h * w != num_tokens)):
             raise ValueError(f"grid {(t, h, w)} does not hold {num_tokens} tokens")
         return cls(num_keep, method, num_tokens, (t, h, w) if t > 0 else None,
-                   tuple(int(v) for v in row[PARAMS_HEAD:]))
+                   tuple(int(v) for v in row[PARAMS_HEAD:]), get_method(method).stage)
 
 
 #: Relative positions at or above this do not fit :func:`encode_positions`' two digits.

@@ -1,4 +1,5 @@
-"""Visual-token scorers: which of a media item's N tokens to keep (pure torch, no vLLM).
+"""Visual-token scorers: which of a media item's N tokens to keep (pure torch, no vLLM; every
+process, and any Python session).
 
 Public API::
 
@@ -6,8 +7,8 @@ Public API::
     select_tokens_batch(features_list, num_keep_list, method="lrcp", *, text_embeds=None,
                         grids=None, **options)
     num_kept(num_tokens, prune_ratio, min_keep=1)
-    list_methods(), get_method(name), register_method(name, ...), validate_options(method, opts),
-    method_options(name), METHOD_OPTIONS
+    list_methods(), get_method(name), register_method(name, ...), option(...), Batch,
+    validate_options(method, opts), method_options(name), METHOD_OPTIONS
 
 Every method returns ``num_keep`` unique int64 indices in ascending order on the features'
 device, computed in float32 whatever the input dtype, deterministically (same input, same output;
@@ -42,29 +43,41 @@ from vllm_tokenprune.scoring._common import (
     check_text,
 )
 from vllm_tokenprune.scoring._registry import (
+    INPUT,
+    LAYER,
     METHOD_OPTIONS,
     MethodSpec,
     OptionInfo,
     get_method,
     list_methods,
+    load_entry_points,
     make_options,
     method_options,
+    option,
     register_method,
     validate_options,
+    wire_id,
 )
 
 __all__ = [
+    "INPUT",
+    "LAYER",
     "METHOD_OPTIONS",
+    "Batch",
     "MethodSpec",
     "OptionInfo",
     "get_method",
     "list_methods",
+    "load_entry_points",
+    "make_options",
     "method_options",
     "num_kept",
+    "option",
     "register_method",
     "select_tokens",
     "select_tokens_batch",
     "validate_options",
+    "wire_id",
 ]
 
 
@@ -167,7 +180,7 @@ def select_tokens_batch(
     Result ``i`` equals ``select_tokens(features[i], num_keep[i], method, ...)``. Items are
     grouped into padded buckets of similar N; each bucket is scored with batched tensor ops.
     """
-    spec = get_method(method)
+    spec = get_method(method, INPUT)
     opts = make_options(method, options)
     batch = _validate(features, num_keep, text_embeds, grids, single=False)
     if batch.size == 0:
@@ -191,7 +204,7 @@ def select_tokens(
     ``cdpruner``). ``grid`` (t, h, w) with ``t*h*w == N``: token layout (used by ``uniform``).
     ``options``: method options, see :func:`method_options`. Raises ValueError on bad input.
     """
-    spec = get_method(method)
+    spec = get_method(method, INPUT)
     opts = make_options(method, options)
     if not isinstance(features, Tensor):
         raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")

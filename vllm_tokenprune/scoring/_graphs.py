@@ -39,10 +39,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from vllm_tokenprune.log import logger_name
+
 __all__ = ["GRAPHS_ENV", "GRAPH_MB_ENV", "clear_graphs", "graph_count", "graph_memory_budget",
            "run_graphed"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(logger_name(__name__))
 
 GRAPHS_ENV = "TOKENPRUNE_GREEDY_CUDA_GRAPHS"
 GRAPH_MB_ENV = "TOKENPRUNE_GREEDY_GRAPH_MB"

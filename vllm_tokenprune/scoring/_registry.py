@@ -1,16 +1,29 @@
-"""Method registry and option validation.
+"""Method registry and option validation (pure Python, no vLLM; every process).
 
-Every scorer module defines a frozen dataclass of options whose fields are declared with
-:func:`option` (default, one-line doc, optional bounds/choices) and registers its batched
-implementation with :func:`register_method`. The registry is the single source of truth for
-``list_methods()``, option defaults, option docs (``METHOD_OPTIONS`` / :func:`method_options`)
-and option validation (:func:`validate_options`), which the vLLM integration uses to check server
-configuration before any request arrives.
+Every method module defines a frozen dataclass of options whose fields are declared with
+:func:`option` (default, one-line doc, optional bounds) and registers itself with
+:func:`register_method`. The registry is the single source of truth for ``list_methods()``,
+each method's *stage* (:data:`INPUT`: drops tokens before the language model, a scorer; or
+:data:`LAYER`: acts inside the language model, ``alvts``), its wire id (:func:`wire_id`), option
+defaults, option docs (``METHOD_OPTIONS`` / :func:`method_options`) and option validation
+(:func:`validate_options`), which the vLLM integration uses to check server configuration before
+any request arrives and to decide, per item, what happens to its tokens.
+
+Third-party methods: a package declares an entry point in the group :data:`ENTRY_POINT_GROUP`
+(``vllm_tokenprune.methods``) whose object is a callable taking no argument that registers its
+methods with :func:`register_method` (docs/scorers.md, "Write your own method"). They are loaded
+by the vLLM plugin in every process before the server's configuration is validated
+(:func:`load_entry_points`), and lazily on the first use of the registry anywhere else, so that
+``list_methods()`` shows them in a plain Python session.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
+import re
+import threading
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -19,22 +32,42 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from vllm_tokenprune.log import logger_name
 from vllm_tokenprune.scoring._common import Batch
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
+    "INPUT",
+    "LAYER",
     "METHOD_OPTIONS",
     "MethodSpec",
     "NoOptions",
     "OptionInfo",
     "get_method",
     "list_methods",
+    "load_entry_points",
     "method_options",
     "option",
     "register_method",
     "validate_options",
+    "wire_id",
 ]
 
 ScorerFn = Callable[[Batch, Any], list[Tensor]]
+
+#: Stages: an input-side method drops tokens before the language model (a scorer: the prompt's
+#: placeholder count is the kept count); a layer method keeps every token in the prompt and acts
+#: inside the language model's decoder layers (``alvts``: layers skip rows).
+INPUT = "input"
+LAYER = "layer"
+STAGES = (INPUT, LAYER)
+#: Entry-point group of third-party methods (each entry point: a callable that registers).
+ENTRY_POINT_GROUP = "vllm_tokenprune.methods"
+#: Method names: what a metric label, a JSON string and a URL segment all carry unchanged.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+# Under vLLM's logger namespace, so the server log shows these lines (vllm_tokenprune.log).
+_logger = logging.getLogger(logger_name(__name__))
 
 _MISSING = object()
 
@@ -66,20 +99,28 @@ class OptionInfo:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered scorer.
+    """A registered method.
 
-    ``batched_kind`` tells how items of one call are processed: ``"padded"`` (one padded batch of
-    tensor ops), ``"padded-greedy"`` (one greedy loop over steps, every step a batched op over
-    all items), ``"index-only"`` (indices depend on shapes only).
+    ``stage``: :data:`INPUT` (``fn(batch, opts) -> indices``, a scorer) or :data:`LAYER`
+    (``fn(opts, num_layers) -> int``: how many of the language model's decoder layers it acts
+    on, which the response field and metrics report; the model side is a mixin of the families
+    that serve it, see :mod:`vllm_tokenprune.alvts`). ``batched_kind`` tells how items of one
+    call are processed: ``"padded"`` (one padded batch of tensor ops), ``"padded-greedy"`` (one
+    greedy loop over steps, every step a batched op over all items), ``"index-only"`` (indices
+    depend on shapes only). ``wire_id``: the method's id in the per-item params row
+    (:func:`wire_id`); ``module``: where ``fn`` is defined.
     """
 
     name: str
-    fn: ScorerFn
+    fn: Callable[..., Any]
     options_cls: type
     summary: str
     batched_kind: str
     uses_text: bool
     uses_grid: bool
+    stage: str = INPUT
+    wire_id: int = 0
+    module: str = ""
 
     @property
     def greedy(self) -> bool:
@@ -96,6 +137,16 @@ class NoOptions:
     """This method has no options."""
 
 
+def wire_id(name: str) -> int:
+    """The method's id in the per-item params row: 31 bits of the SHA-256 of its name.
+
+    A pure function of the name, so the id is the same in every process and on every node
+    whatever else is installed and in whichever order methods were registered (two names with
+    the same id are refused at registration)."""
+    digest = hashlib.sha256(f"vllm-tokenprune method {name}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
+
+
 def register_method(
     name: str,
     *,
@@ -104,38 +155,120 @@ def register_method(
     batched_kind: str = "padded",
     uses_text: bool = False,
     uses_grid: bool = False,
-) -> Callable[[ScorerFn], ScorerFn]:
-    """Decorator registering ``fn(batch: Batch, opts) -> list[LongTensor]`` under ``name``.
+    stage: str = INPUT,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a method under ``name``.
 
-    ``fn`` receives a validated :class:`Batch` (all items on one device, same width, every
-    ``num_keep < N``) and an instance of ``options`` (a frozen dataclass whose fields are declared
-    with :func:`option`; default: no options); it returns one ascending int64 index tensor per
-    item. Re-registering a different function under an existing name raises ValueError.
+    Input stage (the default, a scorer): ``fn(batch: Batch, opts) -> list[LongTensor]`` receives
+    a validated :class:`Batch` (all items on one device, same width, every ``num_keep < N``) and
+    an instance of ``options`` (a frozen dataclass whose fields are declared with
+    :func:`option`; default: no options); it returns one ascending int64 index tensor per item.
+    ``uses_text``: the method reads the prompt's text embeddings (``batch.text_embeds``);
+    ``uses_grid``: it reads the items' ``(t, h, w)`` token grids.
+
+    Layer stage: ``fn(opts, num_layers) -> int``, see :class:`MethodSpec`.
+
+    Raises ValueError for a name that is not 1-64 letters, digits, ``_``, ``.`` or ``-`` (first
+    a letter or digit), an unknown stage, a different function under an existing name, or a
+    name whose :func:`wire_id` another method already has.
     """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"method name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                         "starting with a letter or digit")
+    if stage not in STAGES:
+        raise ValueError(f"method {name!r}: stage must be one of {STAGES}, got {stage!r}")
     if not dataclasses.is_dataclass(options):
         raise TypeError("options must be a dataclass type")
 
-    def deco(fn: ScorerFn) -> ScorerFn:
-        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            raise ValueError(f"scoring method {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, fn, options, summary, batched_kind, uses_text, uses_grid)
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        with _lock:
+            if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+                raise ValueError(f"scoring method {name!r} is already registered "
+                                 f"(by {_REGISTRY[name].module})")
+            ident = wire_id(name)
+            clash = next((s.name for s in _REGISTRY.values()
+                          if s.wire_id == ident and s.name != name), None)
+            if clash is not None:
+                raise ValueError(f"method {name!r} has the wire id of the registered method "
+                                 f"{clash!r}; rename one of them")
+            _REGISTRY[name] = MethodSpec(name, fn, options, summary, batched_kind, uses_text,
+                                         uses_grid, stage, ident,
+                                         getattr(fn, "__module__", "") or "")
         return fn
 
     return deco
 
 
-def list_methods() -> list[str]:
-    """Sorted names of the registered scoring methods."""
-    return sorted(_REGISTRY)
+_lock = threading.RLock()
+#: Entry points loaded (or failed) in this process: name -> None or the error.
+_entry_points: dict[str, BaseException | None] | None = None
 
 
-def get_method(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` registered as ``name``; ValueError listing the known ones."""
-    if not isinstance(name, str) or name not in _REGISTRY:
+def load_entry_points(strict: bool = False) -> dict[str, BaseException | None]:
+    """Load every installed ``vllm_tokenprune.methods`` entry point once per process and call
+    it (it registers its methods). Returns ``{entry point: None or the error}``.
+
+    ``strict`` (the vLLM plugin): an entry point that fails raises RuntimeError naming it, so a
+    server never starts without a method it was installed with. Otherwise (the lazy load on
+    first use of the registry) a failure is logged and the other methods stay usable.
+    """
+    global _entry_points
+    with _lock:
+        if _entry_points is None:
+            _entry_points = {}
+            from importlib.metadata import entry_points
+
+            for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+                label = f"{ep.name} = {ep.value}"
+                try:
+                    ep.load()()
+                    _entry_points[label] = None
+                except Exception as e:  # noqa: BLE001 - reported below, never half-silent
+                    _entry_points[label] = e
+                    _logger.warning("vllm-tokenprune: the method entry point %r "
+                                    "(group %s) failed: %s: %s", label, ENTRY_POINT_GROUP,
+                                    type(e).__name__, e)
+        failed = {k: e for k, e in _entry_points.items() if e is not None}
+    if strict and failed:
+        label, error = next(iter(failed.items()))
+        raise RuntimeError(
+            f"vllm-tokenprune: the method entry point {label!r} (group {ENTRY_POINT_GROUP}) "
+            f"failed: {type(error).__name__}: {error}; fix or uninstall the package that "
+            "declares it") from error
+    return dict(_entry_points)
+
+
+def _registry() -> dict[str, MethodSpec]:
+    """The registry, with the installed entry points loaded (first use)."""
+    if _entry_points is None:
+        load_entry_points()
+    return _REGISTRY
+
+
+def list_methods(stage: str | None = INPUT) -> list[str]:
+    """Sorted names of the registered methods of ``stage`` (default: the input-side scorers,
+    what :func:`select_tokens` runs; ``None``: every stage, input-side first)."""
+    reg = _registry()
+    if stage is None:
+        return [*list_methods(INPUT), *list_methods(LAYER)]
+    return sorted(n for n, s in reg.items() if s.stage == stage)
+
+
+def get_method(name: str, stage: str | None = None) -> MethodSpec:
+    """The :class:`MethodSpec` registered as ``name`` (of ``stage``, if given); ValueError
+    listing the known ones."""
+    reg = _registry()
+    if not isinstance(name, str) or name not in reg:
         raise ValueError(
             f"unknown scoring method {name!r}; known methods: {', '.join(list_methods())}"
         )
-    return _REGISTRY[name]
+    spec = reg[name]
+    if stage is not None and spec.stage != stage:
+        where = "inside the language model" if spec.stage == LAYER else "on the input"
+        raise ValueError(
+            f"method {name!r} acts {where} (stage {spec.stage!r}), not at stage {stage!r}; "
+            f"input-side methods: {', '.join(list_methods())}")
+    return spec
 
 
 class _MethodOptions(Mapping[str, type]):
@@ -148,7 +281,7 @@ class _MethodOptions(Mapping[str, type]):
         return iter(list_methods())
 
     def __len__(self) -> int:
-        return len(_REGISTRY)
+        return len(list_methods())
 
     def __repr__(self) -> str:
         return f"METHOD_OPTIONS({', '.join(list_methods())})"

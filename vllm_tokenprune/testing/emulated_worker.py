@@ -52,11 +52,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
 }
 #: Families whose language model ``alvts`` routes.
 ALVTS_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
-#: Server flags ``alvts`` requires (models/alvts.py ``check_alvts_server``).
+#: Server flags ``alvts`` requires (alvts/model.py ``check_alvts_server``).
 ALVTS_ENGINE_ARGS: dict[str, Any] = {
     "enable_prefix_caching": False,
     "disable_chunked_mm_input": True,
-    "scheduler_cls": "vllm_tokenprune.scheduler.WholeMediaScheduler",
+    "scheduler_cls": "vllm_tokenprune.alvts.scheduler.WholeMediaScheduler",
 }
 
 

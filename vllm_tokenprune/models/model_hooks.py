@@ -1,12 +1,15 @@
-"""The model side of visual-token pruning (runs in the worker, inside vLLM's batched encoder
-step).
+"""The model's hooks of visual-token pruning: what vLLM's model runner calls on a TokenPrune
+model (runs in the worker, inside vLLM's batched encoder step and forward).
 
 After the vision encoder produced each item's embeddings, :meth:`TokenPruneModelMixin._tp_select`
-scores every item of the batch (one batched scorer call per method) and the architecture keeps
-the selected rows in their original order. Architectures with 1-D RoPE (LLaVA) need nothing
-more: kept tokens take contiguous positions. For M-RoPE (Qwen-VL) the kept rows also carry their
-unpruned ``(t, h, w)`` positions, appended as extra channels (:mod:`.wire`), as vLLM's EVS video
-pruning does, and ``recompute_mrope_positions`` puts them in place (:mod:`.positions`).
+scores every item of the batch (one batched scorer call per input-side method) and the
+architecture keeps the selected rows in their original order. Architectures with 1-D RoPE
+(LLaVA) need nothing more: kept tokens take contiguous positions. For M-RoPE (Qwen-VL) the kept
+rows also carry their unpruned ``(t, h, w)`` positions, appended as extra channels (:mod:`.wire`),
+as vLLM's EVS video pruning does, and ``recompute_mrope_positions`` puts them in place
+(:mod:`.positions`). Items of a layer-stage method (the registry's answer, ``alvts``) keep every
+row; a mixin of the families that serve the method handles them (:meth:`_tp_layer_rows`,
+:meth:`_tp_embed_input_ids`; :mod:`vllm_tokenprune.alvts.model`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from vllm.logger import init_logger
 
-from vllm_tokenprune import guard
 from vllm_tokenprune._vllm_internals import check_mrope_runner, check_pipeline_parallel
-from vllm_tokenprune.alvts import is_layerwise
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
-from vllm_tokenprune.models.alvts import AlvtsModelMixin
+from vllm_tokenprune.log import init_logger
+from vllm_tokenprune.method_table import check_worker_methods
+from vllm_tokenprune.metrics import worker as worker_metrics
+from vllm_tokenprune.models import fallbacks, faults
 from vllm_tokenprune.models.encoder_budget import EncoderBudgetMixin
 from vllm_tokenprune.models.positions import fill_media_positions, full_positions
 from vllm_tokenprune.models.wire import (
@@ -35,7 +38,8 @@ from vllm_tokenprune.models.wire import (
     decode_positions,
     encode_positions,
 )
-from vllm_tokenprune.scoring import get_method, select_tokens_batch
+from vllm_tokenprune.runtime import check_request_bridge
+from vllm_tokenprune.scoring import INPUT, LAYER, get_method, select_tokens_batch
 
 logger = init_logger(__name__)
 
@@ -47,18 +51,23 @@ def rows_of(value: Any, items: range) -> Any:
     return value[items.start: items.stop]
 
 
-class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
+class TokenPruneModelMixin(EncoderBudgetMixin):
     """Mix into a vLLM multimodal model class, before it in the MRO.
 
     ``__init__`` runs the model's own and then :meth:`_tp_setup`. Subclasses implement
     ``embed_multimodal`` with :meth:`_tp_select` and, for M-RoPE models, :meth:`_tp_prune`
-    and ``recompute_mrope_positions`` (:meth:`_tp_recompute_mrope_positions`).
+    and ``recompute_mrope_positions`` (:meth:`_tp_recompute_mrope_positions`). A family that
+    serves a layer-stage method mixes that method's model mixin in before this one (it extends
+    :meth:`_tp_pre_init`, :meth:`_tp_setup`, :meth:`_tp_embed_input_ids` and
+    :meth:`_tp_layer_rows`, and lists the method in :attr:`tp_layer_methods`).
     """
 
     tp_config: TokenPruneConfig
     #: The LM uses M-RoPE: kept rows carry their unpruned positions (POS_CHANNELS extra
     #: channels) until ``recompute_mrope_positions`` strips them. False for 1-D RoPE (LLaVA).
     tp_mrope: ClassVar[bool] = True
+    #: The layer-stage methods this family serves (their mixins add them).
+    tp_layer_methods: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, *, vllm_config: Any = None, prefix: str = "", **kwargs: Any) -> None:
         # vLLM passes (vllm_config=, prefix=) to classes whose __init__ names them.
@@ -76,7 +85,14 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         if self.tp_mrope:
             check_pipeline_parallel(vllm_config)
             check_mrope_runner(vllm_config)
-        self._tp_alvts_pre_init(vllm_config)
+        cfg = config_from_hf_config(vllm_config.model_config.hf_config)
+        unserved = [m for m in cfg.layer_methods() if m not in self.tp_layer_methods]
+        if unserved:
+            raise ValueError(
+                f"vllm-tokenprune: token_prune enables {unserved[0]!r} (method or "
+                f"allowed_methods), which {type(self).__name__} does not support (it acts "
+                f"inside the language model, and this family has no integration for it); "
+                f"remove {unserved[0]!r} from token_prune")
         mm_config = vllm_config.model_config.multimodal_config
         if mm_config is not None and (mm_config.video_pruning_rate or 0) > 0:
             raise ValueError(
@@ -119,17 +135,14 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
                 "graphs are not affected.", type(self).__name__)
 
     def _tp_setup(self, vllm_config: Any) -> None:
-        from vllm_tokenprune import metrics
-        from vllm_tokenprune.plugin import check_request_bridge
-
         model_config = vllm_config.model_config
         self.tp_config = config_from_hf_config(model_config.hf_config)
         check_request_bridge()
-        metrics.init_worker(model_config.served_model_name)
+        check_worker_methods(self.tp_config)
+        worker_metrics.init_worker(model_config.served_model_name)
         if self.tp_mrope:
             self.is_multimodal_pruning_enabled = True
         self._tp_setup_encoder_cap(vllm_config)
-        self._tp_alvts_setup(self.tp_config)
 
     def _tp_embed_width(self) -> int:
         """Width of a media embedding row as the LM's ``embed_input_ids`` expects it."""
@@ -148,11 +161,26 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
             multimodal_embeddings = self._tp_strip_unrecomputed(list(multimodal_embeddings))
             multimodal_embeddings = self._tp_fit_rows(multimodal_embeddings,
                                                       kwargs.get("is_multimodal"))
-        multimodal_embeddings = self._tp_alvts_take(multimodal_embeddings,
-                                                    kwargs.get("is_multimodal"))
+        return self._tp_embed_input_ids(input_ids, multimodal_embeddings, **kwargs)
+
+    def _tp_embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: Any,
+                            **kwargs: Any) -> torch.Tensor:
+        """vLLM's ``embed_input_ids`` on the checked rows. A layer-stage method's mixin takes
+        its channels off the rows here first."""
         return super().embed_input_ids(  # type: ignore[misc]
             input_ids, multimodal_embeddings, **kwargs
         )
+
+    def _tp_layer_rows(self, emb: torch.Tensor, p: ItemParams,
+                       through: torch.Tensor | None = None) -> torch.Tensor:
+        """An item of a layer-stage method: every row, marked for the layers (``through``:
+        host bool mask of rows that always go through, e.g. LLaVA-NeXT's image newlines). A
+        family without that method's mixin never gets such an item (refused at start-up);
+        should one arrive, it goes through every layer, counted."""
+        fallbacks.report_fallback(p.method, fallbacks.LAYOUT,
+                                  f"{type(self).__name__} has no integration for {p.method}",
+                                  "its tokens go through every layer")
+        return emb
 
     def _tp_strip_unrecomputed(self, embeds: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.tp_mrope:
@@ -161,8 +189,8 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         extra = [e.shape[-1] - width for e in embeds]
         if not any(x in (POS_CHANNELS, ROUTE_CHANNELS + POS_CHANNELS) for x in extra):
             return embeds
-        guard.report_fallback(
-            "-", guard.NO_RECOMPUTE,
+        fallbacks.report_fallback(
+            "-", fallbacks.NO_RECOMPUTE,
             "the model runner did not call recompute_mrope_positions for pruned media rows (a "
             "vLLM runner contract listed in vllm_tokenprune/_vllm_internals.py changed)",
             "its tokens keep the prompt's provisional positions")
@@ -179,7 +207,7 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         have = sum(int(e.shape[0]) for e in embeds)
         if have == expected:
             return embeds
-        guard.report_fallback("-", guard.COUNT_MISMATCH,
+        fallbacks.report_fallback("-", fallbacks.COUNT_MISMATCH,
                               f"this step has {have} media rows for {expected} placeholders",
                               "its rows are cut or zero-padded to fit")
         out, left = [], expected
@@ -213,27 +241,29 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         grids = grids or [None] * len(sizes)
         if params is None:
             method = self.tp_config.method
-            return [ItemParams(n, method, n, g, ()) for n, g in zip(sizes, grids, strict=True)]
+            stage = get_method(method).stage
+            return [ItemParams(n, method, n, g, (), stage)
+                    for n, g in zip(sizes, grids, strict=True)]
         rows = params.reshape(len(sizes), -1).tolist()
         out = []
         for row, n, grid in zip(rows, sizes, grids, strict=True):
-            if row and guard.fault_for_test(guard.FAULT_PARAMS, int(row[0])):
+            if row and faults.fault_for_test(faults.FAULT_PARAMS, int(row[0])):
                 row = [row[0], -1, *row[2:]]  # an unknown method id
             try:
                 p = ItemParams.from_row(row)
             except (ValueError, IndexError) as e:
                 keep = min(max(int(row[0]), 0), n) if row else n
-                guard.report_fallback("-", guard.BAD_PARAMS, f"invalid params row: {e}")
-                out.append(ItemParams(keep, guard.FALLBACK_METHOD, n, grid,
+                fallbacks.report_fallback("-", fallbacks.BAD_PARAMS, f"invalid params row: {e}")
+                out.append(ItemParams(keep, fallbacks.FALLBACK_METHOD, n, grid,
                                       tuple(int(v) for v in row[PARAMS_HEAD:])))
                 continue
             if p.num_tokens != n:
-                guard.report_fallback(
-                    p.method, guard.COUNT_MISMATCH,
+                fallbacks.report_fallback(
+                    p.method, fallbacks.COUNT_MISMATCH,
                     f"the encoder produced {n} tokens for an item the processor counted "
                     f"{p.num_tokens} for")
                 # keep exactly num_keep of the n rows, evenly spread (FALLBACK: no scorer)
-                p = ItemParams(p.num_keep, guard.FALLBACK_METHOD, n, grid, p.extra)
+                p = ItemParams(p.num_keep, fallbacks.FALLBACK_METHOD, n, grid, p.extra)
             out.append(p)
         return out
 
@@ -249,24 +279,22 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         ``feats`` are what the scorer sees (N_i, D) per item; ``params[i].grid`` their layout.
         One batched scorer call per method in the batch.
         """
-        from vllm_tokenprune import metrics
-
         keep_idx: list[torch.Tensor | None] = [None] * len(feats)
-        feats = guard.poison_for_test(feats, [p.num_tokens for p in params])
+        feats = faults.poison_for_test(feats, [p.num_tokens for p in params])
         if self._tp_sweep_now:
             self._tp_profile_sweep(feats, params)
         by_method: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            if p.method == guard.FALLBACK_METHOD:
-                keep_idx[i] = guard.uniform_fallback(feats[i].shape[0], p.num_keep,
-                                                     feats[i].device)
-            elif is_layerwise(p.method):
-                continue  # routed inside the LM (:mod:`.alvts`): the input keeps every row
+            if p.method == fallbacks.FALLBACK_METHOD:
+                keep_idx[i] = fallbacks.uniform_fallback(feats[i].shape[0], p.num_keep,
+                                                         feats[i].device)
+            elif p.stage != INPUT:
+                continue  # acts inside the LM (:meth:`_tp_layer_rows`): the input keeps all
             elif p.num_keep != feats[i].shape[0]:
                 by_method[p.method].append(i)
         for method, items in by_method.items():
             try:
-                with metrics.time_scorer(method, modality, feats[items[0]].device):
+                with worker_metrics.time_scorer(method, modality, feats[items[0]].device):
                     selected = self._tp_score(method, feats, params, items, text_ids)
             except Exception:  # noqa: BLE001 - retried item by item below
                 selected = [self._tp_score_or_fallback(method, feats, params, i, text_ids)
@@ -304,9 +332,9 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         try:
             return self._tp_score(method, feats, params, [i], text_ids)[0]
         except Exception as e:  # noqa: BLE001 - a request's media must not kill the engine
-            guard.report_fallback(method, guard.classify(e), str(e))
-            return guard.uniform_fallback(feats[i].shape[0], params[i].num_keep,
-                                          feats[i].device)
+            fallbacks.report_fallback(method, fallbacks.classify(e), str(e))
+            return fallbacks.uniform_fallback(feats[i].shape[0], params[i].num_keep,
+                                              feats[i].device)
 
     def _tp_score_view(self, emb: torch.Tensor) -> torch.Tensor:
         """The part of an item's embedding rows the scorer sees (Qwen3-VL: not the deepstack
@@ -321,12 +349,12 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         text_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """1-D RoPE models: each item's kept rows, in order (contiguous positions)."""
-        embeds = guard.shorten_for_test(embeds, params)
+        embeds = faults.shorten_for_test(embeds, params)
         items = self._tp_params(params, [e.shape[0] for e in embeds])
         keep = self._tp_select(modality, [self._tp_score_view(e) for e in embeds], items,
                                text_ids)
         return tuple(
-            self._tp_alvts_rows(e, p.num_keep) if is_layerwise(p.method)
+            self._tp_layer_rows(e, p) if p.stage == LAYER
             else e if idx is None else e.index_select(0, idx)
             for e, idx, p in zip(embeds, keep, items, strict=True)
         )
@@ -346,7 +374,7 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         Positions are built on the host, checked there, moved to the rows' device and gathered
         there with the device indices: no device-to-host sync. An item whose rows do not match
         its grid (a count-mismatch fallback) gets grid positions spread like its rows."""
-        embeds = guard.shorten_for_test(embeds, params)
+        embeds = faults.shorten_for_test(embeds, params)
         items = self._tp_params(params, [e.shape[0] for e in embeds], grids)
         keep = self._tp_select(modality, [self._tp_score_view(e) for e in embeds], items,
                                text_ids)
@@ -358,7 +386,7 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
             n_rows = int(emb.shape[0])
             if pos.shape[0] != n_rows:  # rows and grid disagree: spread the grid like the rows
                 spread = idx.shape[0] if idx is not None else n_rows
-                pos = pos.index_select(0, guard.uniform_fallback(pos.shape[0], spread))
+                pos = pos.index_select(0, fallbacks.uniform_fallback(pos.shape[0], spread))
                 idx_pos = None
             else:
                 idx_pos = idx
@@ -367,8 +395,8 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
                 emb = emb.index_select(0, idx)
                 if idx_pos is not None:
                     pos = pos.index_select(0, idx_pos)
-            elif is_layerwise(items[i].method):
-                emb = self._tp_alvts_rows(emb, items[i].num_keep)
+            elif items[i].stage == LAYER:
+                emb = self._tp_layer_rows(emb, items[i])
             out.append(self._tp_with_positions(emb, pos))
         return tuple(out)
 
@@ -377,7 +405,7 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         """(n, 3) host positions, clamped (and counted) where the encoding cannot hold them
         (the processor refuses such items; never crash here)."""
         if pos.numel() and int(pos.max()) >= MAX_POSITION:
-            guard.report_fallback("-", guard.POSITION_OVERFLOW,
+            fallbacks.report_fallback("-", fallbacks.POSITION_OVERFLOW,
                                   f"a relative position >= {MAX_POSITION}")
             pos = pos.clamp(max=MAX_POSITION - 1)
         return pos
@@ -411,7 +439,7 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
         (the call's only sync). If the fill fails, the rows keep the prompt's provisional
         positions (a fallback, counted), never an exception.
         """
-        if guard.fault_for_test(guard.FAULT_NO_RECOMPUTE,
+        if faults.fault_for_test(faults.FAULT_NO_RECOMPUTE,
                                 sum(int(mm.shape[0]) for mm in multimodal_embeddings)):
             return list(multimodal_embeddings), mrope_positions, self._tp_delta(
                 mrope_positions)  # as if the runner had not called this
@@ -424,12 +452,12 @@ class TokenPruneModelMixin(AlvtsModelMixin, EncoderBudgetMixin):
                                                 decode_positions(rel_dev))
         delta = int(positions_cpu.max()) + 1 - positions_cpu.shape[1]
         try:
-            guard.fault_for_test(guard.FAULT_POSITIONS, int(rel.shape[1]), raise_=True)
+            faults.fault_for_test(faults.FAULT_POSITIONS, int(rel.shape[1]), raise_=True)
             positions_cpu = fill_media_positions(
                 ids_host, rel, positions_cpu, num_computed_tokens, media_token_ids)
             delta = int(positions_cpu.max()) + 1 - positions_cpu.shape[1]
         except Exception as e:  # noqa: BLE001 - a request's positions must not kill the engine
-            guard.report_fallback("-", guard.POSITIONS, str(e),
+            fallbacks.report_fallback("-", fallbacks.POSITIONS, str(e),
                                   "its tokens keep the prompt's provisional positions")
         return embeds, positions_cpu.to(mrope_positions.device, non_blocking=True), delta
 
