@@ -409,7 +409,7 @@ def server_args(args: argparse.Namespace, *, evs: bool) -> list[str]:
                                       allowed_methods=[*list_methods(), "alvts"])
     return [*common, "--disable-chunked-mm-input", "--max-num-batched-tokens",
             str(max(4096, args.max_model_len)), "--scheduler-cls",
-            "vllm_tokenprune.scheduler.WholeMediaScheduler", "--hf-overrides", overrides]
+            "vllm_tokenprune.alvts.scheduler.WholeMediaScheduler", "--hf-overrides", overrides]
 
 
 def command_line(cmd: Sequence[str], env: dict[str, str]) -> str:

@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 import torch
 
-from vllm_tokenprune.config import RequestFieldError, parse_config, parse_request_fields
-from vllm_tokenprune.models.alvts import check_alvts_server
-from vllm_tokenprune.models.wire import METHOD_IDS, METHODS_BY_ID, decode_route, encode_route
-from vllm_tokenprune.scheduler import (
+from vllm_tokenprune.alvts.model import AlvtsModelMixin, check_alvts_server
+from vllm_tokenprune.alvts.scheduler import (
     WholeMediaAsyncScheduler,
     WholeMediaScheduler,
     whole_media_tokens,
 )
-from vllm_tokenprune.scoring import list_methods
+from vllm_tokenprune.config import RequestFieldError, parse_config, parse_request_fields
+from vllm_tokenprune.models.wire import METHOD_IDS, METHODS_BY_ID, decode_route, encode_route
+from vllm_tokenprune.scoring import list_methods, wire_id
 
 
 def test_alvts_is_enabled_only_when_named() -> None:
@@ -48,9 +48,14 @@ def test_alvts_options_are_validated(options: dict[str, Any], message: str) -> N
     assert message in str(e.value)
 
 
-def test_method_ids_keep_the_input_side_ids_and_add_alvts_last() -> None:
-    assert [METHODS_BY_ID[i] for i in range(len(list_methods()))] == sorted(list_methods())
-    assert METHOD_IDS["alvts"] == len(list_methods())
+def test_method_ids_are_the_registry_ids_of_every_stage() -> None:
+    """Each method's wire id is a hash of its name (the same in every process whatever else is
+    installed, tests/test_method_plugins.py), input-side and layer-stage alike."""
+    names = [*list_methods(), "alvts"]
+    assert list(METHOD_IDS) == names
+    assert {METHOD_IDS[m] for m in names} == {wire_id(m) for m in names}
+    assert len(set(METHOD_IDS.values())) == len(names)
+    assert all(METHODS_BY_ID[METHOD_IDS[m]] == m for m in names)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -102,15 +107,15 @@ def _flags() -> list[tuple[dict[str, Any], str]]:
         ({"parallel_config.pipeline_parallel_size": 2}, "--pipeline-parallel-size 1"),
         ({"quant_config": object()}, "--quantization"),
         ({"scheduler_config.get_scheduler_cls": _vllm_scheduler},
-         "--scheduler-cls vllm_tokenprune.scheduler.WholeMediaScheduler"),
+         "--scheduler-cls vllm_tokenprune.alvts.scheduler.WholeMediaScheduler"),
         ({"scheduler_config.get_scheduler_cls": _vllm_scheduler,
           "scheduler_config.async_scheduling": True},
-         "--scheduler-cls vllm_tokenprune.scheduler.WholeMediaAsyncScheduler"),
+         "--scheduler-cls vllm_tokenprune.alvts.scheduler.WholeMediaAsyncScheduler"),
         # a WholeMedia class of the other scheduling mode: refused naming the right one
         ({"scheduler_config.async_scheduling": True},
-         "--scheduler-cls vllm_tokenprune.scheduler.WholeMediaAsyncScheduler"),
+         "--scheduler-cls vllm_tokenprune.alvts.scheduler.WholeMediaAsyncScheduler"),
         ({"scheduler_config.get_scheduler_cls": lambda: WholeMediaAsyncScheduler},
-         "--scheduler-cls vllm_tokenprune.scheduler.WholeMediaScheduler"),
+         "--scheduler-cls vllm_tokenprune.alvts.scheduler.WholeMediaScheduler"),
         ({"parallel_config.enable_dbo": True}, "--enable-dbo"),
     ]
 
@@ -137,7 +142,7 @@ def test_families_without_alvts_refuse() -> None:
     from vllm_tokenprune.models.qwen2_vl import TokenPruneQwen2VLForConditionalGeneration
     from vllm_tokenprune.models.qwen3_vl import TokenPruneQwen3VLForConditionalGeneration
 
-    served = {c: c.tp_alvts for c in (
+    served = {c: issubclass(c, AlvtsModelMixin) for c in (
         TokenPruneQwen2VLForConditionalGeneration, TokenPruneQwen2_5_VLForConditionalGeneration,
         TokenPruneLlavaForConditionalGeneration, TokenPruneLlavaNextForConditionalGeneration,
         TokenPruneQwen3VLForConditionalGeneration)}

@@ -42,7 +42,7 @@ LLAVA_NEXT_ARCH = "TokenPruneLlavaNextForConditionalGeneration"
 #: What ``alvts`` needs from the server (it refuses to start without them; --enforce-eager is in
 #: every test server's arguments).
 ALVTS_FLAGS = ["--no-enable-prefix-caching", "--disable-chunked-mm-input",
-               "--scheduler-cls", "vllm_tokenprune.scheduler.WholeMediaScheduler"]
+               "--scheduler-cls", "vllm_tokenprune.alvts.scheduler.WholeMediaScheduler"]
 #: A token budget per step that holds the largest item (vLLM refuses to start otherwise under
 #: --disable-chunked-mm-input) but not a prompt with two images: such prompts are split
 #: across prefill steps. Qwen's largest item is capped at 64 tokens (max_pixels) for that; the

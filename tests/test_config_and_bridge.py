@@ -15,7 +15,8 @@ from vllm_tokenprune.config import (
     parse_config,
     parse_request_fields,
 )
-from vllm_tokenprune.serving import SEAL_KEY, _BridgeState, check_sealed_kwargs, rewrite_body, seal
+from vllm_tokenprune.serving.bridge import _BridgeState, rewrite_body
+from vllm_tokenprune.serving.seal import SEAL_KEY, check_sealed_kwargs, seal
 
 
 def test_defaults_and_valid_block():
@@ -194,7 +195,7 @@ def test_guard_wraps_vllms_check_and_keeps_its_rule():
     from vllm.exceptions import VLLMValidationError
     from vllm.renderers import online_renderer
 
-    from vllm_tokenprune.serving import install_request_guard
+    from vllm_tokenprune.serving.seal import install_request_guard
 
     install_request_guard()
     install_request_guard()  # idempotent
@@ -289,7 +290,7 @@ def _param(answer: dict[str, Any]) -> Any:
 @pytest.fixture
 def parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The route paths the bridge looked at a body for."""
-    from vllm_tokenprune import serving
+    from vllm_tokenprune.serving import bridge as serving
 
     seen: list[str] = []
     original = serving.rewrite_body
@@ -351,7 +352,7 @@ def test_bridge_checks_the_key_itself_if_it_ever_runs_first():
     from fastapi import FastAPI
     from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-    from vllm_tokenprune.serving import TokenPruneMiddleware, _auth_verifier
+    from vllm_tokenprune.serving.bridge import TokenPruneMiddleware, _auth_verifier
 
     app = FastAPI(root_path="/api")
 
@@ -371,13 +372,13 @@ def test_bridge_checks_the_key_itself_if_it_ever_runs_first():
 
 
 def test_real_app_orders_vllms_key_check_first(vllm_app):
-    from vllm_tokenprune.serving import _auth_verifier
+    from vllm_tokenprune.serving.bridge import _auth_verifier
 
     assert _auth_verifier(vllm_app) is None
 
 
 def test_byte_scan_catches_every_spelling():
-    from vllm_tokenprune.serving import GUARDED_KEYS, maybe_guarded
+    from vllm_tokenprune.serving.reading import GUARDED_KEYS, maybe_guarded
 
     for key in GUARDED_KEYS:
         assert maybe_guarded(json.dumps({key: 1}).encode())

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import DEFAULT_RATIO
-from vllm_tokenprune import metrics, num_kept, response
+from vllm_tokenprune import num_kept, response
+from vllm_tokenprune.metrics import frontend as metrics
 from vllm_tokenprune.testing.media import make_image, qwen_image_tokens
 
 

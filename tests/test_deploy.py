@@ -128,7 +128,7 @@ def exported_metric_names() -> frozenset[str]:
     # read the sources without importing vLLM (slow): vLLM's v1 Prometheus logger, our metrics
     (vllm_dir,) = importlib.util.find_spec("vllm").submodule_search_locations
     vllm_src = (Path(vllm_dir) / "v1" / "metrics" / "loggers.py").read_text()
-    our_src = (ROOT / "vllm_tokenprune" / "metrics.py").read_text()
+    our_src = "".join(p.read_text() for p in (ROOT / "vllm_tokenprune" / "metrics").glob("*.py"))
     names = set()
     for base in re.findall(r'name="(vllm:\w+)"', vllm_src):
         names |= {base, base + "_total", base + "_bucket", base + "_sum", base + "_count"}
@@ -529,7 +529,8 @@ def test_docker_build_context_installs_the_plugin(name: str, tmp_path: Path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert "vllm_tokenprune/serving.py" in names and "vllm_tokenprune/metrics.py" in names
+    assert "vllm_tokenprune/serving/__init__.py" in names
+    assert "vllm_tokenprune/metrics/frontend.py" in names
     assert "[vllm.general_plugins]\ntokenprune = vllm_tokenprune.plugin:register" in entry_points
     assert ("[vllm.endpoint_plugins]\ntokenprune = "
             "vllm_tokenprune.serving:TokenPruneEndpointPlugin") in entry_points

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests._inproc import FAMILIES, dummy_profile_batch, request_items, vllm_inproc  # noqa: F401
-from vllm_tokenprune import guard
+from vllm_tokenprune.models import faults, staging
 from vllm_tokenprune.models.wire import STAGED_FIELDS
 from vllm_tokenprune.testing.media import make_image
 
@@ -43,7 +43,7 @@ def _log(path: Path) -> list[tuple[str, int, int]]:
 
 
 def _pixel_bytes(batch: dict) -> int:
-    return sum(guard._nbytes(batch[k]) for k in STAGED_FIELDS if k in batch)
+    return sum(staging._nbytes(batch[k]) for k in STAGED_FIELDS if k in batch)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -56,7 +56,7 @@ def test_pixels_are_staged_per_sub_batch_within_the_profiled_bytes(vllm_inproc, 
                         max_model_len=2048, max_num_batched_tokens=step_tokens, max_num_seqs=4,
                         limit_mm_per_prompt={"image": 4, "video": 0})
     log = tmp_path / "encoder.log"
-    monkeypatch.setattr(guard, "_ENCODER_LOG", str(log))
+    monkeypatch.setattr(faults, "_ENCODER_LOG", str(log))
 
     # vLLM's profile run: the dummy batch is staged whole, once; its bytes are the budget
     _, _, _, batch = dummy_profile_batch(built)

@@ -32,7 +32,8 @@ from vllm_tokenprune.config import (
     parse_request_fields,
 )
 from vllm_tokenprune.scoring import list_methods, num_kept
-from vllm_tokenprune.serving import SEAL_KEY, _BridgeState, check_sealed_kwargs, rewrite_body
+from vllm_tokenprune.serving.bridge import _BridgeState, rewrite_body
+from vllm_tokenprune.serving.seal import SEAL_KEY, check_sealed_kwargs
 
 RATIO_FIELDS = ("prune_ratio", "video_prune_ratio")
 

@@ -22,8 +22,8 @@ import time
 import pytest
 import torch
 
-from vllm_tokenprune import metrics
 from vllm_tokenprune.alvts import AlvtsOptions, AlvtsRouter, importance, layer_factors, top_tokens
+from vllm_tokenprune.metrics import worker as metrics
 from vllm_tokenprune.scoring import get_method, list_methods, num_kept, select_tokens_batch
 
 pytestmark = pytest.mark.gpu

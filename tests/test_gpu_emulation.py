@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from vllm_tokenprune import metrics
+from vllm_tokenprune.metrics import worker as metrics
 from vllm_tokenprune.testing.gpu_emulation import (
     DeviceMixError,
     EmulatedTensor,

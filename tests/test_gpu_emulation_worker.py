@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-from vllm_tokenprune import guard, metrics
-from vllm_tokenprune.models import alvts as alvts_mod
+from vllm_tokenprune.alvts import model as alvts_mod
+from vllm_tokenprune.metrics import worker as metrics
+from vllm_tokenprune.models import fallbacks as reasons
+from vllm_tokenprune.models import faults
 from vllm_tokenprune.models.wire import METHOD_IDS, ItemParams
 from vllm_tokenprune.scoring import list_methods
 from vllm_tokenprune.testing import emulated_worker as ew
@@ -255,19 +257,19 @@ def test_encoder_budget_sub_batches_on_the_device(worker, monkeypatch):
 
 
 SITES = {  # fault site -> (family, method, fallback reason)
-    guard.FAULT_PARAMS: ("qwen2_5_vl", "lrcp", guard.BAD_PARAMS),
-    guard.FAULT_COUNT_MISMATCH: ("qwen2_5_vl", "lrcp", guard.COUNT_MISMATCH),
-    guard.FAULT_POSITIONS: ("qwen2_5_vl", "lrcp", guard.POSITIONS),
-    guard.FAULT_NO_RECOMPUTE: ("qwen2_5_vl", "lrcp", guard.NO_RECOMPUTE),
-    guard.FAULT_ALVTS_TAKE: ("llava", "alvts", guard.LAYOUT),
+    faults.FAULT_PARAMS: ("qwen2_5_vl", "lrcp", reasons.BAD_PARAMS),
+    faults.FAULT_COUNT_MISMATCH: ("qwen2_5_vl", "lrcp", reasons.COUNT_MISMATCH),
+    faults.FAULT_POSITIONS: ("qwen2_5_vl", "lrcp", reasons.POSITIONS),
+    faults.FAULT_NO_RECOMPUTE: ("qwen2_5_vl", "lrcp", reasons.NO_RECOMPUTE),
+    faults.FAULT_ALVTS_TAKE: ("llava", "alvts", reasons.LAYOUT),
 }
 
 
 @pytest.mark.parametrize("site,runner", [
-    (guard.FAULT_PARAMS, "v2"), (guard.FAULT_COUNT_MISMATCH, "v2"),
-    (guard.FAULT_POSITIONS, "v2"), (guard.FAULT_POSITIONS, "v1"),
-    (guard.FAULT_NO_RECOMPUTE, "v2"), (guard.FAULT_NO_RECOMPUTE, "v1"),
-    (guard.FAULT_ALVTS_TAKE, "v2"),
+    (faults.FAULT_PARAMS, "v2"), (faults.FAULT_COUNT_MISMATCH, "v2"),
+    (faults.FAULT_POSITIONS, "v2"), (faults.FAULT_POSITIONS, "v1"),
+    (faults.FAULT_NO_RECOMPUTE, "v2"), (faults.FAULT_NO_RECOMPUTE, "v1"),
+    (faults.FAULT_ALVTS_TAKE, "v2"),
 ])
 def test_each_failure_site_falls_back_and_the_next_request_is_served(
         worker, site, runner, monkeypatch, fallbacks):
@@ -279,11 +281,11 @@ def test_each_failure_site_falls_back_and_the_next_request_is_served(
     req = ew.make_request(w, "r", media(family, video=False), prune_ratio=RATIO,
                           prune_method=method)
     placeholders = sum(f.mm_position.length for f in req.features)
-    monkeypatch.setattr(guard, "_FAULTS", guard.parse_faults(f"{site}:*"))
+    monkeypatch.setattr(faults, "_FAULTS", faults.parse_faults(f"{site}:*"))
     res, _ = step(w, [req], runner)
     assert res.num_mm_rows == placeholders and res.hidden_states is not None
     assert reason in {r for _, r in fallbacks}, fallbacks
-    monkeypatch.setattr(guard, "_FAULTS", {})
+    monkeypatch.setattr(faults, "_FAULTS", {})
     fallbacks.clear()
     res, _ = step(w, [ew.make_request(w, "r2", media(family, video=False), prune_ratio=RATIO,
                                       prune_method=method)], runner)
@@ -300,7 +302,7 @@ def test_count_mismatch_against_the_grid_does_not_index_past_it(worker, fallback
         for params, kept in ((torch.tensor([[2, lrcp, 4, 1, 2, 2]]), 2), (None, 10)):
             out, = w.model._tp_prune("image", [rows], [(1, 2, 2)], [1.0], params)
             assert out.shape == (kept, width + 6) and out.device.type == "cuda"
-    assert (("lrcp", guard.COUNT_MISMATCH) in fallbacks), fallbacks
+    assert (("lrcp", reasons.COUNT_MISMATCH) in fallbacks), fallbacks
 
 
 def test_embed_input_ids_fits_rows_to_placeholders(worker, fallbacks):
@@ -314,7 +316,7 @@ def test_embed_input_ids_fits_rows_to_placeholders(worker, fallbacks):
             out = w.model.embed_input_ids(ids, [torch.ones(rows, w.hidden_size, device="cuda")],
                                           is_multimodal=is_mm)
             assert out.shape == (8, w.hidden_size)
-    assert fallbacks == [("-", guard.COUNT_MISMATCH)] * 2
+    assert fallbacks == [("-", reasons.COUNT_MISMATCH)] * 2
 
 
 @pytest.mark.parametrize("row,why", [
@@ -332,11 +334,11 @@ def test_params_rows_are_validated(row, why):
 
 
 def test_fault_hooks_are_inert_unless_named():
-    assert guard.parse_faults("") == {}
-    assert guard.parse_faults("params:12, positions:*") == {"params": 12, "positions": None}
+    assert faults.parse_faults("") == {}
+    assert faults.parse_faults("params:12, positions:*") == {"params": 12, "positions": None}
     with pytest.raises(ValueError, match="unknown site"):
-        guard.parse_faults("everything")
-    assert not guard.fault_for_test(guard.FAULT_PARAMS, 12)
+        faults.parse_faults("everything")
+    assert not faults.fault_for_test(faults.FAULT_PARAMS, 12)
 
 
 def test_print_sync_table(capsys):

@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from vllm_tokenprune import metrics
+from vllm_tokenprune.metrics import exchange as metrics
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def test_text_after_pruned_media_keeps_unpruned_positions():
 
 def test_recompute_fills_kept_positions_across_any_chunking():
     """Two pruned images; embeddings arrive split at every possible chunk boundary."""
-    from vllm_tokenprune.models.model import TokenPruneModelMixin
+    from vllm_tokenprune.models.model_hooks import TokenPruneModelMixin
 
     img = 7
     kept_a = torch.tensor([0, 5, 11, 23])  # of a (1, 4, 6) grid

@@ -62,7 +62,7 @@ ROUTED_LAYERS = 2
 #: step, so the step budget holds the largest item, 1792 tokens; no prefix caching).
 SERVER_ARGS = ["--dtype", "float32", "--max-num-batched-tokens", "2048", "--seed", "0",
                "--no-enable-prefix-caching", "--disable-chunked-mm-input",
-               "--scheduler-cls", "vllm_tokenprune.scheduler.WholeMediaScheduler"]
+               "--scheduler-cls", "vllm_tokenprune.alvts.scheduler.WholeMediaScheduler"]
 RATIOS = (0.5, 0.75, 0.889)
 SIZES = ((224, 224), (280, 196), (336, 252), (252, 336))
 PROMPT = "Describe this image."

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from vllm_tokenprune import metrics
+from vllm_tokenprune.metrics import worker as metrics
 
 
 class _Sink:

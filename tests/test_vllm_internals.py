@@ -79,22 +79,24 @@ def test_package_metadata_declares_the_supported_range_for_both_distributions():
 
 
 def test_runner_checks():
-    """V1 GPU runner, V2 pruner and the (shimmed) CPU runner pass; the CPU runner as vLLM ships
-    it (load_model without the pruning switch) is refused."""
+    """V1 GPU runner, V2 pruner and the CPU runner with the plugin's patch pass; the CPU runner as
+    vLLM ships it (load_model without the pruning switch) is refused."""
     from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_tokenprune.patches import apply_patches
 
     assert internals.runner_recomputes_mrope(GPUModelRunner, v2=False) is None
     assert internals.runner_recomputes_mrope(GPUModelRunner, v2=True) is None
     if not current_platform.is_cpu():
-        pytest.skip("the CPU runner and its dev shim exist on vLLM CPU builds only")
+        pytest.skip("the CPU runner and its patch exist on vLLM CPU builds only")
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    shimmed = CPUModelRunner.load_model
-    assert getattr(shimmed, "_tokenprune_dev_shim", False), "scripts/cpu_dev_shims.py missing"
+    apply_patches(internals.vllm_release())  # what the plugin does in every process
+    patched = CPUModelRunner.load_model
+    assert getattr(patched, "_tokenprune_patch", False), "vllm_tokenprune/patches not applied"
     assert internals.runner_recomputes_mrope(CPUModelRunner, v2=False) is None
-    original = next(c.cell_contents for c in shimmed.__closure__
-                    if getattr(c.cell_contents, "__name__", "") == "load_model")
+    original = patched._tokenprune_original
 
     class AsShipped(CPUModelRunner):
         load_model = original

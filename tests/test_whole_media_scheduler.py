@@ -1,4 +1,4 @@
-"""The WholeMedia schedulers (vllm_tokenprune/scheduler.py) as vLLM's engine core drives them,
+"""The WholeMedia schedulers (vllm_tokenprune/alvts/scheduler.py) as vLLM's engine core drives them,
 sync and async: vLLM's real ``Scheduler`` / ``AsyncScheduler`` machinery (KV cache manager,
 encoder cache manager, ``--disable-chunked-mm-input``), requests with two images each, a small
 token budget so prompts are chunked, and model outputs fed back one step late for the async
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from vllm_tokenprune.scheduler import WholeMediaAsyncScheduler, WholeMediaScheduler
+from vllm_tokenprune.alvts.scheduler import WholeMediaAsyncScheduler, WholeMediaScheduler
 
 IMAGE_TOKEN = 151655
 #: the step budget: the largest image the tiny model allows (256 tokens), so prompts of two

@@ -4,8 +4,8 @@ worker falls back, is counted on /metrics, and the server keeps serving; pruned 
 their cache keys across chat turns, so turn 2 hits the prefix cache.
 
 One server (tiny Qwen2.5-VL, images only, float32) with the test-only hooks of
-:mod:`vllm_tokenprune.guard` switched on: a per-call log of the vision tower's unpruned token
-counts, NaN scorer features for items of exactly ``NAN_TOKENS`` tokens, and one failure per
+:mod:`vllm_tokenprune.models.faults` switched on: a per-call log of the vision tower's unpruned
+token counts, NaN scorer features for items of exactly ``NAN_TOKENS`` tokens, and one failure per
 worker failure site (``FAULTS``), each keyed on a row count no other test here produces.
 """
 
@@ -22,8 +22,9 @@ import pytest
 import requests
 
 from tests.conftest import QWEN25_ARCH, _start
-from vllm_tokenprune import guard, num_kept
-from vllm_tokenprune.guard import ENCODER_LOG_ENV, FAULTS_ENV, NAN_TOKENS_ENV
+from vllm_tokenprune import num_kept
+from vllm_tokenprune.models import fallbacks, faults
+from vllm_tokenprune.models.faults import ENCODER_LOG_ENV, FAULTS_ENV, NAN_TOKENS_ENV
 from vllm_tokenprune.testing.media import (
     chat_messages,
     image_part,
@@ -44,14 +45,14 @@ PIXELS_PER_TOKEN = 4 * 3 * 2 * 14 * 14
 #: 280x224 -> 10x8 = 80 tokens: the size the NaN hook poisons.
 NAN_SIZE = (280, 224)
 NAN_TOKENS = 80
-#: Worker failure sites (guard.FAULT_SITES) -> (image size, its tokens = the rows the site sees
+#: Worker failure sites (faults.FAULT_SITES) -> (image size, its tokens = the rows the site sees
 #: at ratio 0, the fallback reason): counts between 128 and 256 that no other test's items or
 #: prefill chunks here have.
 FAULTS = {
-    guard.FAULT_PARAMS: ((392, 336), 168, guard.BAD_PARAMS),
-    guard.FAULT_COUNT_MISMATCH: ((392, 364), 182, guard.COUNT_MISMATCH),
-    guard.FAULT_POSITIONS: ((392, 392), 196, guard.POSITIONS),
-    guard.FAULT_NO_RECOMPUTE: ((420, 392), 210, guard.NO_RECOMPUTE),
+    faults.FAULT_PARAMS: ((392, 336), 168, fallbacks.BAD_PARAMS),
+    faults.FAULT_COUNT_MISMATCH: ((392, 364), 182, fallbacks.COUNT_MISMATCH),
+    faults.FAULT_POSITIONS: ((392, 392), 196, fallbacks.POSITIONS),
+    faults.FAULT_NO_RECOMPUTE: ((420, 392), 210, fallbacks.NO_RECOMPUTE),
 }
 
 

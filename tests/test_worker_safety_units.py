@@ -11,12 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_tokenprune import guard, metrics, select_tokens
+from vllm_tokenprune import select_tokens
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
 from vllm_tokenprune.config import TokenPruneConfig
+from vllm_tokenprune.metrics import exchange, frontend
+from vllm_tokenprune.metrics import worker as metrics
 from vllm_tokenprune.models import encoder_budget as budget_mod
-from vllm_tokenprune.models import model as model_mod
-from vllm_tokenprune.models.wire import METHODS_BY_ID, ItemLayout, ItemParams
+from vllm_tokenprune.models import fallbacks, staging
+from vllm_tokenprune.models import model_hooks as model_mod
+from vllm_tokenprune.models.wire import METHOD_IDS, ItemLayout, ItemParams
 
 # --------------------------------------------------------------------------- chunking
 
@@ -30,7 +33,7 @@ from vllm_tokenprune.models.wire import METHODS_BY_ID, ItemLayout, ItemParams
     ([], 512, []),
 ])
 def test_plan_chunks(charges, cap, expected):
-    chunks = guard.plan_chunks(charges, cap)
+    chunks = staging.plan_chunks(charges, cap)
     assert [list(c) for c in chunks] == expected
     for c in chunks:
         assert len(c) == 1 or cap is None or sum(charges[i] for i in c) <= cap
@@ -43,7 +46,7 @@ def test_plan_chunks(charges, cap, expected):
     ([100] * 3, [50] * 3, None, [[0, 1, 2]]),                    # not profiled yet: tokens only
 ])
 def test_plan_chunks_with_pixel_bytes(charges, sizes, size_cap, expected):
-    chunks = guard.plan_chunks(charges, 400, sizes, size_cap)
+    chunks = staging.plan_chunks(charges, 400, sizes, size_cap)
     assert [list(c) for c in chunks] == expected
 
 
@@ -57,7 +60,7 @@ def test_slice_items_on_vllm_qwen_pixel_inputs():
     pixels = torch.arange(sum(rows) * 3, dtype=torch.float32).reshape(sum(rows), 3)
     mm_input = Qwen2_5_VLImagePixelInputs(type="pixel_values", pixel_values=pixels,
                                           image_grid_thw=grids)
-    sub = guard.slice_items(mm_input, range(1, 3), 3, {"pixel_values": rows})
+    sub = staging.slice_items(mm_input, range(1, 3), 3, {"pixel_values": rows})
     assert sub["type"] == "pixel_values"
     assert torch.equal(sub["pixel_values"], pixels[4:28])
     assert torch.equal(sub["image_grid_thw"], grids[1:])
@@ -73,7 +76,7 @@ def test_slice_items_on_vllm_qwen_video_inputs():
     mm_input = Qwen2_5_VLVideoPixelInputs(
         type="pixel_values_videos", pixel_values_videos=pixels, video_grid_thw=grids,
         second_per_grid_ts=torch.tensor([1.0, 0.5]), timestamps=[[0.0, 1.0], [0.0, 0.5]])
-    sub = guard.slice_items(mm_input, range(1, 2), 2, {"pixel_values_videos": rows})
+    sub = staging.slice_items(mm_input, range(1, 2), 2, {"pixel_values_videos": rows})
     assert torch.equal(sub["pixel_values_videos"], pixels[8:])
     assert sub["video_grid_thw"].tolist() == [[4, 2, 4]]
     assert sub["second_per_grid_ts"].tolist() == [0.5]
@@ -85,7 +88,7 @@ def test_slice_items_on_vllm_qwen_video_inputs():
 
 @pytest.mark.parametrize("rows,keep", [(80, 40), (80, 80), (81, 7), (5, 8), (1, 1)])
 def test_uniform_fallback_has_exactly_num_keep_rows(rows, keep):
-    idx = guard.uniform_fallback(rows, keep)
+    idx = fallbacks.uniform_fallback(rows, keep)
     assert idx.shape == (keep,)
     assert int(idx.min()) >= 0 and int(idx.max()) < rows
     assert torch.all(idx[1:] >= idx[:-1])
@@ -127,20 +130,20 @@ def test_nan_item_falls_back_alone(fallback_counts):
     params = [ItemParams(16, "lrcp", 64, (1, 8, 8), ()), ItemParams(12, "lrcp", 48, (1, 6, 8), ())]
     keep = stub._tp_select("image", [good, bad], params)
     assert torch.equal(keep[0], select_tokens(good, 16, "lrcp", grid=(1, 8, 8)))
-    assert torch.equal(keep[1], guard.uniform_fallback(48, 12))
-    assert fallback_counts == [("lrcp", guard.NON_FINITE)]
+    assert torch.equal(keep[1], fallbacks.uniform_fallback(48, 12))
+    assert fallback_counts == [("lrcp", fallbacks.NON_FINITE)]
 
 
 def test_count_mismatch_falls_back(fallback_counts):
     """The encoder produced a different number of rows than the processor counted: no raise,
     exactly num_keep rows of what exists."""
     stub = _Stub(TokenPruneConfig())
-    params = torch.tensor([[10, 0, 40, 1, 5, 8]])
+    params = torch.tensor([[10, METHOD_IDS["cdpruner"], 40, 1, 5, 8]])
     items = stub._tp_params(params, [36])
-    assert items[0].method == guard.FALLBACK_METHOD and items[0].num_tokens == 36
+    assert items[0].method == fallbacks.FALLBACK_METHOD and items[0].num_tokens == 36
     keep = stub._tp_select("image", [torch.randn(36, 8)], items)
     assert keep[0].shape == (10,)
-    assert fallback_counts == [(METHODS_BY_ID[0], guard.COUNT_MISMATCH)]
+    assert fallback_counts == [("cdpruner", fallbacks.COUNT_MISMATCH)]
 
 
 def test_profile_sweep_runs_every_allowed_method_at_its_worst(monkeypatch):
@@ -191,13 +194,13 @@ def test_profile_sweep_failure_names_the_method_and_cause(monkeypatch):
 
 
 def test_fallback_metric_reaches_the_api_server_collector(tmp_path, monkeypatch):
-    monkeypatch.setenv(metrics.METRICS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(exchange.METRICS_DIR_ENV, str(tmp_path))
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     counter = metrics._WorkerFallbackCounter("m")
     counter.inc("divprune", "non_finite")
     counter.inc("divprune", "non_finite")
     counter.inc("lrcp", "scorer_error")
-    (fam,) = metrics.WorkerFallbackCollector(str(tmp_path)).collect()
+    (fam,) = frontend.WorkerFallbackCollector(str(tmp_path)).collect()
     got = {(s.labels["method"], s.labels["reason"]): s.value
            for s in fam.samples if s.name == "tokenprune_scorer_fallbacks_total"}
     assert got == {("divprune", "non_finite"): 2.0, ("lrcp", "scorer_error"): 1.0}

@@ -393,8 +393,8 @@ INTERNALS: tuple[Internal, ...] = (
              "patches/cpu_model_runner.py",
              "load_model is replaced by a wrapper that calls it, then sets "
              "is_multimodal_pruning_enabled as GPUModelRunner.load_model does",
-             "vLLM's CPU runner sets it", _has_field("load_model", "get_model",
-                                                     "model_config"), compare="presence"),
+             "vLLM's CPU runner sets it", _has_field("load_model", "get_model"),
+             compare="presence"),
     Internal("vllm.model_executor.models.interfaces:supports_multimodal_pruning", "function",
              "patches/cpu_model_runner.py",
              "the CPU runner patch decides the switch as GPUModelRunner.load_model does",

@@ -18,7 +18,7 @@ reasons (a per-request cap, an automatic ratio) extend it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -68,17 +68,19 @@ class RequestPlan:
 
 
 def resolve_request(cfg: TokenPruneConfig, mm_kwargs: Mapping[str, object], *,
-                    profiling: bool = False, num_layers: int = 0) -> RequestPlan:
+                    profiling: bool = False, num_layers: Callable[[], int] = lambda: 0
+                    ) -> RequestPlan:
     """The request's plan: its fields validated once (:func:`parse_request_fields`, a
     RequestFieldError naming a bad one), defaults from ``cfg``. ``profiling``: vLLM's dummy
-    inputs, unpruned. ``num_layers``: the language model's decoder layers."""
+    inputs, unpruned. ``num_layers``: the language model's decoder layers (asked only for a
+    layer-stage method)."""
     fields: dict[str, Any] = {} if profiling else parse_request_fields(
         {k: v for k, v in mm_kwargs.items() if k in REQUEST_FIELDS}, cfg)
     method = str(fields.get("prune_method", cfg.method))
     spec = get_method(method)
     layers = 0
     if spec.stage == LAYER:
-        layers = int(spec.fn(make_options(method, cfg.options_for(method)), num_layers))
+        layers = int(spec.fn(make_options(method, cfg.options_for(method)), num_layers()))
     plans = {}
     for modality in MODALITIES:
         why = PROFILE if profiling else SERVER

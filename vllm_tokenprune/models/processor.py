@@ -160,9 +160,12 @@ class TokenPruneProcessorMixin:
         return plan if plan is not None else self._tp_resolve_plan(mm_kwargs)
 
     def _tp_resolve_plan(self, mm_kwargs: Mapping[str, object]) -> RequestPlan:
-        hf = self.info.get_hf_config()
         return resolve_request(self._tp_config(), mm_kwargs, profiling=_profiling.get(),
-                               num_layers=int(hf.get_text_config().num_hidden_layers))
+                               num_layers=self._tp_num_layers)
+
+    def _tp_num_layers(self) -> int:
+        """The language model's decoder layers (what a layer-stage method acts on)."""
+        return int(self.info.get_hf_config().get_text_config().num_hidden_layers)
 
     # -- vLLM hooks
     def get_dummy_mm_inputs(self, *args: Any, **kwargs: Any) -> Any:
@@ -381,19 +384,19 @@ class TokenPruneProcessorMixin:
         """Run the model's own HF processing without our request fields, then add the per-item
         pruning fields to its output (only for the items processed now: cached items keep
         theirs, and the cache key includes the request fields)."""
-        plan = self._tp_plan(hf_kwargs)
-        self._tp_check_embeds(mm_items, plan)
+        self._tp_check_embeds(mm_items, hf_kwargs)
         clean = {k: v for k, v in hf_kwargs.items() if k not in REQUEST_FIELDS}
         out = super()._apply_hf_processor_main(mm_items, clean)  # type: ignore[misc]
-        self._tp_add_fields(out, plan)
+        self._tp_add_fields(out, self._tp_plan(hf_kwargs))
         return out
 
-    def _tp_check_embeds(self, mm_items: Any, plan: RequestPlan) -> None:
+    def _tp_check_embeds(self, mm_items: Any, mm_kwargs: Mapping[str, object]) -> None:
         """Refuse a non-zero ratio for precomputed embedding items (``image_embeds``) on
         families that serve them unpruned (:attr:`tp_prunes_embeds` False), rather than ignore
         it: a ValueError naming ``prune_ratio``, which vLLM answers with a 400."""
         if self.tp_prunes_embeds:
             return
+        plan = self._tp_plan(mm_kwargs)
         for modality, items in mm_items.items():
             if not items or not items.get_passthrough_data():
                 continue
