@@ -60,17 +60,32 @@ def tiny_qwen_vllm_config(tiny_qwen_dir: Path) -> Any:
     return args.create_engine_config()
 
 
-def _start(model: Path, args: list[str], name: str) -> VLLMServer:
+def _start(model: Path, args: list[str], name: str,
+           env: dict[str, str | None] | None = None) -> VLLMServer:
     log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    return VLLMServer(model, args, log_path=log_dir / f"{name}.log")
+    return VLLMServer(model, args, log_path=log_dir / f"{name}.log", env=env)
 
 
 @pytest.fixture(scope="session")
-def tp_server(tiny_qwen_dir: Path) -> Iterator[VLLMServer]:
-    """TokenPrune Qwen2.5-VL, LRCP at ratio 0.5 by default; requests may override."""
+def example_methods_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``examples/method-package`` built and installed into a directory of its own (never the
+    venv): ``tp_server`` serves its method (tests/test_method_plugins.py)."""
+    from tests._method_package import EXAMPLE, install
+
+    work = tmp_path_factory.mktemp("method-packages")
+    return install(EXAMPLE, work / "site", work)
+
+
+@pytest.fixture(scope="session")
+def tp_server(tiny_qwen_dir: Path, example_methods_dir: Path) -> Iterator[VLLMServer]:
+    """TokenPrune Qwen2.5-VL, LRCP at ratio 0.5 by default; requests may override. The example
+    method package is on its ``PYTHONPATH``."""
+    from tests._method_package import python_path
+
     overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO)
-    server = _start(tiny_qwen_dir, [*QWEN_SERVER_ARGS, "--hf-overrides", overrides], "tp_qwen")
+    server = _start(tiny_qwen_dir, [*QWEN_SERVER_ARGS, "--hf-overrides", overrides], "tp_qwen",
+                    env={"PYTHONPATH": python_path(example_methods_dir)})
     yield server
     server.stop()
 

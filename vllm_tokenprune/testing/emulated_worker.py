@@ -189,6 +189,8 @@ def build_worker(family: str, model_dir: str, token_prune: Mapping[str, Any] | N
         model = get_model(vllm_config=cfg)
     if emulate:
         emulate_module(model)
+        # where a GPU runner's model stages pixels (its vllm_config.device_config.device)
+        model._tp_stage_device = CUDA
     for module in model.modules():
         if isinstance(module, Attention):
             _causal_attention(module.impl)
