@@ -23,12 +23,15 @@ def install(src: Path, target: Path, work: Path) -> Path:
     shutil.copytree(src, build, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     dist = work / f"dist-{src.name}"
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    for cmd in ([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(build)],
-                [*pip, "install", "--no-deps", "--no-index", "--target", str(target),
-                 *map(str, dist.glob("*.whl"))]):
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, res.stdout + res.stderr
+    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(build)])
+    _run([*pip, "install", "--no-deps", "--no-index", "--target", str(target),
+          *map(str, dist.glob("*.whl"))])
     return target
+
+
+def _run(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def second_package(work: Path, method: str = "zz_second") -> Path:

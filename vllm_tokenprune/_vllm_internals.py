@@ -1,4 +1,5 @@
-"""Every vLLM internal the plugin touches, with why and when it can go, and the start-up checks.
+"""Every vLLM internal the plugin touches, with why and when it can go, and the start-up checks
+(shared: every process).
 
 vLLM gives plugins no stable API for what this plugin does (pick the placeholder count of an
 item before its encoder runs, prune inside the encoder step, hand positions to the runner), so
@@ -654,7 +655,7 @@ def check_vllm_version(version: str | None = None) -> None:
         "depend on vLLM internals listed in vllm_tokenprune/_vllm_internals.py)."
     )
     if os.environ.get(ALLOW_UNSUPPORTED_ENV) == "1":
-        from vllm.logger import init_logger
+        from vllm_tokenprune.log import init_logger
 
         init_logger(__name__).warning("%s Starting anyway (%s=1).", message,
                                       ALLOW_UNSUPPORTED_ENV)

@@ -1,4 +1,5 @@
-"""What a pruned media item's cache key depends on, and the text a text-conditioned scorer sees.
+"""What a pruned media item's cache key depends on, and the text a text-conditioned scorer sees
+(runs in the API server, with the processor).
 
 vLLM keys its processor cache, encoder cache and prefix cache on each media item's hash (the
 media bytes and the request's ``mm_processor_kwargs``, which carry ``prune_ratio`` /

@@ -1,4 +1,5 @@
-"""The README's main job: serve a tiny Qwen2.5-VL with LRCP pruning on CPU, ask about an image.
+"""The README's main job: serve a tiny Qwen2.5-VL with LRCP pruning on CPU, ask about an image
+(a tool, not used by the plugin).
 
     python -m vllm_tokenprune.demo [--ratio 0.75] [--method lrcp] [--model-dir DIR]
 

@@ -1,4 +1,5 @@
-"""The plugin's loggers, inside vLLM's logging namespace (shared: every process).
+"""The plugin's loggers, inside vLLM's logging namespace (pure Python, no vLLM import until a
+logger is made; every process).
 
 vLLM configures one handler, on its ``vllm`` logger, which does not propagate
 (``vllm.logger.DEFAULT_LOGGING_CONFIG``; ``VLLM_LOGGING_LEVEL``, ``VLLM_LOGGING_CONFIG_PATH``

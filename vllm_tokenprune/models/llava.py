@@ -1,4 +1,5 @@
-"""``TokenPruneLlavaForConditionalGeneration``: LLaVA-1.5 with visual-token pruning.
+"""``TokenPruneLlavaForConditionalGeneration``: LLaVA-1.5 with visual-token pruning (a family
+module: the processor side runs in the API server, the model side in the worker).
 
 LLaVA's LM uses 1-D RoPE, and every LLaVA pruning paper gives the kept tokens contiguous
 positions: the pruned image is simply a shorter run of ``<image>`` placeholders, so there is no

@@ -1,5 +1,5 @@
 """M-RoPE positions of pruned prompts: unpruned layouts, provisional prompt positions, and
-the fill that gives kept media tokens their unpruned positions.
+the fill that gives kept media tokens their unpruned positions (runs in the worker).
 
 The prompt's text positions are laid out as in the unpruned prompt from the start
 (:func:`mrope_positions_for_spans`), and vLLM's model runner hands each prefill step's media

@@ -1,4 +1,5 @@
-"""``TokenPruneQwen2_5_VLForConditionalGeneration``: Qwen2.5-VL with visual-token pruning.
+"""``TokenPruneQwen2_5_VLForConditionalGeneration``: Qwen2.5-VL with visual-token pruning (a
+family module: the processor side runs in the API server, the model side in the worker).
 
 Everything is the Qwen-VL family's (:mod:`._qwen`): images and videos are pruned over their
 whole (t, h, w) token grid, and video time steps scale by ``second_per_grid_ts *

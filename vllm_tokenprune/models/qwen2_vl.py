@@ -1,4 +1,5 @@
-"""``TokenPruneQwen2VLForConditionalGeneration``: Qwen2-VL with visual-token pruning.
+"""``TokenPruneQwen2VLForConditionalGeneration``: Qwen2-VL with visual-token pruning (a family
+module: the processor side runs in the API server, the model side in the worker).
 
 The Qwen-VL family's integration (:mod:`._qwen`) as is. What differs from Qwen2.5-VL is all on
 vLLM's side: Qwen2-VL's processor gives no ``second_per_grid_ts``, so video time steps are the

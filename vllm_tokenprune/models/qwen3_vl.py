@@ -1,4 +1,5 @@
-"""``TokenPruneQwen3VLForConditionalGeneration``: Qwen3-VL with visual-token pruning.
+"""``TokenPruneQwen3VLForConditionalGeneration``: Qwen3-VL with visual-token pruning (a family
+module: the processor side runs in the API server, the model side in the worker).
 
 Two things differ from Qwen2/2.5-VL:
 

@@ -1,4 +1,5 @@
-"""``python -m vllm_tokenprune.preview``: draw the visual tokens a served model keeps.
+"""``python -m vllm_tokenprune.preview``: draw the visual tokens a served model keeps (offline,
+outside a server).
 
 One method and one ratio draw the kept tokens of each item; several ``--method`` or
 ``--ratio`` values draw a grid of methods (rows) x ratios (columns). The kept counts and

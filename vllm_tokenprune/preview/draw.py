@@ -1,4 +1,5 @@
-"""Drawing kept tokens: kept patches bright, dropped ones dimmed; grids of methods x ratios."""
+"""Drawing kept tokens: kept patches bright, dropped ones dimmed; grids of methods x ratios
+(offline, outside a server)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Shared plumbing for the scorers: input validation, float32 padding, deterministic selection.
+"""Shared plumbing for the scorers: input validation, float32 padding, deterministic selection
+(pure torch, no vLLM).
 
 Conventions every scorer follows:
 

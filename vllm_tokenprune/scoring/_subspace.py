@@ -1,4 +1,5 @@
-"""Batched, seeded estimate of the dominant principal subspace (shared by LRCP and SVD-Prune).
+"""Batched, seeded estimate of the dominant principal subspace (shared by LRCP and SVD-Prune;
+pure torch, no vLLM).
 
 Algorithm (randomized subspace iteration with a Rayleigh-Ritz step, all in float32):
 

@@ -1,4 +1,4 @@
-"""CDPruner: conditional DPP over the tokens, greedy MAP inference.
+"""CDPruner: conditional DPP over the tokens, greedy MAP inference (pure torch, no vLLM).
 
 Kernel (our reading; options in :class:`CDPrunerOptions`): ``L = diag(q) S diag(q)`` with
 ``S_ij = cos(x_i, x_j)`` and per-token quality ``q_i = exp(alpha * r_i)``, where ``r_i`` is the

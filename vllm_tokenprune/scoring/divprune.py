@@ -1,4 +1,5 @@
-"""DivPrune: greedy max-min diversity (farthest-point selection) on cosine distance.
+"""DivPrune: greedy max-min diversity (farthest-point selection) on cosine distance (pure torch,
+no vLLM).
 
 ``d(i, j) = 1 - cos(x_i, x_j)`` (in [0, 2]). The kept set is grown greedily: each step adds the
 token whose distance to its *nearest* already-kept token is largest (the classic 2-approximation

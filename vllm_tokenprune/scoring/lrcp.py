@@ -1,4 +1,4 @@
-"""LRCP: keep the tokens the dominant low-rank subspace explains worst.
+"""LRCP: keep the tokens the dominant low-rank subspace explains worst (pure torch, no vLLM).
 
 Reading of the paper (see ``shared/notes/methods.md``): centre the tokens, estimate the dominant
 r-dimensional principal subspace ``V_r`` by PCA, score every token by its projection residual

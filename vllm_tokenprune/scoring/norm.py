@@ -1,4 +1,4 @@
-"""norm baseline: keep the tokens with the largest L2 norm.
+"""norm baseline: keep the tokens with the largest L2 norm (pure torch, no vLLM).
 
 Row norms are computed in float32 straight from the input dtype (no float32 copy of the tokens),
 one reduction per item; the per-item score vectors are padded to ``(B, N_max)`` and selected in

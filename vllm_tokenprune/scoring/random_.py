@@ -1,4 +1,4 @@
-"""random baseline: a seeded uniformly random subset.
+"""random baseline: a seeded uniformly random subset (pure torch, no vLLM).
 
 Each token gets a pseudo-random 32-bit key that is a pure integer hash of ``(seed, index)``
 (:func:`._common.hash_keys`); the k tokens with the smallest keys are kept. No generator state is

@@ -1,4 +1,5 @@
-"""ResPrune: text-conditioned greedy subspace expansion guided by residual energy.
+"""ResPrune: text-conditioned greedy subspace expansion guided by residual energy (pure torch,
+no vLLM).
 
 Reading of the paper (``shared/notes/methods.md``): pick tokens one by one, each time the
 token with the largest *relevance-weighted* residual energy with respect to the span of the

@@ -1,4 +1,5 @@
-"""SVD-Prune: keep the tokens with the largest statistical leverage on the top singular vectors.
+"""SVD-Prune: keep the tokens with the largest statistical leverage on the top singular vectors
+(pure torch, no vLLM).
 
 Reading of the paper: decompose the token matrix ``X = U S V^T`` and keep the k tokens with the
 largest rank-r leverage scores ``l_i = ||U[i, :r]||^2 = sum_j (x_i . v_j)^2 / s_j^2``, i.e. the

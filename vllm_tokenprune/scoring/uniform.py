@@ -1,4 +1,4 @@
-"""uniform baseline: an even spatial/temporal stride over the token grid.
+"""uniform baseline: an even spatial/temporal stride over the token grid (pure torch, no vLLM).
 
 With ``grid = (t, h, w)`` (``t*h*w == N``, frames first, row-major):
 

@@ -1,4 +1,4 @@
-"""Print the plugin's device-to-host syncs per prefill step, family x method x runner, measured
+"""Print (a tool, not used by the plugin) the plugin's device-to-host syncs per prefill step, family x method x runner, measured
 on the emulated CUDA device (:mod:`.emulated_worker`); the table in ``docs/syncs.md``::
 
     python -m vllm_tokenprune.testing.sync_table [--images 1 8] [--families qwen2_5_vl llava]
