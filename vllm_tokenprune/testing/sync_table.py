@@ -1,11 +1,12 @@
-"""Print (a tool, not used by the plugin) the plugin's device-to-host syncs per prefill step, family x method x runner, measured
+"""Print the plugin's device-to-host syncs per prefill step, family x method x runner, measured
 on the emulated CUDA device (:mod:`.emulated_worker`); the table in ``docs/syncs.md``::
 
     python -m vllm_tokenprune.testing.sync_table [--images 1 8] [--families qwen2_5_vl llava]
 
 Each cell is the number of syncs in plugin code (``vllm_tokenprune/``, the test harness
 excluded) during one prefill step of one request with the given images (one small image per
-item), under Model Runner V2 and V1; the last column lists where they happen.
+item), under Model Runner V2 and V1; the last column lists where they happen. A tool for the
+docs (not used by the plugin).
 """
 
 from __future__ import annotations
