@@ -95,6 +95,22 @@ def record_request(model_name: str, method: str, plans: Sequence[ItemPlan],
 # --------------------------------------------------------------------------- workers' files
 
 
+def _summed(path: str, kind: str, labels: tuple[str, ...]) -> dict[tuple[str, ...], Any]:
+    """Every worker's ``kind`` series in ``path``, summed per label values (``model_name``
+    first): a histogram's value lists element-wise, a counter's values."""
+    merged: dict[tuple[str, ...], Any] = {}
+    for data in read_all(path, kind):
+        for series in data["series"]:
+            key = (data["model_name"], *(series[name] for name in labels))
+            value = series.get("values", series.get("value"))
+            if isinstance(value, list):
+                acc = merged.setdefault(key, [0.0] * len(value))
+                merged[key] = [a + float(v) for a, v in zip(acc, value, strict=True)]
+            else:
+                merged[key] = merged.get(key, 0.0) + float(value)
+    return merged
+
+
 class WorkerScorerCollector:
     """Reads the workers' scorer histograms at scrape time (registered in the API server)."""
 
@@ -106,16 +122,8 @@ class WorkerScorerCollector:
 
         fam = HistogramMetricFamily("tokenprune_scorer_seconds", SCORER_HELP,
                                     labels=["model_name", "method", "modality"])
-        merged: dict[tuple[str, str, str], list[float]] = {}
-        bounds: list[float] = list(SCORER_BUCKETS)
-        for data in read_all(self.path, SCORER):
-            bounds = data["buckets"]
-            for s in data["series"]:
-                key = (data["model_name"], s["method"], s["modality"])
-                acc = merged.setdefault(key, [0.0] * len(s["values"]))
-                for i, v in enumerate(s["values"]):
-                    acc[i] += v
-        for labels, v in sorted(merged.items()):
+        bounds = list(SCORER_BUCKETS)  # every worker writes these (exchange.SCORER_BUCKETS)
+        for labels, v in sorted(_summed(self.path, SCORER, ("method", "modality")).items()):
             buckets = [(str(b), v[i]) for i, b in enumerate(bounds)]
             buckets.append(("+Inf", v[-1]))
             fam.add_metric(list(labels), buckets, sum_value=v[-2])
@@ -133,12 +141,7 @@ class WorkerFallbackCollector:
 
         fam = CounterMetricFamily("tokenprune_scorer_fallbacks", FALLBACKS_HELP,
                                   labels=["model_name", "method", "reason"])
-        merged: dict[tuple[str, str, str], float] = {}
-        for data in read_all(self.path, FALLBACKS):
-            for s in data["series"]:
-                key = (data["model_name"], s["method"], s["reason"])
-                merged[key] = merged.get(key, 0.0) + float(s["value"])
-        for labels, value in sorted(merged.items()):
+        for labels, value in sorted(_summed(self.path, FALLBACKS, ("method", "reason")).items()):
             fam.add_metric(list(labels), value)
         yield fam
 

@@ -19,15 +19,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from vllm_tokenprune.log import init_logger
-from vllm_tokenprune.metrics.exchange import (
-    FALLBACKS,
-    FALLBACKS_HELP,
-    METRICS_DIR_ENV,
-    SCORER,
-    SCORER_BUCKETS,
-    SCORER_HELP,
-    publish,
-)
+from vllm_tokenprune.metrics import exchange
+from vllm_tokenprune.metrics.exchange import METRICS_DIR_ENV, SCORER_BUCKETS, publish
 
 _lock = threading.Lock()
 _worker: _WorkerScorerRecorder | None = None
@@ -46,7 +39,7 @@ class _WorkerScorerRecorder:
         if self.multiproc:
             from prometheus_client import Histogram
 
-            self.hist = Histogram("tokenprune_scorer_seconds", SCORER_HELP,
+            self.hist = Histogram("tokenprune_scorer_seconds", exchange.SCORER_HELP,
                                   ["model_name", "method", "modality"], buckets=SCORER_BUCKETS)
 
     def observe(self, method: str, modality: str, seconds: float) -> None:
@@ -71,7 +64,7 @@ class _WorkerScorerRecorder:
                        for (m, mod), v in self.series.items()],
         }
         try:
-            publish(self.dir or "", SCORER, payload)
+            publish(self.dir or "", exchange.SCORER, payload)
         except OSError as e:
             # The API server's directory is gone (shutting down) or not on this node (a Ray
             # worker on another machine): say so once, keep serving.
@@ -95,7 +88,7 @@ class _WorkerFallbackCounter:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import Counter
 
-            self.counter = Counter("tokenprune_scorer_fallbacks", FALLBACKS_HELP,
+            self.counter = Counter("tokenprune_scorer_fallbacks", exchange.FALLBACKS_HELP,
                                    ["model_name", "method", "reason"])
 
     def inc(self, method: str, reason: str) -> None:
@@ -109,7 +102,7 @@ class _WorkerFallbackCounter:
                    "series": [{"method": m, "reason": r, "value": v}
                               for (m, r), v in self.counts.items()]}
         try:
-            publish(self.dir, FALLBACKS, payload)
+            publish(self.dir, exchange.FALLBACKS, payload)
         except OSError:
             pass  # the scorer recorder already warns about an unusable directory
 
