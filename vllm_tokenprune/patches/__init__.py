@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from vllm_tokenprune.log import init_logger
 from vllm_tokenprune.patches import cpu_model_runner
 
 DISABLE_ENV = "VLLM_TOKENPRUNE_DISABLE_PATCHES"
@@ -70,6 +71,8 @@ def _run(patch: Patch, module: ModuleType) -> None:
         if patch.needed(module):
             patch.apply(module)
             STATE[patch.name] = "applied"
+            init_logger(__name__).info("vllm-tokenprune: patched %s (vllm_tokenprune/patches/"
+                                       "%s.py)", patch.module, patch.name)
         else:
             STATE[patch.name] = "not needed"
 
