@@ -105,6 +105,46 @@ def test_runner_checks():
     assert problem is not None and "recompute_mrope_positions is never called" in problem
 
 
+#: A process where the plugin's patches are applied (or not) and the CPU runner imported.
+PATCHED_RUNNER = """
+import json
+from types import SimpleNamespace
+from vllm_tokenprune import _vllm_internals as internals
+from vllm_tokenprune.patches import apply_patches
+apply_patches(internals.vllm_release())
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner  # the patch acts on this import
+from vllm_tokenprune.patches import STATE
+try:
+    internals.check_mrope_runner(SimpleNamespace(use_v2_model_runner=False))
+    error = None
+except RuntimeError as e:
+    error = str(e)
+print(json.dumps({"state": STATE["cpu_model_runner"], "error": error}))
+"""
+
+
+def test_with_the_patch_disabled_the_cpu_runner_is_refused():
+    """The dev shim no longer fixes the runner: without the plugin's patch an M-RoPE model
+    refuses to start on vLLM's CPU runner, naming the patch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("the CPU runner and its patch exist on vLLM CPU builds only")
+    env = {**os.environ, "VLLM_TOKENPRUNE_DISABLE_PATCHES": "cpu_model_runner"}
+    res = subprocess.run([sys.executable, "-c", PATCHED_RUNNER], capture_output=True, text=True,
+                         env=env)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["state"] == "disabled"
+    assert got["error"] and "recompute_mrope_positions is never called" in got["error"]
+    assert "patches/cpu_model_runner.py" in got["error"]
+
+
 def test_pipeline_parallel_refused_naming_the_flag():
     internals.check_pipeline_parallel(SimpleNamespace(
         parallel_config=SimpleNamespace(pipeline_parallel_size=1)))

@@ -227,10 +227,11 @@ class TokenPruneProcessorMixin:
         every hit; None: not pruned (e.g. precomputed embeddings)."""
         if not metrics.enabled() or _profiling.get():
             return
-        items = [p for modality in MODALITIES for p in plans.get(modality) or () if p is not None]
+        modalities = [m for m, per_item in plans.items() if m in MODALITIES and per_item]
+        items = [p for m in modalities for p in plans[m] if p is not None]
         if not items:
             return
-        ratios = {m: request[m].ratio for m in MODALITIES if plans.get(m)}
+        ratios = {m: request[m].ratio for m in modalities}
         model_name = self.info.ctx.model_config.served_model_name
         metrics.record_request(model_name, request.method, items, ratios)
         response.note_plans(request.method, items, ratios)
