@@ -53,6 +53,7 @@ PROCESS: dict[str, str] = {
     "vllm_tokenprune.models.fallbacks": "worker",
     "vllm_tokenprune.models.faults": "worker",
     "vllm_tokenprune.models.positions": "worker",
+    "vllm_tokenprune.models.mrope": "worker",
     "vllm_tokenprune.metrics.worker": "worker",
     "vllm_tokenprune.alvts.model": "worker",
     "vllm_tokenprune.alvts.scheduler": "engine",
