@@ -107,6 +107,28 @@ def test_registry_records_the_stage() -> None:
         select_tokens(torch.randn(10, 4), 3, "alvts")
 
 
+def test_a_family_without_a_layer_methods_integration_refuses_it() -> None:
+    """Qwen3-VL has no ALVTS mixin: a server enabling ``alvts`` on it stops while the model is
+    built, naming the method; the families with the mixin list it."""
+    from types import SimpleNamespace
+
+    from vllm_tokenprune._vllm_internals import vllm_release
+    from vllm_tokenprune.models.qwen2_5_vl import TokenPruneQwen2_5_VLForConditionalGeneration
+    from vllm_tokenprune.models.qwen3_vl import TokenPruneQwen3VLForConditionalGeneration as Q3
+    from vllm_tokenprune.patches import apply_patches
+
+    apply_patches(vllm_release())  # the CPU runner check runs first
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(token_prune={"method": "alvts"}),
+                                     multimodal_config=None),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1), use_v2_model_runner=False)
+    with pytest.raises(ValueError, match="enables 'alvts' .* which "
+                                         "TokenPruneQwen3VLForConditionalGeneration does not"):
+        Q3.__new__(Q3)._tp_pre_init(config)
+    assert Q3.tp_layer_methods == frozenset()
+    assert TokenPruneQwen2_5_VLForConditionalGeneration.tp_layer_methods == {"alvts"}
+
+
 def test_a_worker_without_a_method_the_api_server_accepts_refuses_to_start() -> None:
     """The API server publishes its table; a worker lacking a method this server's config lets
     requests pick refuses at start-up (not at the first request)."""
