@@ -23,6 +23,8 @@ from vllm_tokenprune.alvts.selector import (
     combine,
     importance,
     layer_factors,
+    query_rows,
+    split_tokens,
     top_tokens,
 )
 from vllm_tokenprune.scoring import num_kept
@@ -40,6 +42,8 @@ __all__ = [
     "layer_factors",
     "is_layerwise",
     "num_processed",
+    "query_rows",
+    "split_tokens",
     "top_tokens",
 ]
 
@@ -61,6 +65,9 @@ class AlvtsOptions:
     consistency: float = option(
         0.25, "Weight of the previous routed layer's score in this layer's (0: none).",
         ge=0.0, lt=1.0,
+    )
+    queries: int = option(
+        64, "Query rows per item: the item's own tokens, evenly strided (all when fewer).", ge=1
     )
 
 
@@ -112,11 +119,21 @@ class AlvtsRouter:
     def new_state() -> dict[str, Tensor | None]:
         return {"score": None}
 
+    def score(self, layer: int, hidden: Tensor, state: dict[str, Tensor | None]) -> Tensor:
+        """This layer's blended score of the item's rows ``hidden``; updates ``state``."""
+        score = combine(importance(hidden, self.factors[layer], self.options.queries),
+                        state["score"], self.options.consistency)
+        state["score"] = score
+        return score
+
     def route(self, layer: int, hidden: Tensor, num_process: int,
               state: dict[str, Tensor | None]) -> Tensor:
         """Ascending indices (into ``hidden``'s rows) of the tokens that go through ``layer``.
         Updates ``state`` with this layer's blended score."""
-        score = combine(importance(hidden, self.factors[layer]), state["score"],
-                        self.options.consistency)
-        state["score"] = score
-        return top_tokens(score, num_process)
+        return top_tokens(self.score(layer, hidden, state), num_process)
+
+    def route_split(self, layer: int, hidden: Tensor, num_process: int,
+                    state: dict[str, Tensor | None]) -> tuple[Tensor, Tensor]:
+        """(through, skipped) ascending indices, the same decision as :meth:`route`, without a
+        boolean mask."""
+        return split_tokens(self.score(layer, hidden, state), num_process)
