@@ -85,17 +85,25 @@ MODELS: dict[str, Callable[[], Dims]] = {
 }
 
 
-def selector_flops(d: Dims, n: int, rank: int, queries: int | None) -> int:
-    """FLOPs of one ``route`` call on N rows: input-norm row scales (3 N D), key projection
-    (2 N D G r), query projection and bias (2 M D H r + M H r), logits (2 H M r N), softmax (5
-    per element: max, subtract, exp, sum, divide), the sum over heads and queries (H M N),
-    normalisation and blend (4 N), and the top-k sort (N log2 N compares)."""
+def matmul_flops(d: Dims, n: int, rank: int, queries: int | None) -> int:
+    """Matmul FLOPs of one ``route`` call on N rows: key projection (2 N D G r), query
+    projection (2 M D H r), logits (2 H M r N)."""
     r = min(rank, d.head_dim)
     m = n if queries is None else min(queries, n)
-    h, g, dim = d.heads, d.kv_heads, d.hidden
-    return int(3 * n * dim + 2 * n * dim * g * r + 2 * m * dim * h * r + m * h * r
-               + 2 * h * m * r * n + 5 * h * m * n + h * m * n + 4 * n
-               + n * max(1.0, math.log2(n)))
+    return 2 * n * d.hidden * d.kv_heads * r + 2 * m * d.hidden * d.heads * r \
+        + 2 * d.heads * m * r * n
+
+
+def selector_flops(d: Dims, n: int, rank: int, queries: int | None) -> int:
+    """FLOPs of one ``route`` call on N rows: :func:`matmul_flops`, plus input-norm row scales
+    (3 N D), query bias (M H r), softmax (5 per element: max, subtract, exp, sum, divide), the
+    sum over heads and queries (H M N), normalisation and blend (4 N), and the top-k sort
+    (N log2 N compares)."""
+    r = min(rank, d.head_dim)
+    m = n if queries is None else min(queries, n)
+    h = d.heads
+    return int(matmul_flops(d, n, rank, queries) + 3 * n * d.hidden + m * h * r
+               + 5 * h * m * n + h * m * n + 4 * n + n * max(1.0, math.log2(n)))
 
 
 def mlp_flops(d: Dims, rows: int) -> int:
@@ -178,7 +186,7 @@ def measure(d: Dims, sizes: list[int], ratios: list[float], options: AlvtsOption
                 "every_token_flops": selector_flops(d, n, options.rank, None),
                 "every_token_time_share": None if old_s is None else old_s / mlp_s,
             })
-        print(_row(out[-2]), "\n" + _row(out[-1]), flush=True)
+        print("\n".join(_row(r) for r in out[-len(ratios):]), flush=True)
     return out
 
 
@@ -218,14 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.mlp_rows, args.old_max, args.no_doc = 2, 256, 0, True
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     options = AlvtsOptions(rank=args.rank, queries=args.queries)
     t0 = time.time()
     print(HEADER, flush=True)
     rows: list[dict[str, Any]] = []
-    for name in args.models:
-        rows += measure(MODELS[name](), args.sizes, args.ratios, options, args.repeats,
-                        args.mlp_rows, args.old_max)
+    try:
+        for name in args.models:
+            rows += measure(MODELS[name](), args.sizes, args.ratios, options, args.repeats,
+                            args.mlp_rows, args.old_max)
+    finally:
+        torch.set_num_threads(threads)
     took = time.time() - t0
     cmd = "python benchmarks/alvts_selector.py" + (" --quick" if args.quick else "")
     worst = max(rows, key=lambda r: r["time_share"])

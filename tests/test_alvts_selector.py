@@ -315,3 +315,41 @@ def test_keep_count_rule_and_options() -> None:
     with pytest.raises(ValueError, match="queries"):
         alvts_options({"queries": 0})
     assert is_layerwise("alvts") and not is_layerwise("lrcp")
+
+
+def _bench() -> Any:
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "alvts_selector_bench"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "alvts_selector.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize("n,queries", [(300, 20), (12, 20), (50, None)])
+def test_cost_benchmark_counts_the_matmuls_that_run(n: int, queries: int | None) -> None:
+    """``benchmarks/alvts_selector.py``'s analytic count equals the matmul FLOPs torch counts
+    in a real ``route`` call (GQA, query bias, fewer tokens than query rows, every token)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench = _bench()
+    dims = bench.Dims("t", D, 3 * D, H, G)
+    router = AlvtsRouter({0: _factors(_weights(), 6)}, AlvtsOptions(
+        queries=queries if queries else 1 << 30))
+    with FlopCounterMode(display=False) as counter:
+        router.route(0, _hidden(n, 1), n // 2, router.new_state())
+    assert counter.get_total_flops() == bench.matmul_flops(dims, n, 6, queries)
+    assert bench.selector_flops(dims, n, 6, queries) > bench.matmul_flops(dims, n, 6, queries)
+
+
+def test_cost_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _bench()
+    assert bench.main(["--quick", "--models", "mid", "--sizes", "200", "--ratios", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "| mid | 200 | 0.5 | 100 |" in out and "Largest share" in out
