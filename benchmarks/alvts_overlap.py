@@ -60,8 +60,8 @@ RATIOS = (0.5, 0.889)
 TARGETS = ("item", "text")
 WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 RANKS = (2, 4, 8, 16, 32, 64)
-QUERY_SETS = ("all", "strided-16", "strided-32", "strided-64", "strided-128", "pooled-32",
-              "pooled-64", "text-q")
+QUERY_SETS = ("all", "strided-8", "strided-16", "strided-32", "strided-64", "strided-128",
+              "pooled-32", "pooled-64", "text-q")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 BEGIN, END = "<!-- alvts-overlap:begin -->", "<!-- alvts-overlap:end -->"
 DEFAULTS = AlvtsOptions()
@@ -190,6 +190,9 @@ def measure(model_dir: Path, size: tuple[int, int], first: int, photos: list[str
                         continue
                     add(("per-head" if ph else "group", q, rank, w),
                         overlaps(imp, exact, first, w, RATIOS))
+            if not ph and rank == min(DEFAULTS.rank, head_dim):  # each layer alone, from 0
+                add(("alone", default_q, rank, 0.0),
+                    overlaps(scores(entering, n, f, default_q), exact, 0, 0.0, RATIOS))
         norm = {i: h[:n].norm(dim=-1) for i, h in entering.items()}
         add(("-", "norm", 0, 0.0), overlaps(norm, exact, first, 0.0, RATIOS))
         del cap, entering, exact
@@ -223,7 +226,7 @@ def _line(label: str, per_layer: dict[str, list[float]]) -> str:
 
 
 def tables(name: str, res: dict[str, Any], default_q: str, rank: int, w: float) -> str:
-    head = "| " + " | ".join(f"vs {c.replace('@', ' @')}" for c in COLS) + " |"
+    head = " | " + " | ".join(f"vs {c.replace('@', ' @')}" for c in COLS) + " |"
     sep = "|---" * (len(COLS) + 1) + "|"
     full = res["head_dim"]
     ranks = res["ranks"]
@@ -253,14 +256,14 @@ def tables(name: str, res: dict[str, Any], default_q: str, rank: int, w: float) 
         pl = _find(res, "per-head", default_q, r, w)
         if pl:
             out.append(_line(f"per-head | {r} | {w}", pl))
-    pl = _find(res, "group", default_q, min(rank, full), w)
+    pl = _find(res, "alone", default_q, min(rank, full), 0.0)
     if pl:
         n_img = len(res["photos"])
-        layers = list(range(res["first"], res["layers"]))
-        out += ["", f"Per layer (`{default_q}`, group rank {min(rank, full)}, w {w}; mean over "
-                "the photos):", "", "| layer" + head, sep]
-        for j, layer in enumerate(layers):
-            vals = [sum(pl[c][j + k * len(layers)] for k in range(n_img)) / n_img for c in COLS]
+        layers = res["layers"]
+        out += ["", f"Per layer, each scored alone (`{default_q}`, group rank {min(rank, full)}, "
+                "no blend; mean over the photos):", "", "| layer" + head, sep]
+        for layer in range(layers):
+            vals = [sum(pl[c][layer + k * layers] for k in range(n_img)) / n_img for c in COLS]
             out.append(f"| {layer} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     return "\n".join(out)
 

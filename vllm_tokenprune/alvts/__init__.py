@@ -60,7 +60,7 @@ class AlvtsOptions:
         2, "First routed decoder layer (0-based); layers before it process every token.", ge=0
     )
     rank: int = option(
-        16, "Rank of each head's query-key approximation (capped at head_dim).", ge=1
+        32, "Rank of each KV group's query-key approximation (capped at head_dim).", ge=1
     )
     consistency: float = option(
         0.25, "Weight of the previous routed layer's score in this layer's (0: none).",
