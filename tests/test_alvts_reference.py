@@ -13,7 +13,8 @@ from vllm_tokenprune.alvts import AlvtsOptions, num_processed
 from vllm_tokenprune.alvts.reference import decoder_layers, routed, router_for
 from vllm_tokenprune.testing.media import make_image
 
-OPTS = AlvtsOptions(first_layer=1, rank=8, consistency=0.25)
+#: queries 16 < the items' 48-64 tokens: the strided query path runs in the hooks too
+OPTS = AlvtsOptions(first_layer=1, rank=8, consistency=0.25, queries=16)
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "llava"])
