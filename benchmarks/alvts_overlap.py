@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from vllm_tokenprune.alvts import (  # noqa: E402
     AlvtsOptions,
     QKFactors,
+    auto_rank,
     importance,
     layer_factors,
     num_processed,
@@ -160,7 +161,10 @@ def measure(model_dir: Path, size: tuple[int, int], first: int, photos: list[str
     ranks = [r for r in RANKS if r <= head_dim]
     if head_dim not in ranks:
         ranks.append(head_dim)
-    shown = {min(DEFAULTS.rank, head_dim), head_dim}  # ranks of the query-set table
+    kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    default_rank = auto_rank(tc.hidden_size, kv, head_dim) if DEFAULTS.rank is None \
+        else min(DEFAULTS.rank, head_dim)
+    shown = {default_rank, head_dim}  # ranks of the query-set table
     if not all_ranks:
         ranks = sorted(shown)
     factors = {(r, ph): factors_for(model, r, ph) for r in ranks for ph in (False, True)
@@ -190,19 +194,23 @@ def measure(model_dir: Path, size: tuple[int, int], first: int, photos: list[str
                         continue
                     add(("per-head" if ph else "group", q, rank, w),
                         overlaps(imp, exact, first, w, RATIOS))
-            if not ph and rank == min(DEFAULTS.rank, head_dim):  # each layer alone, from 0
+            if not ph and rank == default_rank:  # each layer alone, from 0
                 add(("alone", default_q, rank, 0.0),
                     overlaps(scores(entering, n, f, default_q), exact, 0, 0.0, RATIOS))
         norm = {i: h[:n].norm(dim=-1) for i, h in entering.items()}
         add(("-", "norm", 0, 0.0), overlaps(norm, exact, first, 0.0, RATIOS))
         del cap, entering, exact
     layers = len(decoder_layers(model))
+    ks = {str(r): num_processed(n, r) for r in RATIOS}
     return {
         "N": n, "layers": layers, "first": first, "head_dim": head_dim,
-        "heads": tc.num_attention_heads, "kv_heads": tc.num_key_value_heads, "ranks": ranks,
-        "photos": photos, "random": {str(r): num_processed(n, r) / n for r in RATIOS},
+        "heads": tc.num_attention_heads, "kv_heads": kv, "ranks": ranks,
+        "default_rank": default_rank,
+        "photos": photos, "random": {str(r): num_processed(n, r) / n for r in RATIOS}, "k": ks,
         "results": [{"factors": k[0], "queries": k[1], "rank": k[2], "w": k[3],
-                     "per_layer": v} for k, v in results.items()],
+                     "shared": {c: [round(x * ks[c.split("@")[1]]) for x in xs]
+                                for c, xs in v.items()}}
+                    for k, v in results.items()],
     }
 
 
@@ -215,9 +223,11 @@ def _mean(v: list[float]) -> float:
 
 def _find(res: dict[str, Any], factors: str, queries: str, rank: int, w: float
           ) -> dict[str, list[float]] | None:
+    """Per-layer overlaps (all photos) of one configuration: shared tokens / k."""
     for r in res["results"]:
         if (r["factors"], r["queries"], r["rank"], r["w"]) == (factors, queries, rank, w):
-            return r["per_layer"]
+            return {c: [x / res["k"][c.split("@")[1]] for x in xs]
+                    for c, xs in r["shared"].items()}
     return None
 
 
@@ -225,18 +235,19 @@ def _line(label: str, per_layer: dict[str, list[float]]) -> str:
     return f"| {label} | " + " | ".join(f"{_mean(per_layer[c]):.3f}" for c in COLS) + " |"
 
 
-def tables(name: str, res: dict[str, Any], default_q: str, rank: int, w: float) -> str:
+def tables(name: str, res: dict[str, Any], default_q: str, w: float) -> str:
     head = " | " + " | ".join(f"vs {c.replace('@', ' @')}" for c in COLS) + " |"
     sep = "|---" * (len(COLS) + 1) + "|"
     full = res["head_dim"]
     ranks = res["ranks"]
+    rank = res["default_rank"]
     out = [f"**{name}**: N = {res['N']} visual tokens, layers {res['first']}-"
            f"{res['layers'] - 1} of {res['layers']} averaged, {len(res['photos'])} photos "
            f"({', '.join(res['photos'])}), head_dim {full}.", "",
            f"Query sets (group factors, w {w}):", "",
            "| query set | rank" + head, "|---" + sep]
     for q in QUERY_SETS:
-        for r in sorted({min(rank, full), full}):
+        for r in sorted({rank, full}):
             pl = _find(res, "group", q, r, w)
             if pl:
                 out.append(_line(f"{q} | {r}", pl))
@@ -256,11 +267,11 @@ def tables(name: str, res: dict[str, Any], default_q: str, rank: int, w: float) 
         pl = _find(res, "per-head", default_q, r, w)
         if pl:
             out.append(_line(f"per-head | {r} | {w}", pl))
-    pl = _find(res, "alone", default_q, min(rank, full), 0.0)
+    pl = _find(res, "alone", default_q, rank, 0.0)
     if pl:
         n_img = len(res["photos"])
         layers = res["layers"]
-        out += ["", f"Per layer, each scored alone (`{default_q}`, group rank {min(rank, full)}, "
+        out += ["", f"Per layer, each scored alone (`{default_q}`, group rank {rank}, "
                 "no blend; mean over the photos):", "", "| layer" + head, sep]
         for layer in range(layers):
             vals = [sum(pl[c][layer + k * layers] for k in range(n_img)) / n_img for c in COLS]
@@ -292,20 +303,20 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.report_only).read_text())
         cmd, runs = saved["command"], saved["models"]
         for name, res in runs.items():
-            parts.append(tables(name, res, default_q, DEFAULTS.rank, DEFAULTS.consistency))
+            parts.append(tables(name, res, default_q, DEFAULTS.consistency))
         took = saved.get("seconds", 0.0)
     for name, d, size, first, full in [] if args.report_only else models(args.quick, cache):
         res = measure(d, size, first, args.photos, default_q, full)
         res["all_tables"] = full
         runs[name] = res
-        parts.append(tables(name, res, default_q, DEFAULTS.rank, DEFAULTS.consistency))
+        parts.append(tables(name, res, default_q, DEFAULTS.consistency))
         print(parts[-1], "\n", flush=True)
         took = time.time() - t0
     if not args.report_only:
         cmd = "python benchmarks/alvts_overlap.py" + (" --quick" if args.quick else "")
     body = "\n\n".join(parts) + (f"\n\nGenerated by `{cmd}` in {took:.0f} s (CPU, float32; "
                                  f"tables for the defaults: `{default_q}`, rank "
-                                 f"{DEFAULTS.rank}, w {DEFAULTS.consistency}).")
+                                 f"{DEFAULTS.rank or 'auto'}, w {DEFAULTS.consistency}).")
     if not args.no_doc:
         doc = Path(args.doc)
         text = doc.read_text() if doc.exists() else f"{BEGIN}\n{END}\n"

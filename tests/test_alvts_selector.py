@@ -13,6 +13,7 @@ from vllm_tokenprune.alvts import (
     AlvtsOptions,
     AlvtsRouter,
     alvts_options,
+    auto_rank,
     combine,
     importance,
     is_layerwise,
@@ -138,9 +139,12 @@ def test_group_subspace_is_optimal_for_the_group_and_improves_with_rank() -> Non
              for g_ in range(G)]))), rtol=1e-6, atol=0)
 
 
-def test_rank_is_capped_dtype_kept_and_bad_shapes_refused() -> None:
+def test_rank_is_capped_automatic_by_default_dtype_kept_and_bad_shapes_refused() -> None:
     w = _weights()
     assert _factors(w, 1000).rank == DH
+    assert AlvtsOptions().rank is None and _factors(w, None).rank == auto_rank(D, G, DH) == 4
+    assert [auto_rank(*dims) for dims in [(1024, 4, 64), (3584, 4, 128), (4096, 32, 128),
+                                          (128, 2, 32), (64, 16, 4)]] == [32, 112, 16, 8, 1]
     bf = {k: v.to(torch.bfloat16) for k, v in w.items()}
     fb = _factors(bf, 8)
     assert fb.query.dtype == fb.key.dtype == fb.query_bias.dtype == torch.bfloat16
@@ -352,4 +356,4 @@ def test_cost_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     bench = _bench()
     assert bench.main(["--quick", "--models", "mid", "--sizes", "200", "--ratios", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "| mid | 200 | 0.5 | 100 |" in out and "Largest share" in out
+    assert "| mid | 32 | 200 | 0.5 | 100 |" in out and "Largest share" in out

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vllm_tokenprune.alvts.selector import (
     QKFactors,
+    auto_rank,
     combine,
     importance,
     layer_factors,
@@ -37,6 +38,7 @@ __all__ = [
     "AlvtsRouter",
     "QKFactors",
     "alvts_options",
+    "auto_rank",
     "combine",
     "importance",
     "layer_factors",
@@ -59,8 +61,9 @@ class AlvtsOptions:
     first_layer: int = option(
         2, "First routed decoder layer (0-based); layers before it process every token.", ge=0
     )
-    rank: int = option(
-        32, "Rank of each KV group's query-key approximation (capped at head_dim).", ge=1
+    rank: int | None = option(
+        None, "Rank of each KV group's shared query-key subspace (capped at head_dim); null "
+        "(default): the largest with num_kv_heads * rank <= hidden_size / 8.", ge=1
     )
     consistency: float = option(
         0.25, "Weight of the previous routed layer's score in this layer's (0: none).",

@@ -51,8 +51,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["QKFactors", "combine", "importance", "layer_factors", "query_rows", "split_tokens",
-           "top_tokens"]
+__all__ = ["QKFactors", "auto_rank", "combine", "importance", "layer_factors", "query_rows",
+           "split_tokens", "top_tokens"]
+
+#: Automatic rank: the key projection (``G * rank`` columns) at most ``hidden / 8`` columns.
+AUTO_RANK_DIVISOR = 8
 
 #: Float32 logits held at once (whole softmax rows of one block). On CPUs 1 MiB: the block's
 #: logits, softmax and sum stay in cache (measured fastest single-threaded at 588-16,384 keys);
@@ -95,6 +98,14 @@ class QKFactors:
         return left @ right.T
 
 
+def auto_rank(hidden_size: int, num_kv_heads: int, head_dim: int) -> int:
+    """The default rank: the largest with ``num_kv_heads * rank <= hidden_size / 8`` (the
+    selector's key projection costs at most 1/8 of a ``D x D`` matmul per token), capped at
+    ``head_dim``, at least 1. E.g. 32 for the ``mid`` preset (1024, 4 KV heads), 112 for
+    Qwen2.5-VL-7B (3584, 4), 16 for LLaVA-1.5-7B (4096, 32: no GQA)."""
+    return max(1, min(head_dim, hidden_size // (AUTO_RANK_DIVISOR * num_kv_heads)))
+
+
 @torch.no_grad()
 def layer_factors(
     q_weight: Tensor,
@@ -102,7 +113,7 @@ def layer_factors(
     *,
     num_heads: int,
     num_kv_heads: int,
-    rank: int,
+    rank: int | None,
     q_bias: Tensor | None = None,
     norm_weight: Tensor | None = None,
     eps: float = 1e-6,
@@ -111,7 +122,8 @@ def layer_factors(
     """Factors of one layer from its weights (as ``nn.Linear`` stores them).
 
     ``q_weight`` (H*d, D), ``k_weight`` (G*d, D), ``q_bias`` (H*d,) or None, ``norm_weight``
-    (D,) the input RMSNorm's gamma (None: no gamma). ``rank`` is capped at ``d``. The key bias is
+    (D,) the input RMSNorm's gamma (None: no gamma). ``rank`` is capped at ``d`` (None:
+    :func:`auto_rank`). The key bias is
     not needed (it only adds query-dependent constants). Computed in float64, stored in
     ``dtype`` (default: the weights' dtype) on the weights' device. Passing ``k_weight``
     repeated per query head (``num_kv_heads = num_heads``) gives each head its own subspace
@@ -120,8 +132,8 @@ def layer_factors(
     if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of "
                          f"num_kv_heads ({num_kv_heads})")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive int or None, got {rank!r}")
     hd, dim = q_weight.shape
     if hd % num_heads:
         raise ValueError(f"q_weight rows ({hd}) are not a multiple of num_heads ({num_heads})")
@@ -129,7 +141,7 @@ def layer_factors(
     if tuple(k_weight.shape) != (num_kv_heads * d, dim):
         raise ValueError(f"k_weight has shape {tuple(k_weight.shape)}, expected "
                          f"{(num_kv_heads * d, dim)}")
-    r = min(rank, d, dim)
+    r = min(auto_rank(dim, num_kv_heads, d) if rank is None else rank, d, dim)
     wq = q_weight.detach().to(torch.float64)
     wk = k_weight.detach().to(torch.float64)
     if norm_weight is not None:
