@@ -187,8 +187,12 @@ def measure(model_dir: Path, size: tuple[int, int], first: int, photos: list[str
         entering, exact, n = cap.entering, cap.exact, cap.num_tokens
         for (rank, ph), f in factors.items():
             qsets = (default_q,) if ph else QUERY_SETS if rank in shown else (default_q,)
+            every = None if ph or rank not in shown else scores(entering, n, f, "all")
             for q in qsets:
                 imp = scores(entering, n, f, q)
+                if every is not None:  # the query sample against every token, no blend
+                    add(("agree", q, rank, 0.0), overlaps(
+                        imp, {i: {"all": v} for i, v in every.items()}, first, 0.0, RATIOS))
                 for w in WEIGHTS:
                     if q != default_q and w != DEFAULTS.consistency:
                         continue
@@ -241,19 +245,25 @@ def tables(name: str, res: dict[str, Any], default_q: str, w: float) -> str:
     full = res["head_dim"]
     ranks = res["ranks"]
     rank = res["default_rank"]
+    agree_cols = [f"all@{r}" for r in RATIOS]
     out = [f"**{name}**: N = {res['N']} visual tokens, layers {res['first']}-"
            f"{res['layers'] - 1} of {res['layers']} averaged, {len(res['photos'])} photos "
            f"({', '.join(res['photos'])}), head_dim {full}.", "",
-           f"Query sets (group factors, w {w}):", "",
-           "| query set | rank" + head, "|---" + sep]
+           f"Query sets (group factors, w {w}; the last two columns: agreement of each layer's "
+           "top-k with that of every token as queries, no blend):", "",
+           "| query set | rank" + head[:-1] + "| " + " | ".join(
+               f"vs every-token @{r}" for r in RATIOS) + " |", "|---|---|---" + sep]
     for q in QUERY_SETS:
         for r in sorted({rank, full}):
             pl = _find(res, "group", q, r, w)
+            ag = _find(res, "agree", q, r, 0.0)
             if pl:
-                out.append(_line(f"{q} | {r}", pl))
-    out.append(_line("norm (baseline) | -", _find(res, "-", "norm", 0, 0.0)))
+                out.append(_line(f"{q} | {r}", pl) + (" " + " | ".join(
+                    f"{_mean(ag[c]):.3f}" for c in agree_cols) + " |" if ag else " - | - |"))
+    out.append(_line("norm (baseline) | -", _find(res, "-", "norm", 0, 0.0)) + " - | - |")
     out.append("| random (expected) | - | " + " | ".join(
-        f"{res['random'][c.split('@')[1]]:.3f}" for c in COLS) + " |")
+        f"{res['random'][c.split('@')[1]]:.3f}" for c in COLS) + " | " + " | ".join(
+        f"{res['random'][str(r)]:.3f}" for r in RATIOS) + " |")
     if not res.get("all_tables", True):
         return "\n".join(out)
     out += ["", f"Rank and consistency weight w (query set `{default_q}`; `per-head`: the "

@@ -70,7 +70,7 @@ class AlvtsOptions:
         ge=0.0, lt=1.0,
     )
     queries: int = option(
-        64, "Query rows per item: the item's own tokens, evenly strided (all when fewer).", ge=1
+        32, "Query rows per item: the item's own tokens, evenly strided (all when fewer).", ge=1
     )
 
 
