@@ -158,10 +158,10 @@ def fidelity_captures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
     return {"model": model, "captures": caps}
 
 
-#: Measured when the selector was chosen (docs/alvts.md): the shipped selector's mean overlap
-#: with the text's true attention exceeds chance by 0.18 here (rope_theta 1e6; 0.13 with 1e5,
-#: 0.11 with 1e4; rank 8: 0.12, rank 32: 0.23); random scores by -0.04 to 0.03 over 5 seeds
-#: (the seed used: -0.01); the selector's order reversed by -0.11.
+#: Measured when the selector was chosen (docs/alvts.md): the shipped selector (32 query rows,
+#: rank 16) exceeds chance here by 0.18 on average (rope_theta 1e6; 0.12 with 1e5 or 1e4; rank
+#: 32: 0.23, the automatic rank 8: 0.12); random scores by -0.04 to 0.03 over 5 seeds (the seed
+#: used: -0.01); the selector's order reversed by -0.11.
 FIDELITY_BOUND = 0.08
 
 

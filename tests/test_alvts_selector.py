@@ -147,7 +147,8 @@ def test_rank_is_capped_automatic_by_default_dtype_kept_and_bad_shapes_refused()
                                           (128, 2, 32), (64, 16, 4)]] == [32, 112, 16, 8, 1]
     bf = {k: v.to(torch.bfloat16) for k, v in w.items()}
     fb = _factors(bf, 8)
-    assert fb.query.dtype == fb.key.dtype == fb.query_bias.dtype == torch.bfloat16
+    assert fb.query.dtype == fb.key.dtype == torch.bfloat16
+    assert fb.query_bias.dtype == torch.float32  # added to the float32 query rows
     assert _factors(w, 8, dtype=torch.float16).key.dtype == torch.float16
     with pytest.raises(ValueError, match="num_kv_heads"):
         layer_factors(w["wq"], w["wk"], num_heads=4, num_kv_heads=3, rank=4)
@@ -310,6 +311,7 @@ def test_keep_count_rule_and_options() -> None:
     assert alvts_options() == AlvtsOptions()
     assert alvts_options({"rank": 4, "consistency": 0}).consistency == 0.0
     assert alvts_options({"queries": 16}).queries == 16
+    assert alvts_options({"rank": None}).rank is None and alvts_options({"rank": 8}).rank == 8
     with pytest.raises(ValueError, match="'ranks'"):
         alvts_options({"ranks": 4})
     with pytest.raises(ValueError, match="consistency"):

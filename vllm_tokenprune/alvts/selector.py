@@ -69,7 +69,7 @@ class QKFactors:
     """Low-rank query-key factors of one decoder layer, in the model's dtype, on its device.
 
     ``query``: (D, H*r), gamma and 1/sqrt(head_dim) folded in (head ``h`` in columns
-    ``h*r:(h+1)*r``); ``query_bias``: (H*r,) or None; ``key``: (D, G*r), gamma folded in (KV
+    ``h*r:(h+1)*r``); ``query_bias``: (H*r,) float32 or None; ``key``: (D, G*r), gamma folded in (KV
     group ``g`` in columns ``g*r:(g+1)*r``, shared by heads ``g*H/G .. (g+1)*H/G - 1``).
     ``eps``: the input RMSNorm's epsilon.
     """
@@ -168,7 +168,7 @@ def layer_factors(
     query_bias = None
     if ub is not None:
         query_bias = ((p.transpose(1, 2).unsqueeze(1) @ ub) * scale).reshape(-1)
-        query_bias = query_bias.to(dev, dtype).contiguous()
+        query_bias = query_bias.to(dev, torch.float32).contiguous()
     return QKFactors(
         query=query.reshape(num_heads, dim, r).permute(1, 0, 2).reshape(dim, -1)
         .to(dev, dtype).contiguous(),
@@ -230,7 +230,7 @@ def importance(hidden: Tensor, factors: QKFactors, num_queries: int | None = Non
     m = int(hq.shape[0])
     qs = (hq @ factors.query).float().mul_(inv_q.unsqueeze(1))
     if factors.query_bias is not None:
-        qs += factors.query_bias.float()
+        qs += factors.query_bias
     # (G, group*M, r): each group's heads' query rows against the group's keys
     qs = qs.view(m, kv, group, r).permute(1, 2, 0, 3).reshape(kv, group * m, r)
     received = torch.zeros(n, dtype=torch.float32, device=hidden.device)
