@@ -57,9 +57,9 @@ __all__ = ["QKFactors", "auto_rank", "combine", "importance", "layer_factors", "
 #: Automatic rank: the key projection (``G * rank`` columns) at most ``hidden / 8`` columns.
 AUTO_RANK_DIVISOR = 8
 
-#: Float32 logits held at once (whole softmax rows of one block). On CPUs 1 MiB: the block's
-#: logits, softmax and sum stay in cache (measured fastest single-threaded at 588-16,384 keys);
-#: on accelerators 64 MiB: few kernel launches.
+#: Float32 logits held at once (whole softmax rows of one block). On CPUs 1 MiB, meant to keep
+#: the block's logits, softmax and sum in cache (on this shared 2-core machine block sizes from
+#: 2^16 to 2^22 measured alike, within the noise); on accelerators 64 MiB: few kernel launches.
 _BLOCK_ELEMS = 1 << 18
 _BLOCK_ELEMS_ACCEL = 1 << 24
 
