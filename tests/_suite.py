@@ -119,7 +119,7 @@ def gap(got: dict[int, float], ref: torch.Tensor | dict[int, float]) -> float:
     return max(abs(lp - float(ref[t])) for t, lp in got.items())
 
 
-def _record(line: str) -> None:
+def record_error(line: str) -> None:
     """Append a measured error to ``$TOKENPRUNE_TEST_LOGS/reference-errors.tsv`` (the figures
     docs/testing.md quotes)."""
     log_dir = os.environ.get("TOKENPRUNE_TEST_LOGS")
@@ -163,7 +163,7 @@ def assert_matches_reference(res: Any, model_dir: Path, media: list[Any], method
         controls.update({name: prepared_logprobs(prep, right, name)[0]
                          for name in POSITION_CONTROLS})
     gaps = {name: gap(got, lp) for name, lp in controls.items()}
-    _record("\t".join([label or prep.model_type, method, f"{err:.3g}",
+    record_error("\t".join([label or prep.model_type, method, f"{err:.3g}",
                        *(f"{k}={v:.3g}" for k, v in gaps.items())]))
     weak = {k: v for k, v in gaps.items() if v <= CONTROL_FACTOR * LOGPROB_TOL}
     assert not weak, f"controls the comparison cannot tell from the server: {weak}"

@@ -20,8 +20,10 @@ Three jobs, all in the worker (inside vLLM's batched encoder step), none of them
   (its placeholder count in the prompt is fixed), the failure is logged once per reason and
   counted in ``tokenprune_scorer_fallbacks_total{model_name,method,reason}``.
 * **Test-only hooks**, inert unless their environment variable is set when the worker starts:
-  ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG=<file>`` appends one line per vision-tower call
-  (``call <unpruned tokens> <cap>``) and per encoder batch (``batch <unpruned tokens> <cap>``);
+  ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG=<file>`` appends one line per vision-tower call the hook
+  plans (``call <unpruned tokens> <cap>``), per encoder batch (``batch <unpruned tokens>
+  <cap>``) and, measured on the tower module itself (a forward pre-hook, :func:`watch_tower`),
+  per call the tower receives (``tower <tokens in its input> <cap>``);
   ``VLLM_TOKENPRUNE_TEST_NAN_TOKENS=<N>`` makes the scorer see NaN features for every item of
   exactly N tokens.
 """
@@ -190,3 +192,20 @@ def poison_for_test(feats: Sequence[torch.Tensor], num_tokens: Sequence[int]
         return list(feats)
     return [f * float("nan") if n == _NAN_TOKENS else f
             for f, n in zip(feats, num_tokens, strict=True)]
+
+
+def watch_tower(model: Any, cap: int | None) -> None:
+    """Test-only: log ``tower <tokens> <cap>`` for every input the model's vision tower
+    receives (inert unless ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG`` is set). The tokens are the
+    patch rows of its first argument over the merge unit (Qwen-VL towers: ``(patches, C)``
+    pixel rows, ``spatial_merge_size ** 2`` patches a token); other towers are not watched."""
+    tower = getattr(model, "visual", None)
+    merge = getattr(tower, "spatial_merge_size", None)
+    if _ENCODER_LOG is None or tower is None or not isinstance(merge, int):
+        return
+
+    def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            log_encoder_call("tower", int(args[0].shape[0]) // (merge * merge), cap)
+
+    tower.register_forward_pre_hook(hook)
