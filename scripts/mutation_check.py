@@ -95,7 +95,8 @@ MUTATIONS = [
         "vllm_tokenprune/scoring/norm.py",
         "return select_top(_row_norms(batch), batch.mask(), batch.num_keep)",
         "return select_top(-_row_norms(batch), batch.mask(), batch.num_keep)",
-        ("tests/test_scoring_properties.py -k norm",),
+        ("tests/test_scoring_properties.py -k norm",
+         "tests/test_preview.py -k norm_selection"),
     ),
     Mutation(
         "lrcp_uncentred", "LRCP without centring (not the PCA residual)",
@@ -191,7 +192,16 @@ def short(test_id: str) -> str:
     path, _, name = test_id.partition("::")
     parts = path.split("/")
     module = next((p for p in parts if p.startswith("test_")), parts[-1])
-    return f"`{module}.py::{name}`"
+    return f"{module}.py::{name}"
+
+
+def summary(failed: set[str]) -> str:
+    """The failed tests, parametrized cases of one test folded into one entry."""
+    groups: dict[str, list[str]] = {}
+    for t in sorted(short(t) for t in failed):
+        groups.setdefault(t.split("[")[0], []).append(t)
+    return ", ".join(f"`{v[0]}`" if len(v) == 1 else f"`{k}` ({len(v)} cases)"
+                     for k, v in groups.items())
 
 
 def write_table(out: Path, rows: list[tuple[Mutation, set[str], float]], baseline: str,
@@ -211,7 +221,7 @@ def write_table(out: Path, rows: list[tuple[Mutation, set[str], float]], baselin
         "|---|---|---|---|",
     ]
     for m, failed, secs in rows:
-        caught = ", ".join(sorted(short(t) for t in failed)) or "–"
+        caught = summary(failed) or "–"
         result = f"caught ({secs:.0f} s)" if failed else f"**not caught** ({secs:.0f} s)"
         lines.append(f"| {m.bug} | `{m.path}` | {caught} | {result} |")
     lines += ["", f"Command: `{command}`", ""]

@@ -129,6 +129,17 @@ def record_error(line: str) -> None:
             f.write(line + "\n")
 
 
+def reference_for(model_dir: Path, media: list[Any], method: str, ratio: float, *,
+                  overrides: str, video_ratio: float | None = None, text: str = PROMPT
+                  ) -> tuple[Any, torch.Tensor, int]:
+    """(the preview of the server's selection, the reference's next-token log-probabilities
+    for that selection, the pruned prompt length)."""
+    shown = preview(model_dir, media, method, ratio, prompt=text, video_ratio=video_ratio,
+                    hf_overrides=overrides)
+    ref, ref_len = prepared_logprobs(shown.prepared, [i.kept_rows for i in shown.items])
+    return shown, ref, ref_len
+
+
 def assert_matches_reference(res: Any, model_dir: Path, media: list[Any], method: str,
                              ratio: float, *, overrides: str, video_ratio: float | None = None,
                              text: str = PROMPT, label: str = "") -> None:
@@ -143,13 +154,12 @@ def assert_matches_reference(res: Any, model_dir: Path, media: list[Any], method
     families, the right set at wrong positions (h and w swapped, one column to the right) each
     differ from the server by more than ``CONTROL_FACTOR * LOGPROB_TOL`` on the same ids.
     """
-    shown = preview(model_dir, media, method, ratio, prompt=text, video_ratio=video_ratio,
-                    hf_overrides=overrides)
+    shown, ref, ref_len = reference_for(model_dir, media, method, ratio, overrides=overrides,
+                                        video_ratio=video_ratio, text=text)
     assert [(i.modality, i.tokens, i.kept) for i in shown.items] == [
         (i["modality"], i["tokens"], i["kept"]) for i in res.model_extra[FIELD]["items"]]
     prep = shown.prepared
     right = [i.kept_rows for i in shown.items]
-    ref, ref_len = prepared_logprobs(prep, right)
     assert res.usage.prompt_tokens == ref_len
     got = top_logprobs(res)
     assert len(got) == 5
