@@ -174,7 +174,7 @@ def assert_matches_reference(res: Any, model_dir: Path, media: list[Any], method
                          for name in POSITION_CONTROLS})
     gaps = {name: gap(got, lp) for name, lp in controls.items()}
     record_error("\t".join([label or prep.model_type, method, f"{err:.3g}",
-                       *(f"{k}={v:.3g}" for k, v in gaps.items())]))
+                             *(f"{k}={v:.3g}" for k, v in gaps.items())]))
     weak = {k: v for k, v in gaps.items() if v <= CONTROL_FACTOR * LOGPROB_TOL}
     assert not weak, f"controls the comparison cannot tell from the server: {weak}"
 

@@ -254,7 +254,7 @@ def test_routing_does_not_depend_on_batching_or_chunking(servers: dict[str, Any]
         together = list(pool.map(one, range(16)))
     for i, (a, b) in enumerate(zip(alone, together, strict=False)):
         assert tokens(b) == tokens(a), cases[i][1]
-        for step in range(3):
+        for step in range(len(tokens(a))):  # up to 3 (fewer where the model stops)
             ta, tb = top(a, step), top(b, step)
             assert set(ta) == set(tb), (i, step)
             for t in ta:
