@@ -481,6 +481,6 @@ def test_load_exact_accounting(hard):
                for e in entries["top_logprobs"]}
         _, ref, ref_len = reference_for(h.model_dir, ims, method, r, overrides=overrides)
         assert results[i][1] == ref_len, i
-        assert gap(got, ref) <= LOGPROB_TOL, (i, r, method)
+        assert gap(got, ref) <= LOGPROB_TOL, (i, r, method, gap(got, ref), [im.size for im in ims])
     print(f"load: {LOAD_REQUESTS} requests, {IN_FLIGHT} in flight, "
           f"{sum(len(p[0]) for p in plan)} images in {elapsed:.1f}s")

@@ -150,6 +150,17 @@ def test_svd_prune_default_rank_keeps_top_direction_tokens(seed):
     assert set(lead.tolist()) <= set(select_tokens(x, 10, "svd_prune").tolist())
 
 
+@pytest.mark.parametrize("center", [False, True])
+def test_svd_prune_item_within_the_rank_is_a_tie(center):
+    """N <= r (default r = 16): every leverage score is equal, so the selection is the tie's
+    (lowest indices), not rounding noise: a 1e-6 perturbation of the features (the size of the
+    difference between vLLM's and transformers' vision towers) does not change it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, D, generator=g)
+    for y in (x, x + 1e-6 * torch.randn(12, D, generator=g)):
+        assert select_tokens(y, 8, "svd_prune", center=center).tolist() == list(range(8))
+
+
 def test_svd_prune_matches_exact_leverage():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(N, D, generator=g) * 0.8 ** torch.arange(D, dtype=torch.float32)
