@@ -122,7 +122,8 @@ MUTATIONS = [
         "            groups[0], groups[1] = ((groups[0][0], groups[1][1]),\n"
         "                                    (groups[1][0], groups[0][1]))\n"
         "        for method, items in groups:\n",
-        ("tests/test_llava_server.py::TestLlava::test_concurrent_mixed_batch",),
+        (f"{QWEN25}::test_concurrent_mixed_ratios_and_methods",
+         "tests/test_qwen2_vl_server.py::TestQwen2VL::test_concurrent_mixed_batch"),
     ),
 ]
 
@@ -180,8 +181,11 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: int) -> tuple[set[str
             continue
         for case in ET.parse(report).getroot().iter("testcase"):
             name = f"{case.get('classname', '').replace('.', '/')}::{case.get('name')}"
-            if case.find("failure") is not None or case.find("error") is not None:
+            bad = case.find("failure")
+            bad = bad if bad is not None else case.find("error")
+            if bad is not None:
                 failed.add(name)
+                tail += f"{name}: {(bad.get('message') or '')[:300]}\n"
             elif case.find("skipped") is None:
                 passed.add(name)
     return failed, passed, tail
@@ -268,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             failed, passed, tail = run_tests(tree, m.tests, args.timeout)
             secs = time.monotonic() - start
             print(f"[{m.name}] failed: {sorted(failed) or 'NONE'} ({secs:.0f} s)", flush=True)
+            print(tail, flush=True)
             if not failed:
-                print(tail)
                 ok = False
             rows.append((m, failed, secs))
             shutil.rmtree(tree, ignore_errors=True)
