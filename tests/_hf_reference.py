@@ -20,6 +20,11 @@ tokens removed, the last 256.
 
 Videos are decoded with OpenCV (as vLLM's default loader does) and handed to the HF processor
 with the same metadata vLLM gives it. Nothing here touches vLLM.
+
+The kept rows come from the plugin's own scorers (through the preview); docs/testing.md says
+which independent tests pin that shared code. For the reference tests' controls,
+:func:`control_sets` gives wrong kept sets of the right sizes and :data:`POSITION_CONTROLS` wrong
+media positions (:func:`prepared_logprobs`).
 """
 
 from __future__ import annotations
