@@ -122,8 +122,8 @@ MUTATIONS = [
         "            groups[0], groups[1] = ((groups[0][0], groups[1][1]),\n"
         "                                    (groups[1][0], groups[0][1]))\n"
         "        for method, items in groups:\n",
-        (f"{QWEN25}::test_concurrent_mixed_ratios_and_methods",
-         "tests/test_qwen2_vl_server.py::TestQwen2VL::test_concurrent_mixed_batch"),
+        ("tests/test_worker_safety_units.py -k mixed_batch",
+         f"{QWEN25}::test_concurrent_mixed_ratios_and_methods"),
     ),
 ]
 

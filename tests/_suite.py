@@ -25,7 +25,6 @@ prompts and media across steps in every request. Everything is checked through t
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,24 +105,6 @@ def chat(server: VLLMServer, media: list[Any], *, max_tokens: int = 1, logprobs:
         extra_body=extra or None,
         **kwargs,
     )
-
-
-#: Words of the blocker's text-only prompt (one token each on the tiny models: 3000 tokens, under
-#: the servers' 4096-token context).
-BLOCKER_WORDS = 3000
-
-
-def concurrently(server: VLLMServer, fn: Callable[[int], Any], n: int) -> list[Any]:
-    """``fn(0) .. fn(n - 1)`` all at once, behind a blocker: a text-only request whose chunked
-    prefill takes every token of the step budget for a few dozen steps. The n requests queue
-    meanwhile, so the scheduler then admits several in one step and their media items meet in
-    one encoder batch (without it, the first requests often reach an idle engine one by one)."""
-    with ThreadPoolExecutor(n + 1) as pool:
-        blocker = pool.submit(chat, server, [], text="a " * BLOCKER_WORDS)
-        time.sleep(0.2)
-        out = list(pool.map(fn, range(n)))
-        blocker.result()
-    return out
 
 
 def top_logprobs(res: Any, step: int = 0) -> dict[int, float]:
@@ -359,7 +340,8 @@ class FamilyServerSuite:
             return chat(tp, media, max_tokens=3, logprobs=True, uuids=uuids, **extra)
 
         alone = [one(i, "alone") for i in range(len(cases))]
-        together = concurrently(tp, lambda i: one(i, "together"), len(cases))
+        with ThreadPoolExecutor(len(cases)) as pool:
+            together = list(pool.map(lambda i: one(i, "together"), range(len(cases))))
         for i, (media, extra, video_ratio) in enumerate(cases):
             expected = unpruned[i] - self.saved(model_dir, media, extra["prune_ratio"],
                                                 video_ratio)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,6 @@ import requests
 from tests._suite import (
     LOGPROB_TOL,
     assert_matches_reference,
-    concurrently,
     gap,
     top_logprobs,
 )
@@ -136,7 +136,8 @@ def test_concurrent_mixed_ratios_and_methods(tp_server, plain_server, tiny_qwen_
                           return_tokens_as_token_ids=True)
 
     alone = [one(i, "alone") for i in range(16)]
-    together = concurrently(tp_server, lambda i: one(i, "together"), 16)
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda i: one(i, "together"), range(16)))
     for i, (im, ratio, method) in enumerate(cases):
         expected = unpruned[i] - saved_tokens(tiny_qwen_dir, [im], ratio)
         assert together[i].usage.prompt_tokens == alone[i].usage.prompt_tokens == expected, \
