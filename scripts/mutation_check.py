@@ -46,6 +46,7 @@ class Mutation:
     old: str  # exact text, found exactly once
     new: str
     tests: tuple[str, ...]  # pytest node ids (or "file -k expr")
+    note: str = ""  # shown in the table
 
 
 MUTATIONS = [
@@ -97,6 +98,8 @@ MUTATIONS = [
         "return select_top(-_row_norms(batch), batch.mask(), batch.num_keep)",
         ("tests/test_scoring_properties.py -k norm",
          "tests/test_preview.py -k norm_selection"),
+        "a scorer bug is on both sides of the server reference tests (the preview runs the "
+        "same scorer): the oracles catch it",
     ),
     Mutation(
         "lrcp_uncentred", "LRCP without centring (not the PCA residual)",
@@ -105,6 +108,7 @@ MUTATIONS = [
         "    import dataclasses\n"
         "    scores, mask = lrcp_scores(batch, dataclasses.replace(opts, center=False))\n",
         ("tests/test_scoring_properties.py -k exact_pca",),
+        "as for norm",
     ),
     Mutation(
         "text_salt_removed", "the prompt text left out of a text-conditioned item's cache key",
@@ -124,6 +128,8 @@ MUTATIONS = [
         "        for method, items in groups:\n",
         ("tests/test_worker_safety_units.py -k mixed_batch",
          f"{QWEN25}::test_concurrent_mixed_ratios_and_methods"),
+        "the unit test always; the server mix test only when the scheduler puts two requests' "
+        "images in one encoder batch (timing, docs/testing.md)",
     ),
 ]
 
@@ -221,13 +227,13 @@ def write_table(out: Path, rows: list[tuple[Mutation, set[str], float]], baselin
         "",
         f"Baseline (the same tests, unmutated): {baseline}.",
         "",
-        "| bug class | planted in | caught by | result |",
-        "|---|---|---|---|",
+        "| bug class | planted in | caught by | result | note |",
+        "|---|---|---|---|---|",
     ]
     for m, failed, secs in rows:
         caught = summary(failed) or "–"
         result = f"caught ({secs:.0f} s)" if failed else f"**not caught** ({secs:.0f} s)"
-        lines.append(f"| {m.bug} | `{m.path}` | {caught} | {result} |")
+        lines.append(f"| {m.bug} | `{m.path}` | {caught} | {result} | {m.note} |")
     lines += ["", f"Command: `{command}`", ""]
     out.write_text("\n".join(lines))
 
