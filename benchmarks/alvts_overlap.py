@@ -82,7 +82,8 @@ def models(quick: bool, cache: Path) -> list[tuple[str, Path, tuple[int, int], i
 
     out = [
         ("tiny Qwen2.5-VL (4 layers, hidden 128, 4/2 heads)",
-         _cached(cache / "tiny-qwen2_5_vl-4l", lambda d: build_qwen2_5_vl(d, text_layers=4)),
+         _cached(cache / "tiny-qwen2_5_vl-4l", lambda d: build_qwen2_5_vl(
+             d, text_layers=4, rope_theta=1e6)),
          (448, 336), 1, True),
         ("tiny LLaVA-1.5 (4 layers, hidden 128, 4/2 heads, 224 px)",
          _cached(cache / "tiny-llava-4l-224",

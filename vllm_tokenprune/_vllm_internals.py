@@ -200,6 +200,11 @@ INTERNALS: tuple[Internal, ...] = (
              "models/qwen3_vl.py", "visual_dim / multiscale_dim split main from deepstack "
              "columns; _tokenizer renders timestamps", "same",
              _uses("visual_dim", "multiscale_dim", "_tokenizer")),
+    Internal(f"{_MODELS}.qwen2_5_vl:Qwen2_5_VisionTransformer.__init__", "attributes",
+             "guard.py (watch_tower, test-only: inert unless its env is set)",
+             "the tower module is the model's `visual`; `spatial_merge_size` turns the patch "
+             "rows it receives into tokens", "stays while the encoder-budget test measures "
+             "the tower's input", _uses("spatial_merge_size")),
     # -- model methods the variants call or override
     *(Internal(f"{_MODELS}.{mod}:{cls}.{meth}", "model method", used_by, why, until)
       for mod, cls, meth, used_by, why, until in (

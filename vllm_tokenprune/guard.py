@@ -25,7 +25,9 @@ Three jobs, all in the worker (inside vLLM's batched encoder step), none of them
   ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG=<file>`` appends one line per vision-tower call
   (``call <unpruned tokens> <cap>``), per encoder batch (``batch <unpruned tokens> <cap>``) and
   per staging of a sub-batch's pixels to the device (``stage <bytes> <profiled batch's pixel
-  bytes, 0 until the profile run came by>``);
+  bytes, 0 until the profile run came by>``) and, measured on the tower module itself (a
+  forward pre-hook, :func:`watch_tower`), one line per call the tower receives (``tower
+  <tokens in its input> <cap>``);
   ``VLLM_TOKENPRUNE_TEST_NAN_TOKENS=<N>`` makes the scorer see NaN features for every item of
   exactly N tokens; ``VLLM_TOKENPRUNE_TEST_FAULTS=<site>:<N>[,...]`` makes one failure site of
   the worker fail for items of N rows (``*``: every item), see :data:`FAULT_SITES`.
@@ -331,3 +333,18 @@ def shorten_for_test(embeds: Sequence[torch.Tensor], params: torch.Tensor | None
     keeps = [int(r[0]) for r in params.reshape(len(embeds), -1).tolist()]
     return [e[:-1] if fault_for_test(FAULT_COUNT_MISMATCH, k) else e
             for e, k in zip(embeds, keeps, strict=True)]
+def watch_tower(model: Any, cap: int | None) -> None:
+    """Test-only: log ``tower <tokens> <cap>`` for every input the model's vision tower
+    receives (inert unless ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG`` is set). The tokens are the
+    patch rows of its first argument over the merge unit (Qwen-VL towers: ``(patches, C)``
+    pixel rows, ``spatial_merge_size ** 2`` patches a token); other towers are not watched."""
+    tower = getattr(model, "visual", None)
+    merge = getattr(tower, "spatial_merge_size", None)
+    if _ENCODER_LOG is None or tower is None or not isinstance(merge, int):
+        return
+
+    def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            log_encoder_call("tower", int(args[0].shape[0]) // (merge * merge), cap)
+
+    tower.register_forward_pre_hook(hook)

@@ -67,6 +67,7 @@ class EncoderBudgetMixin:
         if self._tp_encoder_cap:
             logger.info("vllm-tokenprune: vision-tower calls are limited to %d unpruned tokens "
                         "(the profiled encoder batch)", self._tp_encoder_cap)
+        guard.watch_tower(self, self._tp_encoder_cap)  # test-only, inert without its env
 
     def _tp_charge(self, p: ItemParams) -> int:
         """What vLLM would charge an item against the encoder budget if it were not pruned."""
