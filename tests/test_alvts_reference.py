@@ -144,7 +144,10 @@ def fidelity_captures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
     from vllm_tokenprune.alvts.overlap import capture
     from vllm_tokenprune.testing.tiny_model import build_qwen2_5_vl
 
-    d = build_qwen2_5_vl(tmp_path_factory.mktemp("fidelity") / "q", seed=0, text_layers=4)
+    # rope_theta of the real Qwen2.5-VL (the tiny default, 10, makes positions dominate the
+    # attention so that the server tests see them; a content selector cannot track that)
+    d = build_qwen2_5_vl(tmp_path_factory.mktemp("fidelity") / "q", seed=0, text_layers=4,
+                         rope_theta=1e6)
     proc = AutoProcessor.from_pretrained(d)
     model = AutoModelForImageTextToText.from_pretrained(
         d, dtype=torch.float32, attn_implementation="eager").eval()
