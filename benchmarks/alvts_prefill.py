@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         f" layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads}/"
         f"{cfg.num_key_value_heads} heads, MLP {cfg.intermediate_size}); one 784x588 image = "
         f"{vis} visual tokens, prompt {seq} tokens. ALVTS defaults (first_layer "
-        f"{options.first_layer}: {n_routed} routed layers, rank {options.rank}, consistency "
-        f"{options.consistency}). Language model only, float32, {args.threads} threads, median "
-        f"of {args.reps} interleaved runs; the machine was shared with other jobs (ratios are "
-        f"what to read). Efficient ALVTS forward vs the reference: max |logit diff| "
-        f"{check:.1e}.", "",
+        f"{options.first_layer}: {n_routed} routed layers, rank {options.rank or 'auto'}, "
+        f"consistency {options.consistency}). Language model only, float32, {args.threads} "
+        f"threads, median of {args.reps} interleaved runs; the machine was shared with other "
+        f"jobs (ratios are what to read). Efficient ALVTS forward vs the reference: max |logit "
+        f"diff| {check:.1e}.", "",
         "| config | LM prefill ms | time vs plain | selector ms | FLOPs (G) | FLOPs vs plain |"
         " ideal ALVTS FLOPs vs plain |",
         "|---|---|---|---|---|---|---|",

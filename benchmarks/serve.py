@@ -73,8 +73,10 @@ ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
 PROMPT = "Describe this image in detail."
 VIDEO_PROMPT = "Describe this video in detail."
 
+#: ``rope_theta`` 1e6 as in Qwen2.5-VL (the tests' tiny model uses 10, see tiny_model.py).
 _MID_LM = {"text_layers": 20, "hidden": 1024, "intermediate_size": 2816, "num_heads": 16,
-           "num_kv_heads": 4, "max_pixels": 1024 * 1024, "init_std": 0.02}
+           "num_kv_heads": 4, "max_pixels": 1024 * 1024, "init_std": 0.02,
+           "rope_theta": 1000000.0}
 
 #: Model presets for ``build_qwen2_5_vl``: (builder kwargs, default image size).
 #: ``vl7b`` (the default, the one the README quotes): the mid LM with a vision tower whose

@@ -20,6 +20,11 @@ tokens removed, the last 256.
 
 Videos are decoded with OpenCV (as vLLM's default loader does) and handed to the HF processor
 with the same metadata vLLM gives it. Nothing here touches vLLM.
+
+The kept rows come from the plugin's own scorers (through the preview); docs/testing.md says
+which independent tests pin that shared code. For the reference tests' controls,
+:func:`control_sets` gives wrong kept sets of the right sizes and :data:`POSITION_CONTROLS` wrong
+media positions (:func:`prepared_logprobs`).
 """
 
 from __future__ import annotations
@@ -63,20 +68,79 @@ def reference_logprobs(model_dir: str | Path, media: list[Any], text: str, prune
     ratios = {"image": prune_ratio,
               "video": prune_ratio if video_prune_ratio is None else video_prune_ratio}
     keep = _kept_rows(prep, ratios, method, min_keep, kept)
+    return prepared_logprobs(prep, keep)
+
+
+#: Wrong positions for the controls of the reference tests (Qwen families): ``swap_hw`` gives
+#: every media token its h position in the w channel and w in the h channel (a different layout
+#: on a non-square grid); ``shift_w`` moves every media token one column right.
+POSITION_CONTROLS = ("swap_hw", "shift_w")
+
+
+def prepared_logprobs(prep: Prepared, keep: list[set[int]] | list[list[int]],
+                      positions: str | None = None) -> tuple[torch.Tensor, int]:
+    """:func:`reference_logprobs` on an already prepared prompt (e.g. a preview's
+    ``prepared``), with each item's kept rows; ``positions``: one of
+    :data:`POSITION_CONTROLS` (Qwen families) to feed the media tokens at wrong positions."""
+    keep = [set(k) for k in keep]
     if prep.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        return _qwen(prep, keep)
+        return _qwen(prep, keep, positions)
+    if positions is not None:
+        raise ValueError("position controls apply to the M-RoPE (Qwen) families only")
     return _llava(prep, keep)
 
 
-def qwen_reference_logprobs(model_dir: str | Path, images: list[Any], text: str,
-                            prune_ratio: float, method: str = "lrcp",
-                            min_keep: int = 1) -> tuple[torch.Tensor, int]:
-    """:func:`reference_logprobs` for images (kept for the Qwen2.5-VL tests)."""
-    return reference_logprobs(model_dir, images, text, prune_ratio, method, min_keep=min_keep)
+#: Cheap methods whose kept set stands in for "another method's set" in the controls.
+_OTHER_METHODS = ("random", "norm", "uniform", "lrcp")
+
+
+def control_sets(prep: Prepared, kept_rows: list[list[int]], method: str,
+                 ratios: dict[str, float], config: TokenPruneConfig | None = None
+                 ) -> dict[str, list[list[int]]]:
+    """Wrong kept sets of exactly the right sizes, per item, for the reference tests' controls:
+
+    * ``other method``: the set another method keeps at the same ratio (of the cheap
+      :data:`_OTHER_METHODS`, the one sharing fewest rows with ``kept_rows``);
+    * ``shifted by one``: every kept scored token replaced by the next one (wrapping);
+    * ``first k``: the first k scored tokens.
+
+    Always-kept rows (LLaVA-NeXT's image newlines) stay in every set. Each control differs
+    from ``kept_rows`` in at least one item (asserted)."""
+    def scored_parts(item: Any, rows: list[int]) -> tuple[list[int], list[int], list[int]]:
+        scored = item.scored.tolist()
+        where = {r: j for j, r in enumerate(scored)}
+        idx = sorted(where[r] for r in rows if r in where)
+        always = sorted(r for r in rows if r not in where)
+        return scored, idx, always
+
+    shifted, first = [], []
+    for item, rows in zip(prep.items, kept_rows, strict=True):
+        scored, idx, always = scored_parts(item, rows)
+        n = len(scored)
+        shifted.append(sorted(always + [scored[(j + 1) % n] for j in idx]))
+        first.append(sorted(always + scored[:len(idx)]))
+    cfg = config or TokenPruneConfig()
+    best: tuple[int, list[list[int]]] | None = None
+    for other in _OTHER_METHODS:
+        if other == method:
+            continue
+        rows_o = [select(prep, item, ratios[item.modality], other, cfg).tolist()
+                  for item in prep.items]
+        overlap = sum(len(set(a) & set(b)) for a, b in zip(rows_o, kept_rows, strict=True))
+        if best is None or overlap < best[0]:
+            best = (overlap, rows_o)
+    assert best is not None
+    out = {"other method": best[1], "shifted by one": shifted, "first k": first}
+    for name, sets in out.items():
+        assert [len(s) for s in sets] == [len(k) for k in kept_rows], name
+        assert any(set(s) != set(k) for s, k in zip(sets, kept_rows, strict=True)), \
+            f"control {name!r} keeps the right set"
+    return out
 
 
 @torch.no_grad()
-def _qwen(prep: Prepared, keep: list[set[int]]) -> tuple[torch.Tensor, int]:
+def _qwen(prep: Prepared, keep: list[set[int]],
+          control: str | None = None) -> tuple[torch.Tensor, int]:
     model, inputs = prep.model, prep.inputs
     input_ids = inputs["input_ids"]
     deepstack = model.config.model_type == "qwen3_vl"
@@ -95,6 +159,9 @@ def _qwen(prep: Prepared, keep: list[set[int]]) -> tuple[torch.Tensor, int]:
         input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
         attention_mask=inputs["attention_mask"], **rope_kwargs)
     positions = _text_after_media_at_max_plus_one(positions, inputs["mm_token_type_ids"])
+    if control is not None:
+        positions = _wrong_media_positions(positions, input_ids[0],
+                                           {item.token_id for item in prep.items}, control)
     text_embeds = model.get_input_embeddings()(input_ids[0])
 
     # walk the prompt: each modality's placeholder tokens belong to its items in order (a
@@ -141,6 +208,20 @@ def _qwen(prep: Prepared, keep: list[set[int]]) -> tuple[torch.Tensor, int]:
         logits = model(inputs_embeds=inputs_embeds, position_ids=pos,
                        attention_mask=mask).logits
     return torch.log_softmax(logits[0, -1].float(), dim=-1), len(keep_cols)
+
+
+def _wrong_media_positions(positions: torch.Tensor, ids: torch.Tensor, media_ids: set[int],
+                           control: str) -> torch.Tensor:
+    """``positions`` (3, 1, L) with the media tokens' (t, h, w) moved as ``control`` says."""
+    pos = positions.clone()
+    media = torch.tensor([int(t) in media_ids for t in ids.tolist()])
+    if control == "swap_hw":
+        pos[1, 0, media], pos[2, 0, media] = positions[2, 0, media], positions[1, 0, media]
+    elif control == "shift_w":
+        pos[2, 0, media] += 1
+    else:
+        raise ValueError(f"unknown position control {control!r}; known: {POSITION_CONTROLS}")
+    return pos
 
 
 def _text_after_media_at_max_plus_one(positions: torch.Tensor,

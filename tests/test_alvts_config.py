@@ -38,6 +38,7 @@ def test_request_for_alvts_where_not_enabled_names_the_field() -> None:
 
 @pytest.mark.parametrize("options,message", [
     ({"rank": 0}, "option 'rank' of method 'alvts' must be >= 1"),
+    ({"queries": 0}, "option 'queries' of method 'alvts' must be >= 1"),
     ({"consistency": 1.0}, "option 'consistency' of method 'alvts'"),
     ({"first_layer": -1}, "option 'first_layer' of method 'alvts'"),
     ({"layers": 3}, "unknown option(s) 'layers' for method 'alvts'"),

@@ -26,7 +26,7 @@ import pytest
 import requests
 import torch
 
-from tests._suite import start_servers
+from tests._suite import record_error, start_servers
 from tests.conftest import QWEN25_ARCH
 from vllm_tokenprune import num_kept
 from vllm_tokenprune.alvts import AlvtsOptions
@@ -52,10 +52,13 @@ QWEN_CAP = ["--mm-processor-kwargs", '{"max_pixels": 50176}',
             "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
 BASE_ARGS = ["--dtype", "float32", "--seed", "0"]
 PROMPT = "Describe this image."
-#: Both sides float32 on CPU (measured ~1e-6).
-LOGPROB_TOL = 2e-3
+#: Both sides float32 on CPU (measured ~1e-6, docs/testing.md).
+LOGPROB_TOL = 1e-4
 #: Served one at a time vs in a batch: same kernels on different batch shapes.
 BATCH_TOL = 1e-4
+#: The unrouted reference (the control) must differ from the routed server by more than this
+#: many tolerances on the compared token ids: the comparison can tell routing from none.
+CONTROL_FACTOR = 10
 
 FAMILIES = {
     # Qwen2.5-VL (2 decoder layers) routes from layer 0: the first layer's own path too.
@@ -127,6 +130,11 @@ def top(res: Any, step: int = 0) -> dict[int, float]:
     return {int(e.token.removeprefix("token_id:")): e.logprob for e in entries}
 
 
+def gap(got: dict[int, float], ref: torch.Tensor) -> float:
+    """Largest |server - reference| log-probability over the server's compared token ids."""
+    return max(abs(lp - float(ref[t])) for t, lp in got.items())
+
+
 def tokens(res: Any) -> list[str]:
     return [t.token for t in res.choices[0].logprobs.content]
 
@@ -187,12 +195,15 @@ def test_logprobs_match_transformers_reference(servers: dict[str, Any], family: 
     unrouted, _ = reference(servers[f"{family}_dir"], family, media, 0.0)
     got = top(res)
     assert len(got) == 5
-    for token_id, logprob in got.items():
-        assert logprob == pytest.approx(float(ref[token_id]), abs=LOGPROB_TOL)
+    err = gap(got, ref)
+    assert err <= LOGPROB_TOL, err
     assert max(got.values()) == pytest.approx(float(ref.max()), abs=LOGPROB_TOL)
-    # routing changed the distribution by much more than the tolerance (not a no-op)
+    # the control: the unrouted model differs from the server by far more than the tolerance
+    # on the same token ids (the comparison would see routing that does nothing)
     assert skipped > 0
-    assert float((ref - unrouted).abs().max()) > 5 * LOGPROB_TOL
+    control = gap(got, unrouted)
+    record_error(f"alvts {family}\t{ratio}\t{err:.3g}\tunrouted={control:.3g}")
+    assert control > CONTROL_FACTOR * LOGPROB_TOL, control
     # ratio 0 is the unrouted model
     zero = top(chat(servers[family], media, prune_method="alvts", prune_ratio=0.0))
     for token_id, logprob in zero.items():
@@ -243,7 +254,7 @@ def test_routing_does_not_depend_on_batching_or_chunking(servers: dict[str, Any]
         together = list(pool.map(one, range(16)))
     for i, (a, b) in enumerate(zip(alone, together, strict=False)):
         assert tokens(b) == tokens(a), cases[i][1]
-        for step in range(3):
+        for step in range(len(tokens(a))):  # up to 3 (fewer where the model stops)
             ta, tb = top(a, step), top(b, step)
             assert set(ta) == set(tb), (i, step)
             for t in ta:
@@ -276,9 +287,11 @@ def test_an_image_routed_at_one_ratio_is_not_reused_for_another(
     c = chat(server, media, prune_method="alvts", prune_ratio=0.5)
     d = chat(server, media, prune_method="lrcp", prune_ratio=0.5)
     assert top(c) == pytest.approx(top(a), abs=BATCH_TOL)
-    ref, _ = reference(servers["llava_dir"], "llava", media, 0.889)
-    for t, logprob in top(b).items():
-        assert logprob == pytest.approx(float(ref[t]), abs=LOGPROB_TOL)
+    refs = {r: reference(servers["llava_dir"], "llava", media, r)[0] for r in (0.5, 0.889)}
+    for res, r in ((a, 0.5), (b, 0.889), (c, 0.5)):
+        assert gap(top(res), refs[r]) <= LOGPROB_TOL, r
+    # the two ratios' references differ on the compared ids: a reuse would be seen
+    assert gap(top(b), refs[0.5]) > CONTROL_FACTOR * LOGPROB_TOL
     assert d.usage.prompt_tokens < a.usage.prompt_tokens  # lrcp drops at the input
 
 

@@ -30,6 +30,7 @@ import pytest
 import requests
 from PIL import Image
 
+from tests._suite import LOGPROB_TOL, gap, reference_for
 from tests.conftest import QWEN25_ARCH
 from vllm_tokenprune import list_methods, num_kept
 from vllm_tokenprune.config import REQUEST_FIELDS
@@ -429,6 +430,9 @@ def test_fuzzed_request_fields_against_the_server(hard):
 
 LOAD_REQUESTS = 300
 IN_FLIGHT = 16
+#: Non-streamed load requests whose first token's top-5 logprobs are checked against the
+#: reference (tests/_suite.py) after the run.
+CONTENT_SAMPLE = frozenset(i for i in range(1, LOAD_REQUESTS, 25) if i % 3)
 SIZES = [(56, 56), (84, 56), (112, 84), (140, 140), (168, 112), (224, 168)]
 
 
@@ -455,6 +459,8 @@ def test_load_exact_accounting(hard):
             fields["prune_ratio"] = ratio
         if method is not None:
             fields["prune_method"] = method
+        if i in CONTENT_SAMPLE:
+            fields.update(logprobs=True, top_logprobs=5, return_tokens_as_token_ids=True)
         body = chat_body(h, ims, max_tokens=3, **fields)
         if not stream:
             r = post(h, "/v1/chat/completions", body)
@@ -487,6 +493,18 @@ def test_load_exact_accounting(hard):
     wrong = [(i, got[i], expected[i]) for i in range(LOAD_REQUESTS) if got[i] != expected[i]]
     assert not wrong, wrong[:5]
     assert delta(settled_scrape(h), before) == counters_for(h, served)
+    # content, not only counts: sampled requests served under load equal the reference
+    # (transformers fed the kept embeddings the preview selects with this server's block)
+    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO,
+                                      min_keep=MIN_KEEP, max_greedy_keep=MAX_GREEDY_KEEP)
+    for i in sorted(CONTENT_SAMPLE):
+        ims, r, method = served[i]
+        entries = json.loads(results[i][2])["choices"][0]["logprobs"]["content"][0]
+        got = {int(e["token"].removeprefix("token_id:")): e["logprob"]
+               for e in entries["top_logprobs"]}
+        _, ref, ref_len = reference_for(h.model_dir, ims, method, r, overrides=overrides)
+        assert results[i][1] == ref_len, i
+        assert gap(got, ref) <= LOGPROB_TOL, (i, r, method, gap(got, ref), [im.size for im in ims])
     print(f"load: {LOAD_REQUESTS} requests, {IN_FLIGHT} in flight, "
           f"{sum(len(p[0]) for p in plan)} images in {elapsed:.1f}s")
 

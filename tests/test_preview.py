@@ -54,6 +54,23 @@ def test_counts_and_picture_every_family(models: dict[str, Path], image_file: Pa
     assert picture.width > 0 and picture.height > 0
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next"])
+def test_norm_selection_is_the_top_k_row_norms(models: dict[str, Path], image_file: Path,
+                                               family: str) -> None:
+    """The rows the preview (and so the server reference) keeps for ``norm``, computed
+    without the plugin's selection code: the k scored rows of largest float64 L2 norm, k by
+    the keep-count rule written out, plus the always-kept rows (LLaVA-NeXT's newlines)."""
+    ratio = 0.75
+    result = preview(models[family], [image_file], "norm", ratio)
+    item = result.prepared.items[0]
+    scored = item.scored.tolist()
+    k = min(len(scored), max(1, round(len(scored) * (1 - ratio))))
+    norms = item.feat[scored].double().norm(dim=1)
+    want = {scored[j] for j in norms.topk(k).indices.tolist()}
+    want |= set(range(item.feat.shape[0])) - set(scored)
+    assert set(result.items[0].kept_rows) == want
+
+
 def test_video_frames_drawn_as_frame_groups(models: dict[str, Path], tmp_path: Path) -> None:
     video = tmp_path / "clip.mp4"
     video.write_bytes(make_video(112, 84, 8, fps=2.0, seed=3))

@@ -12,15 +12,24 @@ from typing import Any
 import pytest
 import requests
 
-from tests._hf_reference import qwen_reference_logprobs
-from tests.conftest import DEFAULT_RATIO
+from tests._suite import (
+    LOGPROB_TOL,
+    assert_matches_reference,
+    gap,
+    top_logprobs,
+)
+from tests._suite import chat as suite_chat
+from tests.conftest import DEFAULT_RATIO, QWEN25_ARCH
 from vllm_tokenprune import num_kept
+from vllm_tokenprune.preview import preview
 from vllm_tokenprune.testing.media import chat_messages, image_part, make_image, qwen_image_tokens
-from vllm_tokenprune.testing.server import VLLMServer
+from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 
 pytestmark = pytest.mark.server
 
 PROMPT = "Describe this image."
+#: The session TokenPrune server's --hf-overrides (tests/conftest.py).
+OVERRIDES = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO)
 
 
 def chat(server: VLLMServer, images: list[Any], text: str = PROMPT, *, max_tokens: int = 1,
@@ -85,45 +94,30 @@ def test_server_default_ratio_applies(tp_server, plain_server, tiny_qwen_dir):
 @pytest.mark.parametrize("method", ["lrcp", "svd_prune", "resprune", "uniform", "divprune"])
 def test_logprobs_match_transformers_reference(tp_server, tiny_qwen_dir, method):
     """Next-token logprobs with pruning == transformers' Qwen2.5-VL fed only the kept image
-    embeddings at their original M-RoPE positions.
+    embeddings at their original M-RoPE positions, two images in one prompt.
 
     Both sides run float32 on CPU (the server with --dtype float32), so the tolerance is
-    float32 accumulation-order noise: 2e-3 absolute on log-probabilities. (A bf16 server would
-    need ~5e-2.) The server splits this prompt over several chunked-prefill steps (96 tokens a
-    step), so positions of kept tokens survive chunking too.
+    float32 accumulation-order noise (``tests/_suite.py``'s LOGPROB_TOL, 1e-4; a bf16 server
+    would need ~5e-2), and the controls (wrong kept sets, h/w swapped, one column off) differ
+    by more than ten tolerances. The server splits this prompt over several chunked-prefill
+    steps (96 tokens a step), so positions of kept tokens survive chunking too.
     """
     images = [make_image(336, 252, seed=5), make_image(224, 280, seed=6)]
     ratio = 0.75
     res = chat(tp_server, images, logprobs=True, prune_ratio=ratio, prune_method=method,
                return_tokens_as_token_ids=True)
-    ref, ref_len = qwen_reference_logprobs(tiny_qwen_dir, images, PROMPT, ratio, method)
-    assert res.usage.prompt_tokens == ref_len
-    top = res.choices[0].logprobs.content[0].top_logprobs
-    assert len(top) == 5
-    for entry in top:
-        token_id = int(entry.token.removeprefix("token_id:"))
-        assert entry.logprob == pytest.approx(float(ref[token_id]), abs=2e-3), entry.token
-    # and the reference's own best token is the server's
-    best = int(ref.argmax())
-    assert top[0].logprob == pytest.approx(float(ref[best]), abs=2e-3)
-
-
-def test_pruning_changes_the_output_distribution(tp_server):
-    """Guards the reference test against a hook that silently does nothing."""
-    images = [make_image(336, 252, seed=5)]
-    full = chat(tp_server, images, logprobs=True, prune_ratio=0.0)
-    pruned = chat(tp_server, images, logprobs=True, prune_ratio=0.9)
-    assert pruned.usage.prompt_tokens < full.usage.prompt_tokens
-    a = full.choices[0].logprobs.content[0].top_logprobs[0].logprob
-    b = pruned.choices[0].logprobs.content[0].top_logprobs[0].logprob
-    assert a != pytest.approx(b, abs=1e-6)
+    assert_matches_reference(res, tiny_qwen_dir, images, method, ratio, overrides=OVERRIDES,
+                             label="qwen2_5_vl images")
 
 
 # --------------------------------------------------------------------------- engine features
 
 
 def test_concurrent_mixed_ratios_and_methods(tp_server, plain_server, tiny_qwen_dir):
-    """16 concurrent requests, different ratios and methods in one continuous batch."""
+    """16 concurrent requests, different ratios and methods in one continuous batch: exact
+    prompt-token accounting, and each request's tokens and logprobs equal the same request
+    served alone (fresh item uuids per round, so the batch cannot reuse the lone round's
+    encoder outputs or prefix blocks)."""
     methods = ["lrcp", "svd_prune", "resprune", "random", "uniform", "norm", "divprune",
                "cdpruner"]
     ratios = [0.0, 0.3, 0.5, 0.75, 0.889, 0.6, 0.2, 0.944]
@@ -135,17 +129,25 @@ def test_concurrent_mixed_ratios_and_methods(tp_server, plain_server, tiny_qwen_
         i: chat(plain_server, [im]).usage.prompt_tokens for i, (im, _, _) in enumerate(cases)
     }
 
-    def one(i: int) -> tuple[int, int]:
+    def one(i: int, round_: str) -> Any:
         im, ratio, method = cases[i]
-        r = chat(tp_server, [im], max_tokens=4, prune_ratio=ratio, prune_method=method)
-        return i, r.usage.prompt_tokens
+        return suite_chat(tp_server, [im], max_tokens=4, logprobs=True,
+                          uuids=[f"mix-{round_}-{i}"], prune_ratio=ratio, prune_method=method,
+                          return_tokens_as_token_ids=True)
 
+    alone = [one(i, "alone") for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(16)))
-    assert len(results) == 16
-    for i, got in results:
-        im, ratio, _ = cases[i]
-        assert got == unpruned[i] - saved_tokens(tiny_qwen_dir, [im], ratio), cases[i][1:]
+        together = list(pool.map(lambda i: one(i, "together"), range(16)))
+    for i, (im, ratio, method) in enumerate(cases):
+        expected = unpruned[i] - saved_tokens(tiny_qwen_dir, [im], ratio)
+        assert together[i].usage.prompt_tokens == alone[i].usage.prompt_tokens == expected, \
+            (ratio, method)
+        steps = len(alone[i].choices[0].logprobs.content)
+        assert [t.token for t in together[i].choices[0].logprobs.content] == \
+            [t.token for t in alone[i].choices[0].logprobs.content], (ratio, method)
+        for step in range(steps):
+            a, b = top_logprobs(alone[i], step), top_logprobs(together[i], step)
+            assert set(a) == set(b) and gap(b, a) <= LOGPROB_TOL, (ratio, method, step)
 
 
 def test_same_image_two_ratios_no_cache_mixup(tp_server):
@@ -159,37 +161,62 @@ def test_same_image_two_ratios_no_cache_mixup(tp_server):
     assert lp[0] == pytest.approx(lp[2], abs=1e-5)
 
 
-def test_text_conditioned_cache_keys(tp_server):
+def test_text_conditioned_cache_keys(tp_server, tiny_qwen_dir):
     """ResPrune depends on the prompt: the same image under two prompts must not reuse the
     encoder output selected for the other prompt. Item uuids pin the cache identity of the
     image, so request 2 would hit request 1's cache entry if the prompt were not part of it;
-    request 3 uses a fresh uuid (a cold cache) as the reference."""
+    request 3 uses a fresh uuid (a cold cache). First: the two prompts select different tokens
+    for this image (otherwise warm == cold would hold whatever the key is); then warm == cold
+    == the reference for prompt 2."""
     img = make_image(336, 336, seed=7)
     text1 = "What colour is the sky in this picture? Answer with one word."
     text2 = "Count the objects on the table, please."
-    extra = {"prune_ratio": 0.9, "prune_method": "resprune"}
+    ratio, method = 0.9, "resprune"
+    kept = [preview(tiny_qwen_dir, [img], method, ratio, prompt=t,
+                    hf_overrides=OVERRIDES).items[0].kept_rows for t in (text1, text2)]
+    assert len(kept[0]) == len(kept[1]) and kept[0] != kept[1]
     client = tp_server.openai()
 
-    def ask(text: str, uuid: str) -> float:
+    def ask(text: str, uuid: str) -> Any:
         msgs = [{"role": "user", "content": [image_part(img, uuid=uuid),
                                              {"type": "text", "text": text}]}]
-        r = client.chat.completions.create(model=tp_server.model, messages=msgs, max_tokens=1,
-                                           temperature=0.0, logprobs=True, top_logprobs=1,
-                                           extra_body=extra)
-        return r.choices[0].logprobs.content[0].top_logprobs[0].logprob
+        return client.chat.completions.create(
+            model=tp_server.model, messages=msgs, max_tokens=1, temperature=0.0, logprobs=True,
+            top_logprobs=5, extra_body={"prune_ratio": ratio, "prune_method": method,
+                                        "return_tokens_as_token_ids": True})
 
     ask(text1, "img-a")
     warm = ask(text2, "img-a")
     cold = ask(text2, "img-b")
-    assert warm == pytest.approx(cold, abs=1e-5)
+    assert set(top_logprobs(warm)) == set(top_logprobs(cold))
+    assert gap(top_logprobs(warm), top_logprobs(cold)) <= LOGPROB_TOL
+    assert_matches_reference(warm, tiny_qwen_dir, [img], method, ratio, overrides=OVERRIDES,
+                             text=text2, label="qwen2_5_vl cache key")
 
 
-def test_prefix_cache_repeat_is_stable(tp_server):
-    images = [make_image(252, 252, seed=8)]
-    r1 = chat(tp_server, images, max_tokens=8, logprobs=True, prune_ratio=0.6)
-    r2 = chat(tp_server, images, max_tokens=8, logprobs=True, prune_ratio=0.6)
-    assert [t.token for t in r1.choices[0].logprobs.content] == \
-        [t.token for t in r2.choices[0].logprobs.content]
+def _prefix_cache_hits(server: VLLMServer) -> float:
+    text = requests.get(server.base_url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def test_prefix_cached_request_matches_reference(tp_server, tiny_qwen_dir):
+    """Positions across prefix caching, against the reference. A 448x336 image is a 12 x 16
+    grid (non-square: h/w swapped positions differ), 192 tokens, 144 kept at ratio 0.25: the
+    first 128-token KV block (vLLM's CPU block size) ends inside the image. Request 1 caches
+    it; request 2 (the same image, another question) starts from that block, so the image's
+    remaining kept tokens and the new text are prefilled after it, their M-RoPE positions
+    filled from the cached offset. Request 2's logprobs equal the reference's; the reference
+    with h and w swapped, or one column off, differs by more than ten tolerances."""
+    img = make_image(448, 336, seed=12)
+    question = "How many objects are there?"
+    chat(tp_server, [img], "What is in the picture?", prune_ratio=0.25)
+    before = _prefix_cache_hits(tp_server)
+    res = chat(tp_server, [img], question, logprobs=True, prune_ratio=0.25,
+               return_tokens_as_token_ids=True)
+    assert _prefix_cache_hits(tp_server) - before >= 128  # one whole block came from the cache
+    assert_matches_reference(res, tiny_qwen_dir, [img], "lrcp", 0.25, overrides=OVERRIDES,
+                             text=question, label="qwen2_5_vl prefix cached")
 
 
 # --------------------------------------------------------------------------- bad input

@@ -74,6 +74,41 @@ def test_lrcp_subspace_matches_exact_pca():
     assert torch.allclose(sp.energies[0, :4], ref_energy, rtol=1e-4)
 
 
+def exact_pca_residual(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Independent oracle: float64 PCA (eigendecomposition of the centred covariance), each
+    token's squared residual to the top-``rank`` principal subspace."""
+    xc = x.double() - x.double().mean(0)
+    v = torch.linalg.eigh(xc.T @ xc).eigenvectors[:, -rank:]
+    return (xc - xc @ v @ v.T).square().sum(1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n,d,rank,k", [(400, 64, 16, 40), (576, 128, 4, 100),
+                                        (300, 96, 8, 150)])
+def test_lrcp_is_the_exact_pca_residual_top_k(seed, n, d, rank, k):
+    """LRCP on random data against the float64 oracle. With a range finder as wide as the
+    space (``oversample`` >= D) its subspace is the exact principal subspace: the same set, on
+    a generic decaying spectrum. With its default options (randomized subspace iteration) on
+    random low-rank data + noise, the set is the oracle's top k up to near-ties: no unselected
+    token's exact residual exceeds a selected one's by 1% of the k-th largest."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, d, generator=g) * 0.97 ** torch.arange(d, dtype=torch.float32) + 0.5
+    want = set(exact_pca_residual(y, rank).topk(k).indices.tolist())
+    assert set(select_tokens(y, k, "lrcp", rank=rank, oversample=d).tolist()) == want
+
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    coeff = torch.randn(n, rank, generator=g, dtype=torch.float64) * torch.linspace(
+        5, 2, rank, dtype=torch.float64)
+    x = (coeff @ basis[:, :rank].T + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+         + 1.0).float()
+    res = exact_pca_residual(x, rank)
+    kept = select_tokens(x, k, "lrcp", rank=rank)
+    dropped = torch.ones(n, dtype=torch.bool)
+    dropped[kept] = False
+    kth = res.sort(descending=True).values[k - 1]
+    assert float((res[dropped].max() - res[kept].min()) / kth) < 0.01
+
+
 def test_lrcp_uses_planted_text_free_and_ignores_text():
     x, idx, _, _ = planted(0)
     a = select_tokens(x, 6, "lrcp", rank=4)
@@ -113,6 +148,17 @@ def test_svd_prune_default_rank_keeps_top_direction_tokens(seed):
     for m, i in enumerate(lead.tolist()):
         x[i] = 4.0 * typical * basis[:, m % 2]
     assert set(lead.tolist()) <= set(select_tokens(x, 10, "svd_prune").tolist())
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_svd_prune_item_within_the_rank_is_a_tie(center):
+    """N <= r (default r = 16): every leverage score is equal, so the selection is the tie's
+    (lowest indices), not rounding noise: a 1e-6 perturbation of the features (the size of the
+    difference between vLLM's and transformers' vision towers) does not change it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, D, generator=g)
+    for y in (x, x + 1e-6 * torch.randn(12, D, generator=g)):
+        assert select_tokens(y, 8, "svd_prune", center=center).tolist() == list(range(8))
 
 
 def test_svd_prune_matches_exact_leverage():
@@ -317,6 +363,25 @@ def test_divprune_matches_reference():
     assert got.tolist() == _reference_farthest_point(x.double().numpy(), 30)
     first = select_tokens(x, 1, "divprune", start="first")
     assert first.tolist() == [0]
+
+
+# ---------------------------------------------------------------- norm
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_keeps_the_largest_row_norms(seed, dtype):
+    """norm against the oracle: the top k rows by float64 L2 norm (rows of varied scale, so
+    the norms are distinct), one item alone and in a batch."""
+    g = torch.Generator().manual_seed(seed)
+    sizes, ks = [300, 144, 57], [30, 100, 1]
+    items = [(torch.randn(n, D, generator=g) * torch.rand(n, 1, generator=g) * 3).to(dtype)
+             for n in sizes]
+    batch = select_tokens_batch(items, ks, "norm")
+    for x, k, b in zip(items, ks, batch, strict=True):
+        want = x.double().norm(dim=1).topk(k).indices.sort().values
+        assert torch.equal(select_tokens(x, k, "norm"), want)
+        assert torch.equal(b, want)
 
 
 # ---------------------------------------------------------------- batching on planted data

@@ -104,8 +104,12 @@ def test_planted_changes_are_reported(installed):
     assert cls.status == "missing"
     scheduler_cls = _by_target(results, "vllm.v1.core.sched.scheduler:Scheduler")[0]
     assert scheduler_cls.status == "identical" and scheduler_cls.info  # members same, body not
-    untouched = [r for r in results if r.target not in (qwen2, sched, batched, info,
-                                                        "vllm.v1.core.sched.scheduler:Scheduler")]
+    # the class entry of the edited method's class sees the edit too
+    (field_cls,) = _by_target(results, "vllm.multimodal.inputs:MultiModalFieldConfig")
+    assert field_cls.status == "changed", field_cls
+    untouched = [r for r in results if r.target not in (
+        qwen2, sched, batched, info, "vllm.v1.core.sched.scheduler:Scheduler",
+        "vllm.multimodal.inputs:MultiModalFieldConfig")]
     assert {r.status for r in untouched} == {"identical"}, [
         (r.target, r.status) for r in untouched if r.status != "identical"]
 

@@ -4,9 +4,11 @@ worker falls back, is counted on /metrics, and the server keeps serving; pruned 
 their cache keys across chat turns, so turn 2 hits the prefix cache.
 
 One server (tiny Qwen2.5-VL, images only, float32) with the test-only hooks of
-:mod:`vllm_tokenprune.models.faults` switched on: a per-call log of the vision tower's unpruned
-token counts, NaN scorer features for items of exactly ``NAN_TOKENS`` tokens, and one failure per
-worker failure site (``FAULTS``), each keyed on a row count no other test here produces.
+:mod:`vllm_tokenprune.models.faults` switched on: a log of the unpruned token counts of every
+encoder batch, every planned vision-tower call and every input the tower module received (its
+forward pre-hook), the pixel bytes staged per call, NaN scorer features for items of exactly
+``NAN_TOKENS`` tokens, and one failure per worker failure site (``FAULTS``), each keyed on a row
+count no other test here produces.
 """
 
 from __future__ import annotations
@@ -111,13 +113,16 @@ def test_vision_tower_calls_stay_within_profiled_budget(safety_server):
         prompt_tokens = list(pool.map(one, range(16)))
     assert len(set(prompt_tokens)) == 1  # same layout, exact pruned count in every request
     entries = encoder_log(log)[before:]
+    # what the vision tower module itself received (its forward pre-hook), not the plan
+    tower = [n for kind, n, _ in entries if kind == "tower"]
     calls = [n for kind, n, _ in entries if kind == "call"]
     batches = [n for kind, n, _ in entries if kind == "batch"]
     staged = [n for kind, n, _ in entries if kind == "stage"]
     caps = {c for kind, _, c in entries if kind != "stage"}
     assert caps == {PROFILED}, caps
-    assert sum(calls) == 16 * BIG_TOKENS  # every image went through the tower exactly once
-    assert max(calls) <= PROFILED, calls
+    assert sum(tower) == 16 * BIG_TOKENS  # every image went through the tower exactly once
+    assert max(tower) <= PROFILED, tower
+    assert tower == calls  # the tower got exactly the sub-batches the guard planned
     # the guard had work to do: some scheduler step brought more than the profiled batch
     assert max(batches) > PROFILED, batches
     assert num_kept(BIG_TOKENS, ratio) == 26
@@ -155,11 +160,17 @@ def test_nan_features_fall_back_and_the_server_keeps_serving(safety_server):
     assert res.usage.prompt_tokens == plain.usage.prompt_tokens - saved
     after = _fallbacks(server)
     assert after.get("divprune/non_finite", 0.0) == before + 1, after
-    # the server is alive and serves the next requests, pruned with other methods too
+    # the server is alive and serves the next requests (another 80-token image: poisoned
+    # too, so each falls back), with the exact pruned count, pruned with other methods too
+    msgs = chat_messages([make_image(*NAN_SIZE, seed=9)], "Hi.")
+    unpruned = chat(server, msgs, prune_ratio=0.0).usage.prompt_tokens
     for method in ("lrcp", "divprune"):
-        again = chat(server, chat_messages([make_image(*NAN_SIZE, seed=9)], "Hi."),
-                     prune_ratio=0.25, prune_method=method)
-        assert again.usage.prompt_tokens > 0
+        again = chat(server, msgs, prune_ratio=0.25, prune_method=method)
+        assert again.usage.prompt_tokens == \
+            unpruned - (NAN_TOKENS - num_kept(NAN_TOKENS, 0.25)), method
+    final = _fallbacks(server)
+    assert final.get("lrcp/non_finite", 0.0) == after.get("lrcp/non_finite", 0.0) + 1, final
+    assert final.get("divprune/non_finite", 0.0) == after["divprune/non_finite"] + 1, final
     assert requests.get(server.base_url + "/health", timeout=10).status_code == 200
 
 

@@ -134,6 +134,32 @@ def test_nan_item_falls_back_alone(fallback_counts):
     assert fallback_counts == [("lrcp", fallbacks.NON_FINITE)]
 
 
+def test_mixed_batch_gives_each_item_its_own_method_and_keep_count():
+    """One encoder batch holding items of several requests (every method, several sizes and
+    keep-counts, text ids for the text-conditioned ones): each item's kept rows are what the
+    same item scored alone gets, and what its own method selects (a mix-up between requests
+    scored together fails here, whatever the server's scheduling does)."""
+    from vllm_tokenprune import list_methods
+
+    stub = _Stub(TokenPruneConfig())
+    g = torch.Generator().manual_seed(1)
+    methods = list_methods()
+    feats, params, grids = [], [], []
+    for i, method in enumerate(methods):
+        h, w = 4 + i % 3, 6 + i % 2
+        feats.append(torch.randn(h * w, 8, generator=g))
+        grids.append((1, h, w))
+        params.append(ItemParams(3 + i, method, h * w, grids[-1], ()))
+    text_ids = torch.tensor([[5, 6, 7, -1]] * len(methods))
+    together = stub._tp_select("image", feats, params, text_ids)
+    for i, method in enumerate(methods):
+        alone = stub._tp_select("image", [feats[i]], [params[i]], text_ids[i:i + 1])[0]
+        assert torch.equal(together[i], alone), method
+        text = torch.ones(3, 8) if method in ("resprune", "cdpruner") else None
+        assert torch.equal(together[i], select_tokens(feats[i], 3 + i, method, grid=grids[i],
+                                                      text_embeds=text)), method
+
+
 def test_count_mismatch_falls_back(fallback_counts):
     """The encoder produced a different number of rows than the processor counted: no raise,
     exactly num_keep rows of what exists."""

@@ -201,6 +201,17 @@ INTERNALS: tuple[Internal, ...] = (
              "models/qwen3_vl.py", "visual_dim / multiscale_dim split main from deepstack "
              "columns; _tokenizer renders timestamps", "same",
              _uses("visual_dim", "multiscale_dim", "_tokenizer")),
+    Internal(f"{_MODELS}.qwen2_5_vl:Qwen2_5_VisionTransformer.__init__", "attributes",
+             "models/faults.py (watch_tower, test-only: inert unless its env is set)",
+             "the tower module is the model's `visual`; `spatial_merge_size` turns the patch "
+             "rows it receives into tokens", "stays while the encoder-budget test measures "
+             "the tower's input", _uses("spatial_merge_size")),
+    Internal("vllm.model_executor.layers.rotary_embedding:_ROPE_DICT", "object",
+             "testing/emulated_worker.py (test-only)",
+             "get_rope shares rotary modules between models in a process; an emulated-GPU "
+             "model is built with a private cache so moving it to `cuda` leaves the shared "
+             "modules on the host", "stays while the emulated worker builds models in the "
+             "test process"),
     # -- model methods the variants call or override
     *(Internal(f"{_MODELS}.{mod}:{cls}.{meth}", "model method", used_by, why, until)
       for mod, cls, meth, used_by, why, until in (

@@ -26,9 +26,12 @@ from torch import Tensor
 
 from vllm_tokenprune.alvts.selector import (
     QKFactors,
+    auto_rank,
     combine,
     importance,
     layer_factors,
+    query_rows,
+    split_tokens,
     top_tokens,
 )
 from vllm_tokenprune.scoring import (
@@ -47,12 +50,15 @@ __all__ = [
     "AlvtsRouter",
     "QKFactors",
     "alvts_options",
+    "auto_rank",
     "combine",
     "importance",
     "layer_factors",
     "is_layerwise",
     "num_processed",
+    "query_rows",
     "routed_layers",
+    "split_tokens",
     "top_tokens",
 ]
 
@@ -68,12 +74,16 @@ class AlvtsOptions:
     first_layer: int = option(
         2, "First routed decoder layer (0-based); layers before it process every token.", ge=0
     )
-    rank: int = option(
-        16, "Rank of each head's query-key approximation (capped at head_dim).", ge=1
+    rank: int | None = option(
+        None, "Rank of each KV group's shared query-key subspace (capped at head_dim); null "
+        "(default): the largest with num_kv_heads * rank <= hidden_size / 8.", ge=1
     )
     consistency: float = option(
         0.25, "Weight of the previous routed layer's score in this layer's (0: none).",
         ge=0.0, lt=1.0,
+    )
+    queries: int = option(
+        32, "Query rows per item: the item's own tokens, evenly strided (all when fewer).", ge=1
     )
 
 
@@ -125,11 +135,21 @@ class AlvtsRouter:
     def new_state() -> dict[str, Tensor | None]:
         return {"score": None}
 
+    def score(self, layer: int, hidden: Tensor, state: dict[str, Tensor | None]) -> Tensor:
+        """This layer's blended score of the item's rows ``hidden``; updates ``state``."""
+        score = combine(importance(hidden, self.factors[layer], self.options.queries),
+                        state["score"], self.options.consistency)
+        state["score"] = score
+        return score
+
     def route(self, layer: int, hidden: Tensor, num_process: int,
               state: dict[str, Tensor | None]) -> Tensor:
         """Ascending indices (into ``hidden``'s rows) of the tokens that go through ``layer``.
         Updates ``state`` with this layer's blended score."""
-        score = combine(importance(hidden, self.factors[layer]), state["score"],
-                        self.options.consistency)
-        state["score"] = score
-        return top_tokens(score, num_process)
+        return top_tokens(self.score(layer, hidden, state), num_process)
+
+    def route_split(self, layer: int, hidden: Tensor, num_process: int,
+                    state: dict[str, Tensor | None]) -> tuple[Tensor, Tensor]:
+        """(through, skipped) ascending indices, the same decision as :meth:`route`, without a
+        boolean mask."""
+        return split_tokens(self.score(layer, hidden, state), num_process)

@@ -75,11 +75,9 @@ class AlvtsRuntime:
             return None
         skipped = []
         for item in step.items:
-            n = int(item.rows.shape[0])
-            through = self.router.route(layer, stream.index_select(0, item.rows),
-                                        item.num_process, item.state)
-            skipped.append(item.rows.index_select(
-                0, complement(through, n, n - item.num_process)))
+            _, skip = self.router.route_split(layer, stream.index_select(0, item.rows),
+                                              item.num_process, item.state)
+            skipped.append(item.rows.index_select(0, skip))
         rows = torch.cat(skipped) if skipped else None
         return rows if rows is not None and rows.numel() else None
 
@@ -247,8 +245,9 @@ class AlvtsModelMixin:
             layer._tp_alvts_runtime = runtime
             layer._tp_alvts_layer = i
         self._tp_alvts = runtime
-        logger.info("vllm-tokenprune: alvts routes decoder layers %d-%d (rank %d, consistency "
-                    "%g)", options.first_layer, len(layers) - 1, options.rank,
+        logger.info("vllm-tokenprune: alvts routes decoder layers %d-%d (rank %s, %d queries, "
+                    "consistency %g)", options.first_layer, len(layers) - 1,
+                    "auto" if options.rank is None else options.rank, options.queries,
                     options.consistency)
 
     def _tp_alvts_layers(self) -> Any:

@@ -35,9 +35,10 @@ class EncoderBudgetMixin:
     _tp_sweep_enabled: bool = True
     #: Pixel bytes of vLLM's profiling dummy batch (None until the profile run came by).
     _tp_profiled_bytes: int | None = None
-    #: Where the pixels go (the runner's device) and whether to pin them first.
-    _tp_stage_device: torch.device = torch.device("cpu")
-    _tp_stage_pin: bool = False
+    #: Where the pixels go: the device of the model's weights (the runner's device), read at
+    #: the first staging (None until then); pinned first when that is not the host.
+    _tp_stage_device: torch.device | None = None
+    _tp_pin_available: bool = False
 
     def _tp_text_embeds(self, ids_row: torch.Tensor, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
@@ -54,9 +55,8 @@ class EncoderBudgetMixin:
             logger.info("vllm-tokenprune: the profile run does not run the scorers: vLLM's CPU "
                         "worker takes the KV cache size from VLLM_CPU_KVCACHE_SPACE / "
                         "--kv-cache-memory-bytes, not from a memory profile")
-        device = getattr(getattr(vllm_config, "device_config", None), "device", None)
-        self._tp_stage_device = torch.device(device or "cpu")
-        self._tp_stage_pin = self._tp_stage_device.type != "cpu" and is_pin_memory_available()
+        self._tp_stage_device = None  # the weights' device, read at the first staging
+        self._tp_pin_available = is_pin_memory_available()
         try:
             self._tp_encoder_cap, _ = staging.profiled_encoder_tokens(vllm_config)
         except Exception as e:
@@ -67,6 +67,7 @@ class EncoderBudgetMixin:
         if self._tp_encoder_cap:
             logger.info("vllm-tokenprune: vision-tower calls are limited to %d unpruned tokens "
                         "(the profiled encoder batch)", self._tp_encoder_cap)
+        faults.watch_tower(self, self._tp_encoder_cap)  # test-only, inert without its env
 
     def _tp_charge(self, p: ItemParams) -> int:
         """What vLLM would charge an item against the encoder budget if it were not pruned."""
@@ -80,8 +81,13 @@ class EncoderBudgetMixin:
     def _tp_stage(self, sub: Any) -> Any:
         """``sub`` with its pixel fields on the runner's device (accounted in the test log:
         ``stage <bytes> <profiled batch's bytes, 0 if unknown>``)."""
-        staged, nbytes = staging.stage_items(sub, STAGED_FIELDS, self._tp_stage_device,
-                                           self._tp_stage_pin)
+        device = self._tp_stage_device
+        if device is None:
+            param = next(iter(self.parameters()), None)  # type: ignore[attr-defined]
+            device = self._tp_stage_device = (
+                param.device if param is not None else torch.device("cpu"))
+        pin = device.type != "cpu" and self._tp_pin_available
+        staged, nbytes = staging.stage_items(sub, STAGED_FIELDS, device, pin)
         if nbytes:
             faults.log_encoder_call("stage", nbytes, self._tp_profiled_bytes)
         return staged

@@ -6,7 +6,9 @@ user's server):
 * ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG=<file>`` appends one line per vision-tower call
   (``call <unpruned tokens> <cap>``), per encoder batch (``batch <unpruned tokens> <cap>``) and
   per staging of a sub-batch's pixels to the device (``stage <bytes> <profiled batch's pixel
-  bytes, 0 until the profile run came by>``) (:func:`log_encoder_call`);
+  bytes, 0 until the profile run came by>``) (:func:`log_encoder_call`) and, measured on the
+  tower module itself (a forward pre-hook, :func:`watch_tower`), one line per input the tower
+  receives (``tower <tokens in its input> <cap>``);
 * ``VLLM_TOKENPRUNE_TEST_NAN_TOKENS=<N>`` makes the scorer see NaN features for every item of
   exactly N tokens (:func:`poison_for_test`);
 * ``VLLM_TOKENPRUNE_TEST_FAULTS=<site>:<N>[,...]`` makes one failure site of the worker fail for
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -67,6 +70,23 @@ def log_encoder_call(kind: str, tokens: int, cap: int | None) -> None:
         return
     with _lock, open(_ENCODER_LOG, "a") as f:
         f.write(f"{kind} {tokens} {cap if cap else 0}\n")
+
+
+def watch_tower(model: Any, cap: int | None) -> None:
+    """Test-only: log ``tower <tokens> <cap>`` for every input the model's vision tower
+    receives (inert unless ``VLLM_TOKENPRUNE_TEST_ENCODER_LOG`` is set). The tokens are the
+    patch rows of its first argument over the merge unit (Qwen-VL towers: ``(patches, C)``
+    pixel rows, ``spatial_merge_size ** 2`` patches a token); other towers are not watched."""
+    tower = getattr(model, "visual", None)
+    merge = getattr(tower, "spatial_merge_size", None)
+    if _ENCODER_LOG is None or tower is None or not isinstance(merge, int):
+        return
+
+    def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            log_encoder_call("tower", int(args[0].shape[0]) // (merge * merge), cap)
+
+    tower.register_forward_pre_hook(hook)
 
 
 def poison_for_test(feats: Sequence[torch.Tensor], num_tokens: Sequence[int]

@@ -13,7 +13,8 @@ Choices where the paper is silent (options in :class:`SVDPruneOptions`):
 * ``rank = 16`` by default (``energy``/``max_rank`` for an adaptive r, as in LRCP).
 * Singular directions whose energy is below ``1e-6`` of the largest are dropped before dividing by
   ``s_j^2`` (numerically null directions of rank-deficient inputs would otherwise amplify
-  rounding noise); an all-zero item scores all tokens 0 and keeps the lowest indices.
+  rounding noise); an all-zero item scores all tokens 0 and keeps the lowest indices, and so
+  does an item with no more tokens than kept directions (all its leverage scores are equal).
 * The top singular directions come from the same seeded randomized subspace iteration as LRCP
   (:mod:`._subspace`), with the optional token subsample (scores are then computed for every
   token against singular values estimated on the subsample; a uniform scale, ranking unchanged).
@@ -53,7 +54,12 @@ def leverage_scores(batch: Batch, opts: SVDPruneOptions) -> tuple[Tensor, Tensor
     keep = sp.active & (lam > _NULL_TOL * lam[:, :1]) & (lam > 0)
     inv = torch.where(keep, 1.0 / lam.clamp_min(1e-30), torch.zeros_like(lam))
     coeff = torch.bmm(sp.x, sp.basis)
-    return coeff.square().mul_(inv[:, None, :]).sum(-1), sp.mask
+    scores = coeff.square().mul_(inv[:, None, :]).sum(-1)
+    # An item with no more tokens than kept directions (N <= r; centred: N - 1 <= r) has every
+    # leverage score equal (1, centred 1 - 1/N) but for rounding: a tie, which goes to the
+    # lowest indices like any other, instead of to rounding noise.
+    tied = keep.sum(-1, keepdim=True).float() >= batch.counts() - float(opts.center)
+    return torch.where(tied, torch.ones_like(scores), scores), sp.mask
 
 
 @register_method(

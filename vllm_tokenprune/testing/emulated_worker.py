@@ -161,6 +161,24 @@ class Worker:
         return int(self.vllm_config.model_config.get_inputs_embeds_size())
 
 
+@contextlib.contextmanager
+def _private_rope_cache() -> Iterator[None]:
+    """vLLM shares rotary-embedding modules between models through a process-wide cache
+    (``get_rope``'s ``_ROPE_DICT``); moving an emulated model to ``cuda`` would move the shared
+    module too and break every later host model in the process (a test-order failure: a
+    later in-process build found its ``cos_sin_cache`` on ``cuda``). Build with a private
+    cache and put the process's back afterwards."""
+    from vllm.model_executor.layers import rotary_embedding
+
+    shared = dict(rotary_embedding._ROPE_DICT)
+    rotary_embedding._ROPE_DICT.clear()
+    try:
+        yield
+    finally:
+        rotary_embedding._ROPE_DICT.clear()
+        rotary_embedding._ROPE_DICT.update(shared)
+
+
 def build_worker(family: str, model_dir: str, token_prune: Mapping[str, Any] | None = None,
                  *, emulate: bool = True, **engine_args: Any) -> Worker:
     """Build ``family``'s TokenPrune model from ``model_dir`` with vLLM's loader (host) and
@@ -184,7 +202,7 @@ def build_worker(family: str, model_dir: str, token_prune: Mapping[str, Any] | N
     args = {"enforce_eager": True, "dtype": "float32", "max_model_len": 4096,
             "max_num_seqs": 16, "max_num_batched_tokens": 4096, "seed": 0, **engine_args}
     cfg = EngineArgs(model=model_dir, hf_overrides=overrides, **args).create_engine_config()
-    with set_current_vllm_config(cfg), _gpu_linear():
+    with set_current_vllm_config(cfg), _gpu_linear(), _private_rope_cache():
         _init_process()
         model = get_model(vllm_config=cfg)
     if emulate:

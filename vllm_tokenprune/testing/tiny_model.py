@@ -110,10 +110,20 @@ def _write_generation_config(out: Path, bos: int, eos: int) -> None:
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
+#: ``rope_theta`` of the tiny Qwen2-VL / Qwen2.5-VL LMs. Their M-RoPE gives the h and w
+#: sections the *lowest* frequencies of a 32-wide head (sections [4, 6, 6]): with Qwen's 1e6 a
+#: w position step turns them by at most 1.8e-4 rad, far below what a logprob comparison sees,
+#: so a kept token at the wrong column would pass. At 10 a step turns w by 0.12-0.24 rad and h
+#: by 0.24-0.56 rad: the reference tests' position controls (tests/_suite.py) show that a
+#: column shift or an h/w swap moves the logprobs by many times the tolerance.
+QWEN_TINY_ROPE_THETA = 10.0
+
+
 def _qwen_text_config(tokenizer, ids: dict[str, int], hidden: int, text_layers: int,  # noqa: ANN001
-                      mrope_section: list[int], **extra: object) -> dict[str, object]:
+                      mrope_section: list[int], rope_theta: float = QWEN_TINY_ROPE_THETA,
+                      **extra: object) -> dict[str, object]:
     num_heads = hidden // 32
-    rope: dict[str, object] = {"rope_type": "default", "rope_theta": 1000000.0,
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": rope_theta,
                                "mrope_section": mrope_section}
     rope.update(extra.pop("rope_extra", {}))  # type: ignore[arg-type]
     return {
@@ -138,15 +148,17 @@ def build_qwen2_5_vl(outdir: str | Path, seed: int = 0, *, text_layers: int = 2,
                      intermediate_size: int | None = None, num_heads: int | None = None,
                      num_kv_heads: int | None = None, vision_hidden: int = 64,
                      vision_intermediate: int = 128, vision_heads: int = 2,
-                     max_pixels: int = 448 * 448, init_std: float | None = None) -> Path:
-    """Tiny Qwen2.5-VL: 2-layer LM (hidden 128, head_dim 32), 2-block vision tower.
+                     max_pixels: int = 448 * 448, init_std: float | None = None,
+                     rope_theta: float = QWEN_TINY_ROPE_THETA) -> Path:
+    """Tiny Qwen2.5-VL: 2-layer LM (hidden 128, head_dim 32, ``rope_theta`` 10: see
+    :data:`QWEN_TINY_ROPE_THETA`), 2-block vision tower.
 
     The keyword arguments after ``vision_depth`` size it up (``benchmarks/serve.py``'s mid-size
     model) and default to the tiny model: the LM's ``intermediate_size`` (``2 * hidden``),
     ``num_heads`` (``hidden // 32``) and ``num_kv_heads`` (``num_heads // 2``), the vision
     tower's width, MLP width and heads, the processors' ``max_pixels`` (per image and per video
     frame) and ``init_std``, the standard deviation of the random weights (0.05; deep stacks
-    want less).
+    want less), and ``rope_theta``.
     """
     import torch
     from transformers import (
@@ -175,7 +187,7 @@ def build_qwen2_5_vl(outdir: str | Path, seed: int = 0, *, text_layers: int = 2,
         mrope_section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
     config = Qwen2_5_VLConfig(
         text_config=_qwen_text_config(tokenizer, ids, hidden, text_layers, mrope_section,
-                                      **sizes),
+                                      rope_theta, **sizes),
         vision_config={
             "depth": vision_depth,
             "hidden_size": vision_hidden,
@@ -230,9 +242,11 @@ def build_qwen2_5_vl(outdir: str | Path, seed: int = 0, *, text_layers: int = 2,
 
 
 def build_qwen2_vl(outdir: str | Path, seed: int = 0, *, text_layers: int = 2,
-                   hidden: int = 128, vision_depth: int = 2) -> Path:
-    """Tiny Qwen2-VL: 2-layer LM (hidden 128, head_dim 32), 2-block vision tower (patch 14,
-    2x2 merge, no window attention: Qwen2-VL's own vision transformer)."""
+                   hidden: int = 128, vision_depth: int = 2,
+                   rope_theta: float = QWEN_TINY_ROPE_THETA) -> Path:
+    """Tiny Qwen2-VL: 2-layer LM (hidden 128, head_dim 32, ``rope_theta`` 10: see
+    :data:`QWEN_TINY_ROPE_THETA`), 2-block vision tower (patch 14, 2x2 merge, no window
+    attention: Qwen2-VL's own vision transformer)."""
     import torch
     from transformers import (
         Qwen2VLConfig,
@@ -249,7 +263,8 @@ def build_qwen2_vl(outdir: str | Path, seed: int = 0, *, text_layers: int = 2,
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2VLConfig(
-        text_config=_qwen_text_config(tokenizer, ids, hidden, text_layers, [4, 6, 6]),
+        text_config=_qwen_text_config(tokenizer, ids, hidden, text_layers, [4, 6, 6],
+                                      rope_theta),
         vision_config={
             "depth": vision_depth,
             "embed_dim": 64,
