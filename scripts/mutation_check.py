@@ -52,7 +52,7 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "wrong_method", "another method's kept set (LRCP serves SVD-Prune's selection)",
-        "vllm_tokenprune/models/model.py",
+        "vllm_tokenprune/models/model_hooks.py",
         "            [params[i].num_keep for i in items],\n            method,\n",
         "            [params[i].num_keep for i in items],\n"
         "            {'lrcp': 'svd_prune'}.get(method, method),\n",
@@ -60,7 +60,7 @@ MUTATIONS = [
     ),
     Mutation(
         "off_by_one", "kept indices off by one (every kept row replaced by the next)",
-        "vllm_tokenprune/models/model.py",
+        "vllm_tokenprune/models/model_hooks.py",
         "            for i, idx in zip(items, selected, strict=True):\n"
         "                keep_idx[i] = idx\n",
         "            for i, idx in zip(items, selected, strict=True):\n"
@@ -69,7 +69,7 @@ MUTATIONS = [
     ),
     Mutation(
         "first_k", "the first k tokens kept instead of the selected k",
-        "vllm_tokenprune/models/model.py",
+        "vllm_tokenprune/models/model_hooks.py",
         "            for i, idx in zip(items, selected, strict=True):\n"
         "                keep_idx[i] = idx\n",
         "            for i, idx in zip(items, selected, strict=True):\n"
@@ -119,7 +119,7 @@ MUTATIONS = [
     ),
     Mutation(
         "methods_swapped", "two concurrent requests' methods swapped inside one encoder batch",
-        "vllm_tokenprune/models/model.py",
+        "vllm_tokenprune/models/model_hooks.py",
         "        for method, items in by_method.items():\n",
         "        groups = list(by_method.items())\n"
         "        if len(groups) > 1:\n"
