@@ -322,12 +322,19 @@ def markdown(res: dict[str, Any]) -> str:
         out.append(f"| {r['image']} | {r['keep_all']} | {r['keep_lattice']} |")
     if res.get("tower"):
         tr = res["tower"]["rows"]
-        rho_e = spearman([r["auto_pixels"] for r in tr], [r["feature_energy_rank"] for r in tr])
-        rho_a = spearman([r["auto_pixels"] for r in tr], [r["feature_auto"] for r in tr])
+        busy = [r for r in tr if r["image"].split(":")[0] not in ("flat", "gradient", "noise")]
+
+        def rho(rows: list[dict[str, Any]], key: str) -> float:
+            return spearman([r["auto_pixels"] for r in rows], [r[key] for r in rows])
+
         out.append(f"\nThe vl7b tower (random weights) at {w}x{h}: auto's pixel count next to "
-                   "the 90% energy rank of the tower's merged output features (whole item) and "
-                   "auto's own rule run on those features (no noise floor); Spearman rank "
-                   f"correlation over the images: {rho_e:.2f} and {rho_a:.2f}.\n")
+                   "the 90% energy rank of the tower's merged output features (whole item, "
+                   "E-AdaPrune's rule) and auto's own rule run on those features (no noise "
+                   "floor: it is in pixel units). Spearman rank correlation with the pixel count, "
+                   f"all {len(tr)} images: {rho(tr, 'feature_energy_rank'):.2f} (energy rank), "
+                   f"{rho(tr, 'feature_auto'):.2f} (auto rule); the {len(busy)} photos, text "
+                   f"pages, charts and screenshots: {rho(busy, 'feature_energy_rank'):.2f} and "
+                   f"{rho(busy, 'feature_auto'):.2f}.\n")
         out.append("| image | tokens | auto (pixels) | features: 90% energy rank | "
                    "features: auto rule |")
         out.append("|---|---:|---:|---:|---:|")
