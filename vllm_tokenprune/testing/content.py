@@ -1,4 +1,5 @@
-"""Images of known content classes, rendered here (nothing downloaded), for the ``auto`` budget.
+"""Images of known content classes, rendered here (nothing downloaded), for the ``auto`` budget's
+tests, benchmark and docs (not used by the plugin).
 
 Six classes, all deterministic for a given size and seed:
 
