@@ -17,7 +17,8 @@ the processor appends a salt to the hash of every item it prunes (ratio > 0):
   (The request's own fields, ``image_detail`` included, are in vLLM's key already: two requests
   share an item's entries when they send the same pruning fields for the same media.)
 
-Unpruned items (ratio 0, no detail, no cap) keep vLLM's own key, so they share cache entries with any server.
+Unpruned items (ratio 0, no detail, no cap) keep vLLM's own key, so they share cache entries
+with any server.
 
 **Which text.** The scorer of an item sees the text tokens of *the item's own chat message*:
 the tokens between the closest special token (not a media token) before the item's

@@ -11,7 +11,8 @@ so a bad block stops the server at start-up with a message naming the key.
 Request side, a chat request may carry ``prune_ratio`` / ``prune_method`` /
 ``video_prune_ratio`` / ``max_visual_tokens`` at the top level of its JSON body, and a
 ``detail`` per image (``image_url.detail``, OpenAI's field), which the bridge hands on as
-``image_detail`` (one entry per image item, in the order vLLM's chat parser numbers them). The endpoint plugin
+``image_detail`` (one entry per image item, in the order vLLM's chat parser numbers them).
+The endpoint plugin
 (:mod:`vllm_tokenprune.serving`) validates them with :func:`parse_request_fields` and moves them
 into the request's ``mm_processor_kwargs``, which vLLM hashes into every multimodal cache key
 (processor cache, encoder cache, prefix cache), so an image pruned at two ratios never shares

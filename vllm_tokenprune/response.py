@@ -17,7 +17,8 @@ model got, per item (``index``: the item's place among its modality's items in t
 summed; ``why`` says what decided an item's count (``"ratio"``, ``"auto"``, ``"detail"``,
 ``"cap"``: :data:`vllm_tokenprune.plan.REASONS`, docs/budgets.md); ``ratios`` holds ``"auto"``
 for a modality whose counts ``prune_ratio: "auto"`` chose, and a capped request's field has
-``max_visual_tokens``; ``tokens - kept`` is exactly what pruning took off ``usage.prompt_tokens``. LLaVA-NeXT's
+``max_visual_tokens``; ``tokens - kept`` is exactly what pruning took off
+``usage.prompt_tokens``. LLaVA-NeXT's
 image-newline tokens are always kept and counted in neither. A request without media (or on a
 model that is not a TokenPrune architecture) gets no ``token_prune`` field. Layer-wise routing
 (``alvts``) drops nothing at the input (``kept`` = ``tokens``); its items also carry

@@ -8,7 +8,8 @@ it parses as JSON (Starlette's matching, so the root path is removed exactly as 
 (unknown paths, wrong methods, unauthenticated requests, multipart uploads, routes that take no
 body) goes through unread, so the bridge reads no byte vLLM would not read itself. Before any
 parse it scans the bytes for the guarded keys (:func:`maybe_guarded`: every plain spelling
-contains ``prune_``, ``_kwargs``, ``extra_body`` or ``_visual_tokens``; any ``\\u`` escape or a UTF-16/32 body counts
+contains ``prune_``, ``_kwargs``, ``extra_body`` or ``_visual_tokens``; any ``\\u`` escape or a
+UTF-16/32 body counts
 as a maybe); then it parses with the parser vLLM uses (:func:`load`, :func:`json.loads`, so an
 escaped key is the key vLLM sees), and only when a guarded key is present at the top level does
 it check for duplicates (a second, C-speed parse, :func:`duplicated`).
