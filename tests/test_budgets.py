@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import DEFAULT_RATIO, QWEN25_ARCH
-from vllm_tokenprune import num_kept, response
+from vllm_tokenprune import response
 from vllm_tokenprune.config import DETAIL_KEY, TokenPruneConfig, parse_config
 from vllm_tokenprune.plan import resolve_request, split_cap
 from vllm_tokenprune.serving.bridge import _BridgeState, rewrite_body
@@ -354,3 +354,38 @@ def test_a_capped_request_partly_cached_is_planned_whole(processor, lru_cache):
     assert _apply(p, [a, b], [v], cache=lru_cache, **kw) == first
     assert first["kept"] == 13
     assert lru_cache.make_stats().hits >= 3
+
+
+# --------------------------------------------------------------------------- the preview
+
+
+def test_preview_counts_as_the_processor(processor, tiny_qwen_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from vllm_tokenprune.preview.__main__ import main
+
+    p, _ = processor
+    s = 224
+    images = [content.render(k, s, s) for k in ("flat", "photo", "text")]
+    files = []
+    for i, im in enumerate(images):
+        files += ["--image", str(tmp_path / f"{i}.png")]
+        im.save(tmp_path / f"{i}.png")
+    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO,
+                                      low_detail_tokens=LOW)
+    out = tmp_path / "auto.png"
+    assert main(["--model", str(tiny_qwen_dir), *files, "--ratio", "auto", "--detail", "auto",
+                 "--detail", "auto", "--detail", "low", "--hf-overrides", overrides,
+                 "-o", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    loaded = [Image.open(tmp_path / f"{i}.png").convert("RGB") for i in range(3)]
+    served = _apply(p, loaded, prune_ratio="auto", image_detail=[None, None, "low"])
+    assert [(i["kept"], i["why"]) for i in report["items"]] == _kept(served)
+    assert report["ratios"] == {"image": "auto"}
+    assert Image.open(out).size[0] > 0
+    # --detail once: every image; with a cap
+    assert main(["--model", str(tiny_qwen_dir), *files, "--detail", "high",
+                 "--max-visual-tokens", "30", "--hf-overrides", overrides,
+                 "-o", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kept"] == 30 and {i["why"] for i in report["items"]} == {"cap"}

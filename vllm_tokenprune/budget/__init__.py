@@ -28,7 +28,7 @@ from vllm_tokenprune.budget.grids import (
     qwen_token_grid,
     sample_offsets,
 )
-from vllm_tokenprune.budget.hf import estimate_image, processor_kind, token_grid
+from vllm_tokenprune.budget.hf import estimate_image, pixel_scale, processor_kind, token_grid
 
 __all__ = [
     "AutoEstimate",
@@ -38,6 +38,7 @@ __all__ = [
     "estimate_keep",
     "patch_token_grid",
     "per_patch",
+    "pixel_scale",
     "processor_kind",
     "qwen_token_grid",
     "sample_offsets",

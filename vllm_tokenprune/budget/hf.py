@@ -15,7 +15,26 @@ from torch import Tensor
 from vllm_tokenprune.budget.auto import AutoEstimate, AutoOptions, auto_options, estimate_keep
 from vllm_tokenprune.budget.grids import patch_token_grid, qwen_token_grid
 
-__all__ = ["estimate_image", "processor_kind", "token_grid"]
+__all__ = ["estimate_image", "pixel_scale", "processor_kind", "token_grid"]
+
+
+def pixel_scale(image_processor: Any, *, do_rescale: bool | None = None,
+                do_normalize: bool | None = None) -> list[float] | float | None:
+    """What turns the processor's ``pixel_values`` back into ``[0, 1]`` brightness steps (the
+    ``image_std`` argument of :mod:`.grids`), given whether it rescaled and normalized (None:
+    the processor's own setting). vLLM normalizes Qwen-VL pixels on the device
+    (``mm_device_do_normalize``, its default for those families): the API server's processor
+    then runs with ``do_rescale=False, do_normalize=False`` and its pixels are raw 0..255."""
+    rescale = getattr(image_processor, "do_rescale", True) if do_rescale is None else do_rescale
+    normalize = (getattr(image_processor, "do_normalize", True) if do_normalize is None
+                 else do_normalize)
+    factor = 1.0 if rescale else float(getattr(image_processor, "rescale_factor", 1 / 255))
+    if not normalize:
+        return factor
+    std = getattr(image_processor, "image_std", None)
+    if std is None:
+        return factor
+    return [float(v) * factor for v in (std if isinstance(std, (list, tuple)) else [std] * 3)]
 
 
 def processor_kind(image_processor: Any) -> str:
@@ -29,11 +48,13 @@ def processor_kind(image_processor: Any) -> str:
 
 
 def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOptions,
-               index: int = 0, patch_size: int = 14, modality: str = "image") -> Tensor:
+               index: int = 0, patch_size: int = 14, modality: str = "image",
+               scale: list[float] | float | None = None) -> Tensor:
     """The token grid of item ``index`` of a HF image (or, Qwen-VL, ``modality="video"``:
-    video) processor's output."""
+    video) processor's output; ``scale``: :func:`pixel_scale` (default: the processor's
+    ``image_std``, for its normalized output)."""
     kind = processor_kind(image_processor)
-    std = getattr(image_processor, "image_std", None)
+    std = getattr(image_processor, "image_std", None) if scale is None else scale
     if modality not in ("image", "video") or (modality == "video" and kind != "qwen"):
         raise ValueError(f"no {modality!r} token grid for a {kind} processor")
     pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]

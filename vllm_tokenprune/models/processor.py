@@ -41,7 +41,13 @@ from typing import Any, ClassVar
 import torch
 
 from vllm_tokenprune import __version__, response
-from vllm_tokenprune.budget import AutoOptions, auto_options, estimate_keep, token_grid
+from vllm_tokenprune.budget import (
+    AutoOptions,
+    auto_options,
+    estimate_keep,
+    pixel_scale,
+    token_grid,
+)
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
 from vllm_tokenprune.config import SEALED_FIELDS, TokenPruneConfig, config_from_hf_config
 from vllm_tokenprune.metrics import frontend as metrics
@@ -541,8 +547,13 @@ class TokenPruneProcessorMixin:
         proc = getattr(hf, f"{modality}_processor", None) or hf.image_processor
         patch = int(getattr(self.info.get_hf_config().vision_config, "patch_size", 14))
         opts = self._tp_auto_options()
+        # vLLM may normalize the pixels on the device (mm_device_do_normalize): then they are
+        # raw here, and the processor ran with do_rescale / do_normalize False
+        merged = self.info.ctx.get_merged_mm_kwargs({})
+        scale = pixel_scale(proc, do_rescale=merged.get("do_rescale"),
+                            do_normalize=merged.get("do_normalize"))
         try:
-            grid = token_grid(out, proc, opts, index, patch, modality)
+            grid = token_grid(out, proc, opts, index, patch, modality, scale)
         except (KeyError, ValueError) as e:
             field = "video_prune_ratio" if modality == "video" else "prune_ratio"
             raise ValueError(f"{field}: 'auto' cannot read this {modality}'s pixels on "
