@@ -53,6 +53,8 @@ from vllm_tokenprune.budget import (  # noqa: E402
     AutoOptions,
     auto_options,
     estimate_keep,
+    pixel_scale,
+    processor_kind,
     token_grid,
     window_ranks,
 )
@@ -133,6 +135,12 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool) -> list[dict[str, A
             t_proc: list[float] = []
             t_auto: list[float] = []
             t_energy: list[float] = []
+            # vLLM normalizes Qwen-VL pixels on the device (mm_device_do_normalize): its API
+            # server runs the processor without rescale / normalize, and auto reads raw pixels
+            raw = processor_kind(proc) == "qwen"
+            t_raw: list[float] = []
+            t_auto_raw: list[float] = []
+            raw_scale = pixel_scale(proc, do_rescale=False, do_normalize=False)
             n = 3 if quick else (reps if size[0] * size[1] < 4e6 else max(3, reps // 3))
             est = None
             for _ in range(n + 1):  # the first round warms up, not counted
@@ -146,12 +154,28 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool) -> list[dict[str, A
                 t_proc.append(t1 - t0)
                 t_auto.append(t2 - t1)
                 t_energy.append(t3 - t2)
+                if raw:
+                    t4 = time.perf_counter()
+                    out = proc(images=[image], return_tensors="pt", do_rescale=False,
+                               do_normalize=False)
+                    t5 = time.perf_counter()
+                    raw_est = estimate_keep(token_grid(out, proc, auto, scale=raw_scale), None,
+                                            auto)
+                    t6 = time.perf_counter()
+                    t_raw.append(t5 - t4)
+                    t_auto_raw.append(t6 - t5)
+                    assert raw_est.num_keep == est.num_keep or abs(
+                        raw_est.num_keep - est.num_keep) <= 2, (raw_est, est)
             assert est is not None
             p, a, e = (_median_ms(t[1:]) for t in (t_proc, t_auto, t_energy))
-            rows.append({"model": name, "size": f"{size[0]}x{size[1]}", "image": f"{cls}:{var}",
-                         "tokens": est.num_tokens, "keep": est.num_keep, "reps": n,
-                         "processor_ms": p, "auto_ms": a, "auto_pct": 100 * a / p,
-                         "energy_rule_ms": e, "energy_rule_pct": 100 * e / p})
+            row = {"model": name, "size": f"{size[0]}x{size[1]}", "image": f"{cls}:{var}",
+                   "tokens": est.num_tokens, "keep": est.num_keep, "reps": n,
+                   "processor_ms": p, "auto_ms": a, "auto_pct": 100 * a / p,
+                   "energy_rule_ms": e, "energy_rule_pct": 100 * e / p}
+            if raw:
+                pr, ar = _median_ms(t_raw[1:]), _median_ms(t_auto_raw[1:])
+                row.update(raw_processor_ms=pr, raw_auto_ms=ar, raw_auto_pct=100 * ar / pr)
+            rows.append(row)
             print(f"[cost] {name} {size} {cls}:{var} N={est.num_tokens} proc {p:.1f} ms, "
                   f"auto {a:.2f} ms ({100 * a / p:.1f}%), energy rule {e:.2f} ms", flush=True)
     return rows
@@ -303,12 +327,15 @@ def markdown(res: dict[str, Any]) -> str:
     out.append("\nCost on the API server (single thread, medians of interleaved rounds; the "
                "estimator = token grid + count, the `energy` rule for comparison):\n")
     out.append("| model | image size | image | tokens | HF processor | auto | auto / processor | "
-               "energy rule | energy / processor |")
-    out.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
+               "energy rule | energy / processor | processor as vLLM runs it (raw) | auto on "
+               "raw | auto / raw processor |")
+    out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in res["cost"]:
+        raw = (f"{r['raw_processor_ms']:.1f} ms | {r['raw_auto_ms']:.2f} ms | "
+               f"{r['raw_auto_pct']:.1f}%" if "raw_processor_ms" in r else "- | - | -")
         out.append(f"| {r['model']} | {r['size']} | {r['image']} | {r['tokens']} | "
                    f"{r['processor_ms']:.1f} ms | {r['auto_ms']:.2f} ms | {r['auto_pct']:.1f}% | "
-                   f"{r['energy_rule_ms']:.2f} ms | {r['energy_rule_pct']:.1f}% |")
+                   f"{r['energy_rule_ms']:.2f} ms | {r['energy_rule_pct']:.1f}% | {raw} |")
     lat = res["lattice"]
     errs = [abs(r["rel_err"]) for r in lat]
     lw, lh = res["lattice_size"]
