@@ -73,9 +73,8 @@ class AutoOptions:
         8, "window side in LM tokens (0: the whole item is one window)", ge=0, le=1024)
     window_frames: int = option(
         2, "video: consecutive token steps (frames) per window", ge=1, le=64)
-    samples: int = option(
-        8, "pixel columns sampled per token (per patch: samples / merge, at most patch / 2)",
-        ge=1, le=32)
+    samples: int = option(8, "pixel columns sampled per token (per patch: samples / merge, "
+                          "at most patch / 2)", ge=1, le=32)
     sample_rows: int = option(
         4, "pixel rows sampled per token (per patch: sample_rows / merge, at most patch / 2)",
         ge=1, le=32)

@@ -63,23 +63,15 @@ class _SealedList(list):  # type: ignore[type-arg]
 _SEALED_TYPES = (_SealedFloat, _SealedStr, _SealedInt, _SealedList)
 
 
-def _sealed(value: Any) -> Any:
-    if isinstance(value, str):
-        return _SealedStr(value)
-    if isinstance(value, list):
-        return _SealedList(value)
-    if isinstance(value, int):
-        return _SealedInt(value)
-    return _SealedFloat(value)
+#: (JSON type, its sealed type): what the bridge writes, and what a checked value becomes.
+_KINDS = ((str, _SealedStr), (list, _SealedList), (int, _SealedInt), (float, _SealedFloat))
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, list):
-        return list(value)
-    if isinstance(value, int):
-        return int(value)
+def _sealed(value: Any, sealed: bool = True) -> Any:
+    """``value`` as its sealed type (``sealed``) or back as the plain JSON type."""
+    for plain, kind in _KINDS:
+        if isinstance(value, plain):
+            return (kind if sealed else plain)(value)
     return value
 
 
@@ -99,7 +91,7 @@ def check_sealed_kwargs(mm_processor_kwargs: Any) -> dict[str, Any] | None:
         return kw
     if SEAL_KEY in kw:
         given = kw.pop(SEAL_KEY)
-        plain = {f: _plain(v) for f, v in ours.items()}
+        plain = {f: _sealed(v, sealed=False) for f, v in ours.items()}
         try:
             ok = isinstance(given, str) and hmac.compare_digest(given, seal(plain))
         except (TypeError, ValueError):
