@@ -146,6 +146,43 @@ def test_bad_details_are_refused_naming_the_part(value):
     assert json.loads(err[1])["error"]["param"] == "messages[0].content[2].image_url.detail"
 
 
+_DETAIL_VALUES = st.one_of(
+    st.sampled_from(["low", "high", "auto", "LOW", "tiny", "", " low", "l\u006fw"]),
+    st.integers(-3, 3), st.floats(allow_nan=False), st.booleans(), st.text(max_size=6),
+    st.lists(st.just("low"), max_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["image", "bare", "video", "text"]),
+                          st.one_of(st.none(), _DETAIL_VALUES)), max_size=6))
+def test_bridge_detail_rule(parts):
+    """The documented rule, written out: image parts (typed or bare) are numbered in order,
+    "low"/"high" kept, "auto"/absent None; any other value: 400 naming that part."""
+    content_parts, want, bad = [], [], None
+    for j, (kind, detail) in enumerate(parts):
+        if kind == "video":
+            content_parts.append({"type": "video_url", "video_url": {"url": "x"}})
+            continue
+        if kind == "text":
+            content_parts.append({"type": "text", "text": "t"})
+            continue
+        part = _img(detail, typed=kind == "image")
+        content_parts.append(part)
+        if detail is None or detail == "auto":
+            want.append(None)
+        elif detail in ("low", "high") and type(detail) is str:
+            want.append(detail)
+        elif bad is None:
+            bad = f"messages[0].content[{j}].image_url.detail"
+    new, err = rewrite_body(_body(content_parts), CHAT, _state())
+    if bad is not None:
+        assert err is not None and json.loads(err[1])["error"]["param"] == bad
+    elif any(w is not None for w in want):
+        assert err is None and json.loads(new)["mm_processor_kwargs"][DETAIL_KEY] == want
+    else:
+        assert (new, err) == (None, None)
+
+
 @pytest.mark.parametrize("value", [0, 1.5, "many", True, -3, 2**31, [5]])
 def test_bad_caps_are_refused(value):
     new, err = rewrite_body(_body([_img()], max_visual_tokens=value), CHAT, _state())
