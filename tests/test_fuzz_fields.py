@@ -109,9 +109,11 @@ def _ratio_ok(v: Any) -> bool:
     return type(v) is float and math.isfinite(v) and 0 <= v < 1
 
 
-def expected_outcome(fields: dict[str, str],
-                     allowed: tuple[str, ...] | None = None) -> str | dict[str, Any]:
-    """The documented outcome: the name of the refused field, or the accepted values."""
+def expected_outcome(fields: dict[str, str], allowed: tuple[str, ...] | None = None,
+                     floor: int = 0) -> str | dict[str, Any]:
+    """The documented outcome: the name of the refused field, or the accepted values.
+    ``floor``: the least the request's media items keep in all (``min_keep`` x items): a
+    ``max_visual_tokens`` below it is refused, after every field's own check."""
     values = _decode(fields)
     for name in RATIO_FIELDS:
         if name in values and not _ratio_ok(values[name]):
@@ -124,6 +126,8 @@ def expected_outcome(fields: dict[str, str],
             type(method) is str and method in list_methods()
             and (allowed is None or method in allowed)):
         return "prune_method"
+    if "max_visual_tokens" in values and values["max_visual_tokens"] < floor:
+        return "max_visual_tokens"
     return {k: (float(v) + 0.0 if k in RATIO_FIELDS and v != "auto" else v)
             for k, v in values.items()}
 

@@ -413,13 +413,19 @@ def test_fuzzed_request_fields_against_the_server(hard):
         for raw, value_text in fields.items():
             text += f', "{raw}": {value_text}'
         r = post(hard, "/v1/chat/completions", text + "}")
-        outcome = expected_outcome(fields)
+        outcome = expected_outcome(fields, floor=MIN_KEEP)
         if isinstance(outcome, str):
             _assert_400(r, outcome)
         else:
             assert r.status_code == 200, (fields, r.text)
             ratio = outcome.get("prune_ratio", DEFAULT_RATIO)
-            assert r.json()["usage"]["prompt_tokens"] == expected_tokens(hard, [im], ratio)
+            if ratio == "auto" or "max_visual_tokens" in outcome:  # docs/budgets.md
+                field = r.json()["token_prune"]
+                assert field["kept"] <= outcome.get("max_visual_tokens", field["kept"])
+                assert r.json()["usage"]["prompt_tokens"] == expected_tokens(
+                    hard, [im], 0.0) - (field["tokens"] - field["kept"])
+            else:
+                assert r.json()["usage"]["prompt_tokens"] == expected_tokens(hard, [im], ratio)
 
     one()
     _assert_serves(hard)
