@@ -631,7 +631,8 @@ def _stream(h: Hard, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
 def _expected_field(h: Hard, images: list[Image.Image], ratio: float,
                     method: str = "lrcp") -> dict[str, Any]:
     items = [{"modality": "image", "index": i, "tokens": h.tokens(im),
-              "kept": num_kept(h.tokens(im), ratio, MIN_KEEP)} for i, im in enumerate(images)]
+              "kept": num_kept(h.tokens(im), ratio, MIN_KEEP), "why": "ratio"}
+             for i, im in enumerate(images)]
     return {"method": method, "ratios": {"image": ratio},
             "tokens": sum(i["tokens"] for i in items), "kept": sum(i["kept"] for i in items),
             "items": items}
