@@ -33,6 +33,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 #: chunked prefill split prompts (and images) across steps, so every request exercises it.
 QWEN_SERVER_ARGS = ["--dtype", "float32", "--max-num-batched-tokens", "96", "--seed", "0"]
 DEFAULT_RATIO = 0.5
+#: tp_server's token_prune.low_detail_tokens (below the tiny test images' counts at 0.5).
+LOW_DETAIL_TOKENS = 4
 
 
 @pytest.fixture(scope="session")
@@ -79,11 +81,13 @@ def example_methods_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tp_server(tiny_qwen_dir: Path, example_methods_dir: Path) -> Iterator[VLLMServer]:
-    """TokenPrune Qwen2.5-VL, LRCP at ratio 0.5 by default; requests may override. The example
-    method package is on its ``PYTHONPATH``."""
+    """TokenPrune Qwen2.5-VL, LRCP at ratio 0.5 by default (``detail: "low"`` keeps at most
+    :data:`LOW_DETAIL_TOKENS`); requests may override. The example method package is on its
+    ``PYTHONPATH``."""
     from tests._method_package import python_path
 
-    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO)
+    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO,
+                                      low_detail_tokens=LOW_DETAIL_TOKENS)
     server = _start(tiny_qwen_dir, [*QWEN_SERVER_ARGS, "--hf-overrides", overrides], "tp_qwen",
                     env={"PYTHONPATH": python_path(example_methods_dir)})
     yield server

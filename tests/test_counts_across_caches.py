@@ -93,7 +93,8 @@ def test_counts_are_exact_whichever_processor_saw_the_item(two_processors, tiny_
 
     def expect(images: list[Any], ratio: float) -> list[dict[str, Any]]:
         return [{"modality": "image", "index": i, "tokens": n[id(im)],
-                 "kept": num_kept(n[id(im)], ratio)} for i, im in enumerate(images)]
+                 "kept": num_kept(n[id(im)], ratio), "why": "ratio"}
+                for i, im in enumerate(images)]
 
     plan = [  # (processor, images, ratio or None)
         (a, [x], None),        # A processes x

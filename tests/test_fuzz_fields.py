@@ -3,9 +3,11 @@
 The oracle here is the documented rule, written independently of the code under test:
 
 * ``prune_ratio`` / ``video_prune_ratio``: a JSON number (not ``true``/``false``), finite, in
-  [0, 1); ``-0.0`` means 0;
+  [0, 1), or the string ``"auto"``; ``-0.0`` means 0;
+* ``max_visual_tokens``: a JSON integer (not ``true``, not ``2.0``) in [1, 2^31 - 1];
 * ``prune_method``: a JSON string naming a registered method the server allows;
-* the first bad field, in the order prune_ratio, video_prune_ratio, prune_method, is named.
+* the first bad field, in the order prune_ratio, video_prune_ratio, max_visual_tokens,
+  prune_method, is named.
 
 ``field_values`` and ``expected_outcome`` are shared with the server sample in
 ``tests/test_hardening_server.py``.
@@ -62,7 +64,9 @@ def _json_value() -> st.SearchStrategy[str]:
         st.integers(min_value=-_BIG, max_value=_BIG).map(str),
         st.integers(300, 6000).map(lambda n: "1" + "0" * n),
         st.sampled_from(["true", "false", "null", '""', '"0.5"', '"lrcp"', '"LRCP"', '" lrcp"',
-                         '"norm\\u0000"', '"__import__"', '"../etc/passwd"', '"n\\u006frm"']),
+                         '"norm\\u0000"', '"__import__"', '"../etc/passwd"', '"n\\u006frm"',
+                         '"auto"', '"AUTO"', '"automatic"', '"a\\u0075to"', "2147483647",
+                         "2147483648", "1.5", "2.0", '"many"']),
         st.sampled_from(list_methods()).map(json.dumps),
         st.text(max_size=12).map(json.dumps),
     )
@@ -98,24 +102,34 @@ def _decode(fields: dict[str, str]) -> dict[str, Any]:
 
 
 def _ratio_ok(v: Any) -> bool:
+    if v == "auto" and type(v) is str:
+        return True
     if type(v) is int:  # any length: compared as an integer, never as a float
         return v == 0
     return type(v) is float and math.isfinite(v) and 0 <= v < 1
 
 
-def expected_outcome(fields: dict[str, str],
-                     allowed: tuple[str, ...] | None = None) -> str | dict[str, Any]:
-    """The documented outcome: the name of the refused field, or the accepted values."""
+def expected_outcome(fields: dict[str, str], allowed: tuple[str, ...] | None = None,
+                     floor: int = 0) -> str | dict[str, Any]:
+    """The documented outcome: the name of the refused field, or the accepted values.
+    ``floor``: the least the request's media items keep in all (``min_keep`` x items): a
+    ``max_visual_tokens`` below it is refused, after every field's own check."""
     values = _decode(fields)
     for name in RATIO_FIELDS:
         if name in values and not _ratio_ok(values[name]):
             return name
+    cap = values.get("max_visual_tokens")
+    if "max_visual_tokens" in values and not (type(cap) is int and 1 <= cap < 2**31):
+        return "max_visual_tokens"
     method = values.get("prune_method")
     if "prune_method" in values and not (
             type(method) is str and method in list_methods()
             and (allowed is None or method in allowed)):
         return "prune_method"
-    return {k: (float(v) + 0.0 if k in RATIO_FIELDS else v) for k, v in values.items()}
+    if "max_visual_tokens" in values and values["max_visual_tokens"] < floor:
+        return "max_visual_tokens"
+    return {k: (float(v) + 0.0 if k in RATIO_FIELDS and v != "auto" else v)
+            for k, v in values.items()}
 
 
 @settings(max_examples=400, deadline=None)
@@ -132,7 +146,7 @@ def test_parse_request_fields_follows_the_documented_rule(fields, allowed):
         return
     assert got == outcome
     for k in RATIO_FIELDS:
-        if k in got:
+        if k in got and got[k] != "auto":
             assert type(got[k]) is float and math.copysign(1, got[k]) == 1
 
 

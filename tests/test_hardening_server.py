@@ -413,13 +413,19 @@ def test_fuzzed_request_fields_against_the_server(hard):
         for raw, value_text in fields.items():
             text += f', "{raw}": {value_text}'
         r = post(hard, "/v1/chat/completions", text + "}")
-        outcome = expected_outcome(fields)
+        outcome = expected_outcome(fields, floor=MIN_KEEP)
         if isinstance(outcome, str):
             _assert_400(r, outcome)
         else:
             assert r.status_code == 200, (fields, r.text)
             ratio = outcome.get("prune_ratio", DEFAULT_RATIO)
-            assert r.json()["usage"]["prompt_tokens"] == expected_tokens(hard, [im], ratio)
+            if ratio == "auto" or "max_visual_tokens" in outcome:  # docs/budgets.md
+                field = r.json()["token_prune"]
+                assert field["kept"] <= outcome.get("max_visual_tokens", field["kept"])
+                assert r.json()["usage"]["prompt_tokens"] == expected_tokens(
+                    hard, [im], 0.0) - (field["tokens"] - field["kept"])
+            else:
+                assert r.json()["usage"]["prompt_tokens"] == expected_tokens(hard, [im], ratio)
 
     one()
     _assert_serves(hard)
@@ -625,7 +631,8 @@ def _stream(h: Hard, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
 def _expected_field(h: Hard, images: list[Image.Image], ratio: float,
                     method: str = "lrcp") -> dict[str, Any]:
     items = [{"modality": "image", "index": i, "tokens": h.tokens(im),
-              "kept": num_kept(h.tokens(im), ratio, MIN_KEEP)} for i, im in enumerate(images)]
+              "kept": num_kept(h.tokens(im), ratio, MIN_KEEP), "why": "ratio"}
+             for i, im in enumerate(images)]
     return {"method": method, "ratios": {"image": ratio},
             "tokens": sum(i["tokens"] for i in items), "kept": sum(i["kept"] for i in items),
             "items": items}

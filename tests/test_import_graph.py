@@ -46,6 +46,7 @@ PROCESS: dict[str, str] = {
     "vllm_tokenprune.features": "api",
     "vllm_tokenprune.serving": "api",
     "vllm_tokenprune.metrics.frontend": "api",
+    "vllm_tokenprune.budget": "api",
     "vllm_tokenprune.models.processor": "api",
     "vllm_tokenprune.models.model_hooks": "worker",
     "vllm_tokenprune.models.encoder_budget": "worker",

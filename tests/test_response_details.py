@@ -41,7 +41,8 @@ def expect_items(model_dir: Path, images: list[Any], ratio: float) -> list[dict[
     out = []
     for i, im in enumerate(images):
         n = qwen_image_tokens(model_dir, im)
-        out.append({"modality": "image", "index": i, "tokens": n, "kept": num_kept(n, ratio)})
+        out.append({"modality": "image", "index": i, "tokens": n, "kept": num_kept(n, ratio),
+                    "why": "ratio"})
     return out
 
 
@@ -128,4 +129,4 @@ def test_plain_http_json_and_concurrent_requests(tp_server: VLLMServer, tiny_qwe
     for ratio, field, n in results:
         assert field["ratios"] == {"image": ratio}
         assert field["items"] == [{"modality": "image", "index": 0, "tokens": n,
-                                   "kept": num_kept(n, ratio)}]
+                                   "kept": num_kept(n, ratio), "why": "ratio"}]

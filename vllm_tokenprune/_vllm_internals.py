@@ -278,6 +278,9 @@ INTERNALS: tuple[Internal, ...] = (
           ("_get_cache_missing_processor_kwargs", "learns which items the processor cache "
            "missed (the ones processed now), to give each its own scorer text",
            _params("inputs", "mm_is_cached")),
+          ("_get_cache_missing_items", "a capped request (max_visual_tokens) with only some "
+           "items cached is processed whole: the cap's split needs every item "
+           "(docs/budgets.md)", _params("cache", "mm_data_items", "mm_hashes")),
           ("_apply_hf_processor_main", "hides the request fields from the HF processor, adds the "
            "per-item params rows", _params("mm_items", "hf_kwargs")),
           ("_get_mm_fields_config", "declares the params rows as batched CPU fields and the "
@@ -299,6 +302,21 @@ INTERNALS: tuple[Internal, ...] = (
              "processor contract", "models/processor.py (_counted)",
              "a cache hit's prompt updates come from the cache entry (get_and_update_item)",
              _UNTIL_API, _uses("get_and_update_item")),
+    Internal("vllm.multimodal.processing.context:InputProcessingContext.get_merged_mm_kwargs",
+             "method", "models/processor.py (_tp_auto_keep)",
+             "whether the API server's HF processor rescaled / normalized the pixels "
+             "(mm_device_do_normalize: raw pixels), so prune_ratio auto reads them in the right "
+             "units", _UNTIL_API, _params("kwargs")),
+    Internal("vllm.multimodal.processing.context:BaseProcessingInfo.parse_mm_data", "method",
+             "models/processor.py (_get_cache_missing_items)",
+             "re-parses a capped request's items as all missing, as vLLM parses its missing ones",
+             _UNTIL_API, _params("mm_data", "validate")),
+    Internal("vllm.renderers.chat_utils:parse_chat_messages", "function",
+             "serving/bridge.py (image_details)",
+             "the bridge numbers each image_url.detail as this parser numbers the request's "
+             "images (message order, then part order; the image part types of its "
+             "MM_PARSER_MAP: image_url, input_image, image_embeds, image_pil)",
+             "vLLM honours image_url.detail itself", compare="presence"),
     Internal("vllm.multimodal.processing.processor:ProcessorInputs", "dataclass",
              "models/processor.py", "apply() reads inputs.prompt and "
              "inputs.hf_processor_mm_kwargs", _UNTIL_API,

@@ -9,9 +9,16 @@ the processor appends a salt to the hash of every item it prunes (ratio > 0):
 * the plugin version (a scorer change must not reuse selections across upgrades; matters for
   caches that outlive a process or are shared: encoder-cache connectors, KV offload);
 * the server's settings the selection reads: the method, its ``options`` and ``min_keep``;
-* for text-conditioned methods (the registry's ``uses_text``), exactly the text the scorer sees.
+* for text-conditioned methods (the registry's ``uses_text``), exactly the text the scorer sees;
+* what decided the item's count (docs/budgets.md) where no vLLM key has it: the server's
+  ``token_prune.auto`` options (``prune_ratio: "auto"``), the image's ``detail`` with
+  ``low_detail_tokens``, and a request's cap (``max_visual_tokens``, the request's or the
+  server's) with the keys of *all* the request's items, whose counts its split depends on.
+  (The request's own fields, ``image_detail`` included, are in vLLM's key already: two requests
+  share an item's entries when they send the same pruning fields for the same media.)
 
-Unpruned items (ratio 0) keep vLLM's own key, so they share cache entries with any server.
+Unpruned items (ratio 0, no detail, no cap) keep vLLM's own key, so they share cache entries
+with any server.
 
 **Which text.** The scorer of an item sees the text tokens of *the item's own chat message*:
 the tokens between the closest special token (not a media token) before the item's
@@ -75,9 +82,11 @@ def pruned_item_salt(
     options: Mapping[str, Any],
     min_keep: int,
     text_ids: Sequence[int] | None,
+    budget: Mapping[str, Any] | None = None,
 ) -> str:
     """The suffix a pruned item's hash gets: everything its selection depends on beyond the
-    media and the request's kwargs (``text_ids`` None for methods that read no text)."""
+    media and the request's kwargs (``text_ids`` None for methods that read no text;
+    ``budget``: what decided its count beyond them, see below)."""
     payload = {
         "v": version,
         "method": method,
@@ -85,5 +94,7 @@ def pruned_item_salt(
         "min_keep": int(min_keep),
         "text": None if text_ids is None else [int(t) for t in text_ids],
     }
+    if budget:
+        payload["budget"] = dict(budget)
     blob = json.dumps(payload, sort_keys=True, default=repr).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

@@ -9,7 +9,10 @@ and is validated with pydantic when the model (worker) and its processor (API se
 so a bad block stops the server at start-up with a message naming the key.
 
 Request side, a chat request may carry ``prune_ratio`` / ``prune_method`` /
-``video_prune_ratio`` at the top level of its JSON body. The endpoint plugin
+``video_prune_ratio`` / ``max_visual_tokens`` at the top level of its JSON body, and a
+``detail`` per image (``image_url.detail``, OpenAI's field), which the bridge hands on as
+``image_detail`` (one entry per image item, in the order vLLM's chat parser numbers them).
+The endpoint plugin
 (:mod:`vllm_tokenprune.serving`) validates them with :func:`parse_request_fields` and moves them
 into the request's ``mm_processor_kwargs``, which vLLM hashes into every multimodal cache key
 (processor cache, encoder cache, prefix cache), so an image pruned at two ratios never shares
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -48,7 +51,19 @@ def _acts_in_layers(method: str) -> bool:
 
 #: Request fields (top level of a chat/completions JSON body) and the same names inside
 #: ``mm_processor_kwargs``.
-REQUEST_FIELDS = ("prune_ratio", "prune_method", "video_prune_ratio")
+REQUEST_FIELDS = ("prune_ratio", "prune_method", "video_prune_ratio", "max_visual_tokens")
+#: The per-image ``detail`` values, as the bridge writes them into ``mm_processor_kwargs``
+#: (never a top-level body field: read from the chat messages' ``image_url.detail``).
+DETAIL_KEY = "image_detail"
+#: Every key the bridge writes (and seals) into ``mm_processor_kwargs``.
+SEALED_FIELDS = (*REQUEST_FIELDS, DETAIL_KEY)
+#: ``prune_ratio`` / ``video_prune_ratio`` value that picks each item's count from its content.
+AUTO = "auto"
+#: ``detail`` values that change an item's count (``"auto"`` or absent: nothing changes).
+DETAILS = ("low", "high")
+#: Default of ``token_prune.low_detail_tokens`` (docs/budgets.md: a 224x224 thumbnail's worth
+#: on Qwen-VL, the order of OpenAI's fixed 85-token low-detail image).
+LOW_DETAIL_TOKENS = 64
 
 
 class TokenPruneConfig(BaseModel):
@@ -60,13 +75,25 @@ class TokenPruneConfig(BaseModel):
     method: str = Field(
         "lrcp", strict=True,
         description="Default method: an input-side scorer (see `list_methods()`) or 'alvts'.")
-    prune_ratio: float = Field(
-        0.0, strict=True,
-        description="Default fraction of visual tokens dropped per image, in [0, 1).",
+    prune_ratio: Annotated[float, Strict()] | Literal["auto"] = Field(
+        0.0,
+        description="Default fraction of visual tokens dropped per image, in [0, 1), or 'auto' "
+        "(each item's count from its content, docs/budgets.md).",
     )
-    video_prune_ratio: float | None = Field(
-        None, strict=True, description="Default ratio for video items; None means `prune_ratio`."
+    video_prune_ratio: Annotated[float, Strict()] | Literal["auto"] | None = Field(
+        None, description="Default ratio for video items; None means `prune_ratio`."
     )
+    max_visual_tokens: int | None = Field(
+        None, ge=1, strict=True,
+        description="Default cap on a request's kept visual tokens over all its items (None: no "
+        "cap); split over the items by docs/budgets.md's rule.")
+    low_detail_tokens: int = Field(
+        LOW_DETAIL_TOKENS, ge=1, strict=True,
+        description="Most tokens an image sent with detail 'low' keeps.")
+    auto: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of prune_ratio 'auto' (vllm_tokenprune.budget.AutoOptions; checked "
+        "when the processor is built, in the API server).")
     min_keep: int = Field(
         1, ge=1, strict=True, description="Never keep fewer tokens than this per item."
     )
@@ -85,8 +112,11 @@ class TokenPruneConfig(BaseModel):
 
     @field_validator("prune_ratio", "video_prune_ratio")
     @classmethod
-    def _ratio_in_range(cls, v: float | None) -> float | None:
-        if v is not None and not (0.0 <= v < 1.0):
+    def _ratio_in_range(cls, v: float | str | None) -> float | str | None:
+        if v is None or v == AUTO:
+            return v
+        assert isinstance(v, float)
+        if not (0.0 <= v < 1.0):
             raise ValueError(f"must be in [0, 1), got {v!r}")
         return None if v is None else v + 0.0  # -0.0 -> 0.0
 
@@ -121,6 +151,14 @@ class TokenPruneConfig(BaseModel):
                 validate_options(name, dict(opts))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"options.{name}: {e}") from None
+        if _acts_in_layers(self.method):
+            for key in ("prune_ratio", "video_prune_ratio"):
+                if getattr(self, key) == AUTO:
+                    raise ValueError(f"{key}: 'auto' needs an input-side method, not "
+                                     f"{self.method!r}")
+            if self.max_visual_tokens is not None:
+                raise ValueError(f"max_visual_tokens: needs an input-side method, not "
+                                 f"{self.method!r}")
         return self
 
     def is_allowed(self, method: str) -> bool:
@@ -144,7 +182,7 @@ class TokenPruneConfig(BaseModel):
         """Whether this server may route visual tokens layer by layer (``alvts``)."""
         return "alvts" in self.layer_methods()
 
-    def ratio_for(self, modality: str) -> float:
+    def ratio_for(self, modality: str) -> float | str:
         if modality == "video" and self.video_prune_ratio is not None:
             return self.video_prune_ratio
         return self.prune_ratio
@@ -247,17 +285,58 @@ def _check_ratio(field: str, value: Any) -> float:
     return value + 0.0  # -0.0 -> 0.0 (one cache key per meaning)
 
 
+def _check_ratio_or_auto(field: str, value: Any) -> float | str:
+    if isinstance(value, str) and value == AUTO:
+        return AUTO
+    if isinstance(value, str):
+        raise RequestFieldError(field, f"must be a number in [0, 1) or \"auto\", got "
+                                f"{shown(value)}")
+    return _check_ratio(field, value)
+
+
+#: Largest ``max_visual_tokens`` (2^31 - 1: far above any request, and a C int everywhere).
+MAX_CAP = 2**31 - 1
+
+
+def _check_cap(value: Any) -> int:
+    """``max_visual_tokens``: a JSON integer >= 1 (not a float, not ``true``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CAP:
+        raise RequestFieldError("max_visual_tokens",
+                                f"must be an integer in [1, {MAX_CAP}], got {shown(value)}")
+    return int(value)
+
+
+def check_detail(value: Any, where: str = "detail") -> str | None:
+    """One image's ``detail``: ``"low"`` / ``"high"``; ``"auto"`` or absent (None) change
+    nothing and come back as None."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return None
+    if isinstance(value, str) and value in DETAILS:
+        return str(value)
+    raise RequestFieldError(where, f'must be "low", "high" or "auto", got {shown(value)}')
+
+
+def _check_details(value: Any) -> list[str | None]:
+    if not isinstance(value, list) or not value:
+        raise RequestFieldError(DETAIL_KEY, f"must be a non-empty list, got {shown(value)}")
+    return [check_detail(v, DETAIL_KEY) for v in value]
+
+
 def parse_request_fields(
     fields: Mapping[str, Any], config: TokenPruneConfig
-) -> dict[str, float | str]:
+) -> dict[str, Any]:
     """Validate per-request pruning fields; return the subset to put in ``mm_processor_kwargs``.
 
     Raises :class:`RequestFieldError` naming the first bad field.
     """
-    out: dict[str, float | str] = {}
+    out: dict[str, Any] = {}
     for field in ("prune_ratio", "video_prune_ratio"):
         if field in fields:
-            out[field] = _check_ratio(field, fields[field])
+            out[field] = _check_ratio_or_auto(field, fields[field])
+    if "max_visual_tokens" in fields:
+        out["max_visual_tokens"] = _check_cap(fields["max_visual_tokens"])
+    if DETAIL_KEY in fields:
+        out[DETAIL_KEY] = _check_details(fields[DETAIL_KEY])
     if "prune_method" in fields:
         method = fields["prune_method"]
         if not isinstance(method, str):
@@ -281,4 +360,14 @@ def parse_request_fields(
                 f"{', '.join(config.allowed_methods or ())}",
             )
         out["prune_method"] = method
+    if _acts_in_layers(str(out.get("prune_method", config.method))):
+        for field in ("prune_ratio", "video_prune_ratio", "max_visual_tokens"):
+            if field in out and (field == "max_visual_tokens" or out[field] == AUTO):
+                raise RequestFieldError(
+                    field, f"{shown(fields[field])} needs an input-side method: a layer-stage "
+                    "method keeps every visual token in the prompt")
+        if DETAIL_KEY in out:
+            raise RequestFieldError(
+                "detail", "low/high detail needs an input-side method: a layer-stage method "
+                "keeps every visual token in the prompt")
     return out

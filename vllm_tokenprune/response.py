@@ -9,12 +9,16 @@ A response to a request whose media went through a TokenPrune model carries, nex
       "method": "lrcp",
       "ratios": {"image": 0.889},
       "tokens": 192, "kept": 21,
-      "items": [{"modality": "image", "index": 0, "tokens": 192, "kept": 21}]
+      "items": [{"modality": "image", "index": 0, "tokens": 192, "kept": 21, "why": "ratio"}]
     }
 
 ``tokens``/``kept`` count the visual tokens the scorer chose from and the ones the language
 model got, per item (``index``: the item's place among its modality's items in the prompt) and
-summed; ``tokens - kept`` is exactly what pruning took off ``usage.prompt_tokens``. LLaVA-NeXT's
+summed; ``why`` says what decided an item's count (``"ratio"``, ``"auto"``, ``"detail"``,
+``"cap"``: :data:`vllm_tokenprune.plan.REASONS`, docs/budgets.md); ``ratios`` holds ``"auto"``
+for a modality whose counts ``prune_ratio: "auto"`` chose, and a capped request's field has
+``max_visual_tokens``; ``tokens - kept`` is exactly what pruning took off
+``usage.prompt_tokens``. LLaVA-NeXT's
 image-newline tokens are always kept and counted in neither. A request without media (or on a
 model that is not a TokenPrune architecture) gets no ``token_prune`` field. Layer-wise routing
 (``alvts``) drops nothing at the input (``kept`` = ``tokens``); its items also carry
@@ -96,15 +100,19 @@ class RequestDetails:
 
     def __init__(self) -> None:
         self.method: str | None = None
-        self.ratios: dict[str, float] = {}
-        self.items: list[tuple[str, int, int]] = []  # (modality, tokens, kept)
+        self.ratios: dict[str, float | str] = {}
+        self.items: list[tuple[str, int, int, str]] = []  # (modality, tokens, kept, why)
+        self.cap: int | None = None
         self.routing: dict[str, list[tuple[int, int]]] = {}  # modality -> (through, layers)
 
-    def add(self, method: str, items: Iterable[tuple[str, str, int, int]],
-            ratios: dict[str, float]) -> None:
+    def add(self, method: str, items: Iterable[tuple[Any, ...]],
+            ratios: dict[str, float | str], cap: int | None = None) -> None:
+        """``items``: (modality, method, tokens, kept[, why]) per media item."""
         self.method = self.method or method
         self.ratios.update(ratios)
-        self.items.extend((modality, tokens, kept) for modality, _m, tokens, kept in items)
+        self.cap = self.cap if cap is None else cap
+        self.items.extend((it[0], it[2], it[3], it[4] if len(it) > 4 else "ratio")
+                          for it in items)
 
     def add_routing(self, items: Iterable[tuple[str, str, int, int]], layers: int) -> None:
         """Layer-wise routed items, in prompt order: (modality, method, tokens, through)."""
@@ -118,11 +126,11 @@ class RequestDetails:
         items = []
         routing = {m: list(v) for m, v in self.routing.items()}
         skipped = 0
-        for modality, tokens, kept in self.items:
+        for modality, tokens, kept, why in self.items:
             index = seen.get(modality, 0)
             seen[modality] = index + 1
             item: dict[str, Any] = {"modality": modality, "index": index, "tokens": tokens,
-                                    "kept": kept}
+                                    "kept": kept, "why": why}
             if routing.get(modality):
                 through, layers = routing[modality].pop(0)
                 item.update(routed_per_layer=through, routed_layers=layers)
@@ -131,10 +139,12 @@ class RequestDetails:
         out: dict[str, Any] = {
             "method": self.method,
             "ratios": dict(self.ratios),
-            "tokens": sum(t for _, t, _ in self.items),
-            "kept": sum(k for _, _, k in self.items),
+            "tokens": sum(it[1] for it in self.items),
+            "kept": sum(it[2] for it in self.items),
             "items": items,
         }
+        if self.cap is not None:
+            out["max_visual_tokens"] = self.cap
         if self.routing:
             out["skipped_token_layers"] = skipped
         return out
@@ -145,13 +155,13 @@ _current: contextvars.ContextVar[RequestDetails | None] = contextvars.ContextVar
 )
 
 
-def note_request(method: str, items: Iterable[tuple[str, str, int, int]],
-                 ratios: dict[str, float]) -> None:
+def note_request(method: str, items: Iterable[tuple[Any, ...]],
+                 ratios: dict[str, float | str], cap: int | None = None) -> None:
     """Called by the processor for each prompt it preprocessed: ``items`` are
-    (modality, method, tokens, kept) per media item. No-op outside a request."""
+    (modality, method, tokens, kept[, why]) per media item. No-op outside a request."""
     details = _current.get()
     if details is not None:
-        details.add(method, items, ratios)
+        details.add(method, items, ratios, cap)
 
 
 def note_routing(items: Iterable[tuple[str, str, int, int]], layers: int) -> None:
@@ -162,11 +172,13 @@ def note_routing(items: Iterable[tuple[str, str, int, int]], layers: int) -> Non
         details.add_routing(items, layers)
 
 
-def note_plans(method: str, plans: Sequence[ItemPlan], ratios: dict[str, float]) -> None:
+def note_plans(method: str, plans: Sequence[ItemPlan], ratios: dict[str, float | str],
+               cap: int | None = None) -> None:
     """Called by the processor for each prompt it preprocessed: its items' plans (in prompt
-    order per modality), the method it asked for and the ratio per modality. No-op outside a
-    request."""
-    note_request(method, [(p.modality, p.method, p.num_tokens, p.kept) for p in plans], ratios)
+    order per modality), the method it asked for, the ratio per modality and the request's cap.
+    No-op outside a request."""
+    note_request(method, [(p.modality, p.method, p.num_tokens, p.kept, p.why) for p in plans],
+                 ratios, cap)
     routed = [p for p in plans if p.layers]
     for layers in sorted({p.layers for p in routed}):
         note_routing([(p.modality, p.method, p.num_tokens, p.num_keep)

@@ -28,6 +28,8 @@ from vllm_tokenprune.metrics.exchange import (
 from vllm_tokenprune.plan import ItemPlan
 
 RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.6, 0.75, 0.8, 0.889, 0.9, 0.944, 0.97, 0.99, 1.0)
+#: Buckets of ``tokenprune_item_kept_visual_tokens`` (tokens one item keeps).
+ITEM_KEPT_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 _lock = threading.Lock()
 _frontend: dict[str, Any] | None = None
@@ -63,6 +65,11 @@ def enable_frontend() -> None:
             "ratio": Histogram("tokenprune_prune_ratio",
                                "Prune ratio requested (or defaulted) per request and modality.",
                                ["model_name", "modality"], buckets=RATIO_BUCKETS),
+            "item_kept": Histogram(
+                "tokenprune_item_kept_visual_tokens",
+                "Visual tokens one media item keeps, by what decided its count (reason: ratio, "
+                "auto, detail, cap).", ["model_name", "modality", "reason"],
+                buckets=ITEM_KEPT_BUCKETS),
         }
 
 
@@ -72,22 +79,26 @@ def enabled() -> bool:
 
 
 def record_request(model_name: str, method: str, plans: Sequence[ItemPlan],
-                   ratios: dict[str, float]) -> None:
+                   ratios: dict[str, float | str]) -> None:
     """One request passed preprocessing: its items' plans, the method it asked for and the
-    ratio per modality. Layer-stage items count every token as kept (nothing is dropped at the
-    input) and their skipped token-layers separately."""
+    ratio per modality (``"auto"``: not observed as a ratio). Layer-stage items count every
+    token as kept (nothing is dropped at the input) and their skipped token-layers separately;
+    each item's kept tokens also go, by the reason that decided them, into
+    ``tokenprune_item_kept_visual_tokens``."""
     m = _frontend
     if m is None:
         return
     m["requests"].labels(model_name, method).inc()
     for modality, ratio in ratios.items():
-        m["ratio"].labels(model_name, modality).observe(ratio)
+        if not isinstance(ratio, str):
+            m["ratio"].labels(model_name, modality).observe(ratio)
     for p in plans:
         labels = (model_name, p.method, p.modality)
         m["input"].labels(*labels).inc(p.num_tokens)
         m["kept"].labels(*labels).inc(p.kept)
         m["saved"].labels(*labels).inc(p.num_tokens - p.kept)
         m["items"].labels(*labels).inc()
+        m["item_kept"].labels(model_name, p.modality, p.why).observe(p.kept)
         if p.layers:
             m["skipped_layers"].labels(*labels).inc(p.skipped_token_layers)
 

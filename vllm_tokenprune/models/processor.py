@@ -15,6 +15,12 @@ server).
 * refuses (400) an item the worker could not serve safely: more tokens before pruning than the
   largest item vLLM profiled the encoder with (pruning would otherwise let such an item in, as
   the prompt only holds its kept tokens), or a grid too large for the position encoding;
+* budgets (docs/budgets.md): ``prune_ratio: "auto"`` estimates each item's count from the HF
+  processor's pixels (:mod:`vllm_tokenprune.budget`), an image's ``detail`` and the request's
+  ``max_visual_tokens`` bound it (:func:`vllm_tokenprune.plan.item_counts`); a capped request's
+  items are planned together, so a capped request partly in vLLM's processor cache is
+  processed whole (the cached items come back from the cache unchanged: their keys carry the
+  whole request, see :meth:`_get_mm_hashes`);
 * processes vLLM's profiling dummy inputs (``get_dummy_mm_inputs``: the profile run, the encoder
   budget) unpruned and marked, never refused: the worker profiles the unpruned batch and runs
   every allowed scorer at its worst on it (:mod:`.encoder_budget`);
@@ -28,14 +34,22 @@ vLLM also runs the processor in the engine core and the worker, for its dummy in
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from vllm_tokenprune import __version__, response
+from vllm_tokenprune.budget import (
+    AutoOptions,
+    auto_options,
+    estimate_keep,
+    pixel_scale,
+    token_grid,
+)
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
-from vllm_tokenprune.config import REQUEST_FIELDS, TokenPruneConfig, config_from_hf_config
+from vllm_tokenprune.config import SEALED_FIELDS, TokenPruneConfig, config_from_hf_config
 from vllm_tokenprune.metrics import frontend as metrics
 from vllm_tokenprune.models.wire import (
     MAX_TEXT_TOKENS,
@@ -47,7 +61,13 @@ from vllm_tokenprune.models.wire import (
     profile_key,
     text_key,
 )
-from vllm_tokenprune.plan import MODALITIES, ItemPlan, ModalityPlan, RequestPlan, resolve_request
+from vllm_tokenprune.plan import (
+    MODALITIES,
+    ItemPlan,
+    RequestPlan,
+    item_counts,
+    resolve_request,
+)
 from vllm_tokenprune.scoring import INPUT, LAYER, get_method
 
 _prompt_text_ids: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
@@ -64,6 +84,10 @@ _missing_items: contextvars.ContextVar[dict[str, list[int]] | None] = contextvar
 #: for this request; None per item: not pruned (e.g. precomputed embeddings).
 _item_plans: contextvars.ContextVar[dict[str, list[ItemPlan | None]] | None] = (
     contextvars.ContextVar("tokenprune_item_plans", default=None))
+#: Per modality, the plans of the items processed now (in processing order), for this request:
+#: the placeholder content carries them (with their ``why``, which the params row does not).
+_new_plans: contextvars.ContextVar[dict[str, list[ItemPlan]] | None] = contextvars.ContextVar(
+    "tokenprune_new_plans", default=None)
 #: This request's plan (:func:`vllm_tokenprune.plan.resolve_request`), set by ``apply``.
 _request_plan: contextvars.ContextVar[RequestPlan | None] = contextvars.ContextVar(
     "tokenprune_request_plan", default=None)
@@ -150,8 +174,13 @@ class TokenPruneProcessorMixin:
         cfg = getattr(self, "_tp_cfg", None)
         if cfg is None:
             cfg = config_from_hf_config(self.info.get_hf_config())
+            self._tp_auto = auto_options(cfg.auto)  # a bad token_prune.auto stops start-up
             self._tp_cfg = cfg
         return cfg
+
+    def _tp_auto_options(self) -> AutoOptions:
+        self._tp_config()
+        return self._tp_auto
 
     def _tp_plan(self, mm_kwargs: Mapping[str, object]) -> RequestPlan:
         """This request's plan: resolved once per ``apply`` (vLLM's profiling dummies: ratio 0,
@@ -191,6 +220,7 @@ class TokenPruneProcessorMixin:
         token_items = _item_text_ids.set(self._tp_item_texts(inputs))
         token_missing = _missing_items.set(None)
         token_plans = _item_plans.set(None)
+        token_new = _new_plans.set(None)
         try:
             result = super().apply(inputs, *args, **kwargs)  # type: ignore[misc]
             plans = _item_plans.get() or {}
@@ -200,6 +230,7 @@ class TokenPruneProcessorMixin:
             _item_text_ids.reset(token_items)
             _missing_items.reset(token_missing)
             _item_plans.reset(token_plans)
+            _new_plans.reset(token_new)
             _request_plan.reset(token_plan)
         if request_plan is not None:
             self._tp_record(request_plan, plans)
@@ -231,10 +262,11 @@ class TokenPruneProcessorMixin:
         items = [p for m in modalities for p in plans[m] if p is not None]
         if not items:
             return
-        ratios = {m: request[m].ratio for m in modalities}
+        ratios: dict[str, float | str] = {
+            m: "auto" if request[m].auto else request[m].ratio for m in modalities}
         model_name = self.info.ctx.model_config.served_model_name
         metrics.record_request(model_name, request.method, items, ratios)
-        response.note_plans(request.method, items, ratios)
+        response.note_plans(request.method, items, ratios, request.cap)
 
     def _tp_text_ids(self, prompt: Sequence[int] | str) -> tuple[int, ...]:
         if isinstance(prompt, str):
@@ -280,33 +312,67 @@ class TokenPruneProcessorMixin:
             out[modality] = texts
         return out
 
-    def _tp_salt(self, plan: ModalityPlan, index: int) -> str | None:
-        """The hash suffix of item ``index`` of ``plan``'s modality (None: not pruned, vLLM's
-        key)."""
-        if not plan.prunes:
+    def _tp_salt(self, request: RequestPlan, modality: str, index: int,
+                 peers: Sequence[str] = ()) -> str | None:
+        """The hash suffix of item ``index`` of ``modality`` (None: not pruned, vLLM's key).
+        Beyond the selection's inputs, it carries what decided the count and is in no vLLM key
+        (the server's ``auto`` options, ``low_detail_tokens``, its default cap) and, in a capped
+        request, ``peers``: every item's own key, as the cap's split depends on all of them."""
+        plan = request[modality]
+        detail = request.detail(modality, index)
+        if not plan.prunes and request.cap is None and detail is None:
             return None
         cfg = self._tp_config()
         text = None
         if plan.uses_text:
             texts = (_item_text_ids.get() or {}).get(plan.modality)
             text = texts[index] if texts is not None and index < len(texts) else ()
+        budget: dict[str, Any] = {}
+        if plan.auto and detail != "high":
+            budget["auto"] = dataclasses.asdict(self._tp_auto_options())
+        if detail is not None:
+            budget.update(detail=detail, low=cfg.low_detail_tokens)
+        if request.cap is not None:
+            budget.update(cap=request.cap, peers=list(peers))
         return pruned_item_salt(__version__, plan.method, cfg.options_for(plan.method),
-                                cfg.min_keep, text)
+                                cfg.min_keep, text, budget or None)
 
     def _get_mm_hashes(self, inputs: Any) -> Any:
         hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
         if _profiling.get():
             return {m: [f"{h}{PROFILE_SALT}" for h in items] for m, items in hashes.items()}
         plan = self._tp_plan(inputs.hf_processor_mm_kwargs)
+        peers = ([h for m in MODALITIES for h in hashes.get(m, ())]
+                 if plan.cap is not None else [])
         out = {}
         for modality, items in hashes.items():
             salted = []
             for i, h in enumerate(items):
-                salt = (self._tp_salt(plan[modality], i) if modality in plan.modalities
+                salt = (self._tp_salt(plan, modality, i, peers) if modality in plan.modalities
                         else None)
                 salted.append(h if salt is None else f"{h}-tp{salt}")
             out[modality] = salted
         return out
+
+    def _get_cache_missing_items(self, cache: Any, mm_data_items: Any, mm_hashes: Any) -> Any:
+        """vLLM's split of the items into cached and missing; a capped request with some items
+        cached and some not is processed whole (the cap's split needs every item), its cached
+        items then come back from the cache as they are (same keys, same split)."""
+        is_cached, missing = super()._get_cache_missing_items(  # type: ignore[misc]
+            cache, mm_data_items, mm_hashes)
+        flags = [f for m in MODALITIES for f in is_cached.get(m, ())]
+        request = _request_plan.get()
+        if (request is not None and request.cap is not None and not _profiling.get()
+                and any(flags) and not all(flags)):
+            data = {}
+            for modality, items in mm_data_items.items():
+                if any(items[i] is None for i in range(items.get_count())):
+                    return is_cached, missing  # items sent by uuid alone: vLLM's split
+                data[modality] = [items[i] for i in range(items.get_count())]
+            is_cached = {m: [False] * len(v) for m, v in is_cached.items()}
+            missing = self.info.parse_mm_data(data, validate=False)
+        return is_cached, missing
+
 
     def _get_cache_missing_processor_kwargs(self, inputs: Any, mm_is_cached: Any) -> Any:
         """Remember which items the processor cache missed: they are the ones processed now,
@@ -386,7 +452,7 @@ class TokenPruneProcessorMixin:
         pruning fields to its output (only for the items processed now: cached items keep
         theirs, and the cache key includes the request fields)."""
         self._tp_check_embeds(mm_items, hf_kwargs)
-        clean = {k: v for k, v in hf_kwargs.items() if k not in REQUEST_FIELDS}
+        clean = {k: v for k, v in hf_kwargs.items() if k not in SEALED_FIELDS}
         out = super()._apply_hf_processor_main(mm_items, clean)  # type: ignore[misc]
         self._tp_add_fields(out, self._tp_plan(hf_kwargs))
         return out
@@ -416,14 +482,21 @@ class TokenPruneProcessorMixin:
         prompt_text = _prompt_text_ids.get() or ()
         item_texts = _item_text_ids.get() or {}
         missing = _missing_items.get()
+        found: dict[str, tuple[list[ItemLayout], list[int]]] = {}
         for modality in MODALITIES:
             layouts = self._tp_item_layouts(modality, out)
             if layouts is None:
                 continue
             # item j processed now is the prompt's item original[j] (cache misses only)
             original = (missing or {}).get(modality, list(range(len(layouts))))
-            plans = [ItemPlan.plan(request[modality], original[j] if j < len(original) else j,
-                                   lay, cfg.min_keep) for j, lay in enumerate(layouts)]
+            found[modality] = (layouts, [original[j] if j < len(original) else j
+                                         for j in range(len(layouts))])
+        counts = iter(self._tp_counts(out, request, found))
+        new_plans: dict[str, list[ItemPlan]] = {}
+        for modality, (layouts, original) in found.items():
+            plans = [ItemPlan.plan(request[modality], original[j], lay, cfg.min_keep,
+                                   next(counts)) for j, lay in enumerate(layouts)]
+            new_plans[modality] = plans
             for plan in plans:
                 self._tp_check_plan(plan)
             rows = [plan.row() for plan in plans]
@@ -440,6 +513,53 @@ class TokenPruneProcessorMixin:
                     if text:
                         ids[j, : len(text)] = torch.tensor(text, dtype=torch.long)
                 out[text_key(modality)] = ids
+        _new_plans.set(new_plans)
+
+    def _tp_counts(self, out: Any, request: RequestPlan,
+                   found: Mapping[str, tuple[list[ItemLayout], list[int]]]
+                   ) -> list[tuple[int, str]] | list[None]:
+        """``(num_keep, why)`` of every item processed now (:func:`item_counts`), modality by
+        modality; None each (the ratio's count) for vLLM's profiling dummies."""
+        total = sum(len(lays) for lays, _ in found.values())
+        if _profiling.get() or not request.budgeted():
+            return [None] * total
+        cfg = self._tp_config()
+        if request.cap is not None and total and request.cap < total * cfg.min_keep:
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(
+                f"max_visual_tokens: {request.cap} is below what the request's {total} media "
+                f"items keep at least (token_prune.min_keep = {cfg.min_keep} each)",
+                parameter="max_visual_tokens")
+        items = []
+        for modality, (layouts, original) in found.items():
+            for j, lay in enumerate(layouts):
+                estimate = None
+                if request[modality].auto and request.detail(modality, original[j]) != "high":
+                    estimate = self._tp_auto_keep(out, modality, j, lay.num_tokens)
+                items.append((modality, original[j], lay.num_tokens, estimate))
+        return item_counts(request, items, cfg.min_keep)
+
+    def _tp_auto_keep(self, out: Any, modality: str, index: int, num_tokens: int) -> int:
+        """``auto``'s count for item ``index`` of the HF output (:mod:`vllm_tokenprune.budget`:
+        the spectral rank of its pixels at the language model's token granularity)."""
+        hf = self.info.get_hf_processor()
+        proc = getattr(hf, f"{modality}_processor", None) or hf.image_processor
+        patch = int(getattr(self.info.get_hf_config().vision_config, "patch_size", 14))
+        opts = self._tp_auto_options()
+        # vLLM may normalize the pixels on the device (mm_device_do_normalize): then they are
+        # raw here, and the processor ran with do_rescale / do_normalize False
+        merged = self.info.ctx.get_merged_mm_kwargs({})
+        scale = pixel_scale(proc, do_rescale=merged.get("do_rescale"),
+                            do_normalize=merged.get("do_normalize"))
+        try:
+            grid = token_grid(out, proc, opts, index, patch, modality, scale)
+        except (KeyError, ValueError) as e:
+            field = "video_prune_ratio" if modality == "video" else "prune_ratio"
+            raise ValueError(f"{field}: 'auto' cannot read this {modality}'s pixels on "
+                             f"{type(self).__name__}: {e}") from None
+        return estimate_keep(grid, num_tokens, opts, min_keep=self._tp_config().min_keep,
+                             video=modality == "video").num_keep
 
     def _tp_fields_config(self, hf_inputs: Mapping[str, object]) -> dict[str, Any]:
         from vllm.multimodal.inputs import MultiModalFieldConfig
@@ -485,8 +605,11 @@ class TokenPruneProcessorMixin:
             item = out_mm_kwargs[modality][item_idx]
             if params_key(modality) not in item:  # e.g. precomputed embeddings: not pruned
                 return full
-            plan = ItemPlan.from_row(self._tp_plan(mm_kwargs)[modality], item_idx,
-                                     item[params_key(modality)].data.tolist())
+            row = item[params_key(modality)].data.tolist()
+            plan = ItemPlan.from_row(self._tp_plan(mm_kwargs)[modality], item_idx, row)
+            made = (_new_plans.get() or {}).get(modality) or ()
+            if item_idx < len(made) and made[item_idx].row() == row:
+                plan = made[item_idx]  # the same count, with what decided it
             if plan.stage == LAYER:  # acts inside the LM: the input keeps every token
                 return _counted(full, plan)
             tokens = [int(t) for t in getattr(full, "full", full)]

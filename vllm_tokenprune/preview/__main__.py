@@ -22,6 +22,16 @@ from vllm_tokenprune.preview import (
 from vllm_tokenprune.scoring import list_methods
 
 
+def _ratio(text: str) -> float | str:
+    """A ``--ratio`` value: a number, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'auto': {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vllm_tokenprune.preview", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="video path or URL (Qwen families; repeat)")
     p.add_argument("--method", action="append", choices=list_methods(),
                    help="scorer (repeat for a grid; default: the server's)")
-    p.add_argument("--ratio", action="append", type=float,
-                   help="prune ratio (repeat for a grid; default: the server's)")
-    p.add_argument("--video-ratio", type=float, default=None, help="ratio for videos")
+    p.add_argument("--ratio", action="append", type=_ratio,
+                   help="prune ratio or 'auto' (repeat for a grid; default: the server's)")
+    p.add_argument("--video-ratio", type=_ratio, default=None, help="ratio for videos")
+    p.add_argument("--detail", action="append", choices=["low", "high", "auto"],
+                   help="each image's image_url.detail, in order (once: every image)")
+    p.add_argument("--max-visual-tokens", type=int, default=None,
+                   help="the request's max_visual_tokens (default: the server's)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help="the request's text (text-conditioned methods depend on it)")
     p.add_argument("--hf-overrides", default=None,
@@ -49,10 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ratios = args.ratio or [None]
     common = dict(prompt=args.prompt, hf_overrides=args.hf_overrides, dtype=args.dtype,
                   device=args.device)
+    detail = args.detail
+    if detail and len(detail) == 1:
+        detail = detail * len(args.image)
     try:
         if len(methods) == 1 and len(ratios) == 1:
             result = preview(args.model, media, methods[0], ratios[0],
-                             video_ratio=args.video_ratio, **common)
+                             video_ratio=args.video_ratio, detail=detail,
+                             max_visual_tokens=args.max_visual_tokens, **common)
             render(result).save(args.output)
             print(json.dumps(result.to_json()))
         else:

@@ -87,6 +87,7 @@ class Prepared:
     inputs: Any
     items: list[Item]
     text_embeds: torch.Tensor | None
+    media: list[Any] = field(default_factory=list)
 
 
 @lru_cache(maxsize=2)
@@ -159,16 +160,17 @@ def prepare(model_dir: str, media: list[Any], text: str, *, dtype: str = "float3
         inputs, items = _qwen(processor, model, media, prompt)
     else:
         inputs, items = _llava(processor, model, media, prompt)
-    return Prepared(model_type, processor, model, prompt, inputs, items, text_embeds)
+    return Prepared(model_type, processor, model, prompt, inputs, items, text_embeds, media)
 
 
 def select(prep: Prepared, item: Item, ratio: float, method: str,
-           config: TokenPruneConfig | None = None) -> torch.Tensor:
+           config: TokenPruneConfig | None = None, keep: int | None = None) -> torch.Tensor:
     """Kept rows of ``item.feat`` (ascending, always-kept rows included), as the server
-    selects them at ``ratio`` with ``method`` under the ``token_prune`` block ``config``."""
+    selects them at ``ratio`` with ``method`` under the ``token_prune`` block ``config``
+    (``keep``: the item's count when a budget decided it, docs/budgets.md)."""
     config = config or TokenPruneConfig()
     n = item.num_tokens
-    k = num_kept(n, ratio, config.min_keep)
+    k = num_kept(n, ratio, config.min_keep) if keep is None else int(keep)
     rows = item.feat.shape[0]
     if k >= n:
         return torch.arange(rows)
@@ -192,7 +194,8 @@ def kept_scored(item: Item, kept_rows: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- families
 
 
-def _qwen(processor: Any, model: Any, media: list[Any], prompt: str) -> tuple[Any, list[Item]]:
+def _qwen_call(processor: Any, media: list[Any], prompt: str,
+               **kwargs: Any) -> tuple[Any, list[Any], list[Any]]:
     from transformers.video_utils import VideoMetadata
 
     from vllm_tokenprune.testing.media import decode_video
@@ -210,7 +213,19 @@ def _qwen(processor: Any, model: Any, media: list[Any], prompt: str) -> tuple[An
                                           video_backend="opencv"))
     inputs = processor(text=[prompt], images=images or None, videos=videos or None,
                        video_metadata=metadata or None, return_tensors="pt",
-                       return_mm_token_type_ids=True)
+                       return_mm_token_type_ids=True, **kwargs)
+    return inputs, images, frames_of
+
+
+def raw_qwen_inputs(prep: Prepared) -> Any:
+    """The Qwen-VL processor's output without rescaling and normalizing: what vLLM's API
+    server gets when it normalizes on the device (``mm_device_do_normalize``)."""
+    return _qwen_call(prep.processor, prep.media, prep.prompt, do_rescale=False,
+                      do_normalize=False)[0]
+
+
+def _qwen(processor: Any, model: Any, media: list[Any], prompt: str) -> tuple[Any, list[Item]]:
+    inputs, images, frames_of = _qwen_call(processor, media, prompt)
     cfg = model.config
     merge = cfg.vision_config.spatial_merge_size
     cell = merge * cfg.vision_config.patch_size

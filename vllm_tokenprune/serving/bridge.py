@@ -5,7 +5,15 @@ A chat or completions request may carry, at the top level of its JSON body:
 
 * ``prune_ratio`` (number in [0, 1)): fraction of each image's visual tokens to drop;
 * ``video_prune_ratio`` (number in [0, 1)): the same for video items (default: ``prune_ratio``);
-* ``prune_method`` (string): scorer for this request (one of ``token_prune.allowed_methods``).
+* ``prune_method`` (string): scorer for this request (one of ``token_prune.allowed_methods``);
+* ``max_visual_tokens`` (integer >= 1): the most visual tokens the request's items keep in all;
+
+and, on the chat route, each image part may carry OpenAI's ``image_url.detail`` (``"low"``,
+``"high"``, ``"auto"``): the bridge reads it per image, in the order vLLM's chat parser numbers
+the request's images (:func:`image_details`), and hands the list on as ``image_detail``
+(``"auto"``/absent: None; a request whose images all say ``"auto"`` is forwarded unchanged, so it
+is exactly the request without the field). Only a TokenPrune server reads ``detail``; any other
+server leaves it to vLLM, which ignores it.
 
 :class:`TokenPruneMiddleware` validates the fields and moves them into the request's
 ``mm_processor_kwargs``, which vLLM hashes into its multimodal cache keys and hands to the
@@ -27,9 +35,12 @@ import json
 from typing import Any
 
 from vllm_tokenprune.config import (
+    DETAIL_KEY,
     REQUEST_FIELDS,
+    SEALED_FIELDS,
     RequestFieldError,
     TokenPruneConfig,
+    check_detail,
     parse_request_fields,
 )
 from vllm_tokenprune.serving.reading import (
@@ -44,6 +55,47 @@ from vllm_tokenprune.serving.seal import SEAL_KEY, seal
 
 #: Routes whose JSON body may carry the pruning fields.
 PRUNE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+#: The route whose messages may carry ``image_url.detail``.
+CHAT_PATH = "/v1/chat/completions"
+#: Content-part types vLLM's chat parser (``vllm.renderers.chat_utils.MM_PARSER_MAP``) turns
+#: into one image item / one video item each; a part without ``type`` is typed by its key.
+IMAGE_PARTS = ("image_url", "input_image", "image_embeds", "image_pil")
+VIDEO_PARTS = ("video_url", "video_embeds")
+
+
+def _part_kind(part: Any) -> str | None:
+    if not isinstance(part, dict):
+        return None
+    kind = part.get("type")
+    if kind is None or part.get("uuid") is not None:
+        kind = next((k for k in (*IMAGE_PARTS, *VIDEO_PARTS) if k in part), None)
+    return kind if isinstance(kind, str) else None
+
+
+def image_details(messages: Any) -> tuple[list[str | None], int]:
+    """Each image item's ``detail`` (None for ``"auto"`` or absent), in the order vLLM's chat
+    parser adds the request's images (message order, then part order), and the number of media
+    items (images and videos). RequestFieldError naming the part for a bad value."""
+    details: list[str | None] = []
+    items = 0
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            kind = _part_kind(part)
+            if kind in VIDEO_PARTS:
+                items += 1
+            if kind not in IMAGE_PARTS:
+                continue
+            items += 1
+            url = part.get("image_url")
+            if isinstance(url, dict) and "detail" in url:
+                where = f"messages[{i}].content[{j}].image_url.detail"
+                details.append(check_detail(url["detail"], where))
+            elif kind == "input_image" and "detail" in part:
+                details.append(check_detail(part["detail"], f"messages[{i}].content[{j}].detail"))
+            else:
+                details.append(None)
+    return details, items
 STATE_KEY = "tokenprune"
 _INLINE_BODY_BYTES = 256 * 1024
 
@@ -86,7 +138,9 @@ def rewrite_body(
     Returns ``(new_body, None)`` to forward ``new_body`` (``None``: unchanged), or
     ``(None, (status, json_bytes))`` to answer with an error.
     """
-    if not maybe_guarded(body):
+    # a TokenPrune server also reads the chat parts' detail (a plain byte search first)
+    detail_route = state.config is not None and path == CHAT_PATH
+    if not maybe_guarded(body) and not (detail_route and b"detail" in body):
         return None, None
     try:
         data, oversized = load(body)
@@ -116,7 +170,7 @@ def rewrite_body(
 
     client_kwargs = data.get("mm_processor_kwargs")
     if isinstance(client_kwargs, dict):
-        for f in (*REQUEST_FIELDS, SEAL_KEY):
+        for f in (*SEALED_FIELDS, SEAL_KEY):
             if f in client_kwargs:
                 return None, _error(
                     400, f"mm_processor_kwargs.{f}: not accepted inside mm_processor_kwargs; "
@@ -130,6 +184,14 @@ def rewrite_body(
                 return None, _error(400, _untrusted_message(key), key)
 
     fields = {f: data.pop(f) for f in REQUEST_FIELDS if f in data}
+    num_items = 0
+    if detail_route:
+        try:
+            details, num_items = image_details(data.get("messages"))
+        except RequestFieldError as e:
+            return None, _error(400, str(e), e.field)
+        if any(d is not None for d in details):
+            fields[DETAIL_KEY] = details
     if not fields:
         return None, None
     name = next(iter(fields))
@@ -149,6 +211,12 @@ def rewrite_body(
         validated = parse_request_fields(fields, state.config)
     except RequestFieldError as e:
         return None, _error(400, str(e), e.field)
+    cap = validated.get("max_visual_tokens")
+    if cap is not None and num_items and cap < num_items * state.config.min_keep:
+        return None, _error(
+            400, f"max_visual_tokens: {cap} is below what the request's {num_items} media items "
+            f"keep at least (token_prune.min_keep = {state.config.min_keep} each)",
+            "max_visual_tokens")
     if oversized:  # valid fields, but vLLM refuses this body: let it answer
         return None, None
     mm_kwargs = client_kwargs if client_kwargs is not None else {}

@@ -8,7 +8,8 @@ it parses as JSON (Starlette's matching, so the root path is removed exactly as 
 (unknown paths, wrong methods, unauthenticated requests, multipart uploads, routes that take no
 body) goes through unread, so the bridge reads no byte vLLM would not read itself. Before any
 parse it scans the bytes for the guarded keys (:func:`maybe_guarded`: every plain spelling
-contains ``prune_``, ``_kwargs`` or ``extra_body``; any ``\\u`` escape or a UTF-16/32 body counts
+contains ``prune_``, ``_kwargs``, ``extra_body`` or ``_visual_tokens``; any ``\\u`` escape or a
+UTF-16/32 body counts
 as a maybe); then it parses with the parser vLLM uses (:func:`load`, :func:`json.loads`, so an
 escaped key is the key vLLM sees), and only when a guarded key is present at the top level does
 it check for duplicates (a second, C-speed parse, :func:`duplicated`).
@@ -30,10 +31,10 @@ GUARDED_KEYS = (*REQUEST_FIELDS, *UNTRUSTED_KWARGS, "extra_body")
 
 
 #: Byte strings one of which every spelling of a guarded key without a JSON escape contains
-#: (the three pruning fields, the two kwargs, ``extra_body``): a body without any of them and
+#: (the four pruning fields, the two kwargs, ``extra_body``): a body without any of them and
 #: without a ``\\u`` escape cannot carry a guarded key, so it is handed on unparsed. Each holds
 #: an underscore, the anchor the scan looks for first.
-_KEY_MARKS = (b"prune_", b"_kwargs", b"extra_body")
+_KEY_MARKS = (b"prune_", b"_kwargs", b"extra_body", b"_visual_tokens")
 #: Anchors visited one by one (``memchr`` speed) before the scan falls back to substring
 #: searches over the rest of the body.
 _FEW_ANCHORS = 512

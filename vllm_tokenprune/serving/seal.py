@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from vllm_tokenprune.config import REQUEST_FIELDS
+from vllm_tokenprune.config import SEALED_FIELDS
 
 #: Key of the bridge's seal inside ``mm_processor_kwargs`` (removed before processing).
 SEAL_KEY = "tokenprune_seal"
@@ -49,11 +49,30 @@ class _SealedFloat(float):
 
 
 class _SealedStr(str):
-    """A method name whose seal was checked."""
+    """A method name (or ``"auto"``) whose seal was checked."""
 
 
-def _sealed(value: Any) -> Any:
-    return _SealedStr(value) if isinstance(value, str) else _SealedFloat(value)
+class _SealedInt(int):
+    """A ``max_visual_tokens`` whose seal was checked."""
+
+
+class _SealedList(list):  # type: ignore[type-arg]
+    """The per-image ``detail`` list whose seal was checked."""
+
+
+_SEALED_TYPES = (_SealedFloat, _SealedStr, _SealedInt, _SealedList)
+
+
+#: (JSON type, its sealed type): what the bridge writes, and what a checked value becomes.
+_KINDS = ((str, _SealedStr), (list, _SealedList), (int, _SealedInt), (float, _SealedFloat))
+
+
+def _sealed(value: Any, sealed: bool = True) -> Any:
+    """``value`` as its sealed type (``sealed``) or back as the plain JSON type."""
+    for plain, kind in _KINDS:
+        if isinstance(value, plain):
+            return (kind if sealed else plain)(value)
+    return value
 
 
 def check_sealed_kwargs(mm_processor_kwargs: Any) -> dict[str, Any] | None:
@@ -67,12 +86,12 @@ def check_sealed_kwargs(mm_processor_kwargs: Any) -> dict[str, Any] | None:
     if not isinstance(mm_processor_kwargs, dict):
         return mm_processor_kwargs
     kw = mm_processor_kwargs
-    ours = {f: kw[f] for f in REQUEST_FIELDS if f in kw}
+    ours = {f: kw[f] for f in SEALED_FIELDS if f in kw}
     if not ours and SEAL_KEY not in kw:
         return kw
     if SEAL_KEY in kw:
         given = kw.pop(SEAL_KEY)
-        plain = {f: (str(v) if isinstance(v, str) else v) for f, v in ours.items()}
+        plain = {f: _sealed(v, sealed=False) for f, v in ours.items()}
         try:
             ok = isinstance(given, str) and hmac.compare_digest(given, seal(plain))
         except (TypeError, ValueError):
@@ -80,7 +99,7 @@ def check_sealed_kwargs(mm_processor_kwargs: Any) -> dict[str, Any] | None:
         if ok:
             for f, v in ours.items():
                 kw[f] = _sealed(v)
-    elif all(isinstance(v, (_SealedFloat, _SealedStr)) for v in ours.values()):
+    elif all(isinstance(v, _SEALED_TYPES) for v in ours.values()):
         ok = True
     else:
         ok = False
@@ -93,7 +112,7 @@ def check_sealed_kwargs(mm_processor_kwargs: Any) -> dict[str, Any] | None:
             "the request body (validated by the tokenprune bridge)",
             parameter=f"mm_processor_kwargs.{name}",
         )
-    rest = {k: v for k, v in kw.items() if k not in REQUEST_FIELDS}
+    rest = {k: v for k, v in kw.items() if k not in SEALED_FIELDS}
     return rest or None
 
 

@@ -1,0 +1,47 @@
+"""Visual-token budgets chosen before the vision encoder runs (``prune_ratio: "auto"``).
+
+Runs in the API server process, in the multimodal processor, on the HF image processor's output
+and before the vision encoder (the prompt's placeholder count is fixed there). Pure torch; no
+vLLM import.
+
+Public API::
+
+    auto_options(mapping) -> AutoOptions          # the validated token_prune.auto block
+    qwen_token_grid(pixel_values, grid_thw, ...)  # Qwen-VL rows -> (F, H, W, D) token grid
+    patch_token_grid(tiles, ...)                  # LLaVA / LLaVA-NeXT tiles -> token grid
+    estimate_keep(grid, num_tokens, options, min_keep=1) -> AutoEstimate
+    estimate_image(pil_image, hf_image_processor, options)  # all of the above, for one image
+
+``docs/budgets.md`` has the rule, its defaults and reasons, and its measured cost.
+"""
+
+from vllm_tokenprune.budget.auto import (
+    AutoEstimate,
+    AutoOptions,
+    auto_options,
+    estimate_keep,
+    window_ranks,
+)
+from vllm_tokenprune.budget.grids import (
+    patch_token_grid,
+    per_patch,
+    qwen_token_grid,
+    sample_offsets,
+)
+from vllm_tokenprune.budget.hf import estimate_image, pixel_scale, processor_kind, token_grid
+
+__all__ = [
+    "AutoEstimate",
+    "AutoOptions",
+    "auto_options",
+    "estimate_image",
+    "estimate_keep",
+    "patch_token_grid",
+    "per_patch",
+    "pixel_scale",
+    "processor_kind",
+    "qwen_token_grid",
+    "sample_offsets",
+    "token_grid",
+    "window_ranks",
+]

@@ -1,0 +1,126 @@
+"""Token grids: one descriptor row per language-model token, read from preprocessed pixels.
+
+Runs in the API server process (the multimodal processor), on the HF image processor's output,
+before the vision encoder. Pure torch; no vLLM import.
+
+A token's descriptor is a fixed point sample (a regular lattice) of the pixels it covers,
+``sample_rows x samples`` per token in every channel, converted back to pixel units
+(``x * image_std``, so ``[0, 1]`` brightness steps; the per-channel mean does not matter, the
+estimator centres). Point samples, not averages: the gather reads only the sampled pixels (one
+``index_select`` over the processor's rows, about a third of a pass over its output), and it
+keeps the pixel noise at its real level, so the noise floor of
+:class:`~vllm_tokenprune.budget.auto.AutoOptions` is in plain pixel units whatever the lattice.
+Fewer rows than columns: a pixel row is contiguous in memory, so extra columns are nearly free
+while every extra row is one more cache line per patch and channel. Per patch: ``samples /
+merge`` columns and ``sample_rows / merge`` rows, each at most ``patch / 2`` (a stride of at least
+2 pixels), centred in the patch. Qwen-VL (14-pixel patches, 2x2 merge), defaults 8 x 4 per token:
+4 columns x 2 rows per patch, ``D = 96``; LLaVA (a 14-pixel patch is a token): 7 x 4, ``D = 84``.
+
+Layouts:
+
+* Qwen2-VL / Qwen2.5-VL / Qwen3-VL (:func:`qwen_token_grid`): ``pixel_values`` is
+  ``(t * h * w, C * T * P * P)`` for an item of patch grid ``(t, h, w)``; the HF processor orders
+  the rows so that each ``merge x merge`` block of patches (one LM token) is contiguous. Only the
+  first of the ``T`` frames of a temporal patch is read (for an image both are the same frame).
+* LLaVA-1.5 / LLaVA-NeXT (:func:`patch_token_grid`): ``(C, H, W)`` tiles, one LM token per
+  ``P x P`` patch (NeXT: the base image and every any-resolution tile, one frame each).
+
+The result is ``(F, H, W, D)`` float32: ``F`` frames (video token steps, or tiles), the ``H x W``
+token grid, ``D`` samples per token.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["patch_token_grid", "per_patch", "qwen_token_grid", "sample_offsets"]
+
+
+def sample_offsets(patch_size: int, samples: int) -> list[int]:
+    """Pixel offsets of ``samples`` points spread over a patch of ``patch_size`` pixels: a
+    stride of ``patch_size // samples``, the lattice centred in the patch."""
+    if not 1 <= samples <= patch_size:
+        raise ValueError(f"samples per patch must be in [1, {patch_size}], got {samples}")
+    stride = patch_size // samples
+    start = (patch_size - samples * stride) // 2 + stride // 2
+    return [start + i * stride for i in range(samples)]
+
+
+def per_patch(samples_per_token: int, merge: int, patch_size: int) -> int:
+    """Samples per patch side for ``samples_per_token`` per token side."""
+    return max(1, min(patch_size // 2, round(samples_per_token / merge)))
+
+
+def _std(image_std: Sequence[float] | float | None, channels: int) -> Tensor:
+    if image_std is None:
+        return torch.ones(channels)
+    if isinstance(image_std, (int, float)):
+        return torch.full((channels,), float(image_std))
+    std = torch.as_tensor(list(image_std), dtype=torch.float32)
+    if std.numel() != channels:
+        raise ValueError(f"image_std has {std.numel()} values for {channels} channels")
+    return std
+
+
+def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], *, patch_size: int = 14,
+                    merge_size: int = 2, temporal_patch_size: int = 2, channels: int = 3,
+                    samples: int = 8, sample_rows: int = 4,
+                    image_std: Sequence[float] | float | None = None) -> Tensor:
+    """The ``(t, h / merge, w / merge, D)`` token grid of one Qwen-VL item.
+
+    ``pixel_values``: this item's rows of the processor's flattened patches,
+    ``(t * h * w, C * T * P * P)``; ``grid_thw``: its ``(t, h, w)`` patch grid; ``samples`` and
+    ``sample_rows``: columns and rows per token (divided by ``merge`` per patch)."""
+    t, h, w = (int(v) for v in grid_thw)
+    m, p, tp = merge_size, patch_size, temporal_patch_size
+    if h % m or w % m:
+        raise ValueError(f"grid {(t, h, w)} is not a multiple of merge_size={m}")
+    expected = (t * h * w, channels * tp * p * p)
+    if tuple(pixel_values.shape) != expected:
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)}; grid {(t, h, w)} with patch "
+            f"{p}, temporal patch {tp} and {channels} channels needs {expected}")
+    idx, per_channel = _qwen_columns(channels, tp, p, per_patch(sample_rows, m, p),
+                                     per_patch(samples, m, p))
+    scale = _std(image_std, channels).repeat_interleave(per_channel).to(pixel_values.device)
+    x = pixel_values.index_select(1, idx.to(pixel_values.device)).float().mul_(scale)
+    return x.view(t, h // m, w // m, -1)
+
+
+@functools.lru_cache(maxsize=16)
+def _qwen_columns(channels: int, tp: int, p: int, n_rows: int, n_cols: int) -> tuple[Tensor, int]:
+    """The sampled columns of a flattened patch row (channel c, frame 0 of the temporal patch,
+    pixel (r, k): ``c * T * P * P + r * P + k``) and how many there are per channel."""
+    rows, cols = sample_offsets(p, n_rows), sample_offsets(p, n_cols)
+    idx = [c * tp * p * p + r * p + k for c in range(channels) for r in rows for k in cols]
+    return torch.tensor(idx), n_rows * n_cols
+
+
+def patch_token_grid(pixel_values: Tensor, *, patch_size: int = 14, samples: int = 8,
+                     sample_rows: int = 4,
+                     image_std: Sequence[float] | float | None = None) -> Tensor:
+    """The ``(F, H / P, W / P, D)`` token grid of ``(C, H, W)`` tiles (a single tile, or
+    ``(F, C, H, W)``), one token per ``P x P`` patch (LLaVA's CLIP tower); a remainder
+    narrower than a patch is ignored, as the patch embedding does."""
+    x = pixel_values
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"pixel_values must be (C, H, W) or (F, C, H, W), got {tuple(x.shape)}")
+    f, c, hh, ww = x.shape
+    p = patch_size
+    gh, gw = hh // p, ww // p
+    if gh < 1 or gw < 1:
+        raise ValueError(f"tiles of {hh}x{ww} pixels hold no {p}-pixel patch")
+    rows = sample_offsets(p, per_patch(sample_rows, 1, p))
+    cols = sample_offsets(p, per_patch(samples, 1, p))
+    ri = torch.tensor([i * p + r for i in range(gh) for r in rows], device=x.device)
+    ci = torch.tensor([j * p + k for j in range(gw) for k in cols], device=x.device)
+    x = x.index_select(2, ri).index_select(3, ci).float()  # (F, C, gh * r, gw * k)
+    x = x.mul_(_std(image_std, c).to(x.device).view(1, c, 1, 1))
+    x = x.view(f, c, gh, len(rows), gw, len(cols)).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(f, gh, gw, -1)
