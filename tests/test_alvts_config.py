@@ -80,11 +80,15 @@ def _vllm_config(**changes: Any) -> Any:
     cfg = SimpleNamespace(
         compilation_config=SimpleNamespace(mode=CompilationMode.NONE,
                                            cudagraph_mode=CUDAGraphMode.NONE),
-        cache_config=SimpleNamespace(enable_prefix_caching=False),
+        cache_config=SimpleNamespace(enable_prefix_caching=True),
         scheduler_config=SimpleNamespace(disable_chunked_mm_input=True, async_scheduling=False,
-                                         get_scheduler_cls=lambda: WholeMediaScheduler),
+                                         get_scheduler_cls=lambda: WholeMediaScheduler,
+                                         max_num_batched_tokens=2048,
+                                         long_prefill_token_threshold=0),
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        model_config=SimpleNamespace(quantization=None),
         quant_config=None,
+        kv_transfer_config=None,
     )
     for path, value in changes.items():
         section, key = path.split(".") if "." in path else (None, path)
@@ -93,7 +97,49 @@ def _vllm_config(**changes: Any) -> Any:
 
 
 def test_a_server_with_the_needed_flags_starts() -> None:
+    """Prefix caching on, a long-prefill threshold at the step budget: served."""
     check_alvts_server(_vllm_config(), "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+    check_alvts_server(_vllm_config(**{"scheduler_config.long_prefill_token_threshold": 2048}),
+                       "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "flag"])
+def test_a_quantized_server_is_refused_with_a_real_vllm_config(tiny_qwen_dir, tmp_path,
+                                                               where: str) -> None:
+    """vLLM's own config objects: a checkpoint whose config.json carries a quantization_config
+    (which never passes through --quantization) and --quantization fp8 are both refused,
+    naming the flag and the reason; the same checkpoint unquantized starts."""
+    import json
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen_dir, model)
+    args: dict[str, Any] = {}
+    if where == "checkpoint":
+        config = json.loads((model / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        (model / "config.json").write_text(json.dumps(config))
+    else:
+        args["quantization"] = "fp8"
+
+    def engine_config(**extra: Any) -> Any:
+        return EngineArgs(model=str(model), enforce_eager=True, max_model_len=2048,
+                          disable_chunked_mm_input=True,
+                          scheduler_cls="vllm_tokenprune.alvts.scheduler.WholeMediaScheduler",
+                          **extra).create_engine_config()
+
+    cfg = engine_config(**args)
+    assert cfg.model_config.quantization == "fp8"
+    with pytest.raises(ValueError, match="quantized") as e:
+        check_alvts_server(cfg, "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+    assert "--quantization" in str(e.value) and "quantization_config" in str(e.value)
+    if where == "checkpoint":  # the control: the same model, unquantized, starts
+        shutil.rmtree(model)
+        shutil.copytree(tiny_qwen_dir, model)
+        check_alvts_server(engine_config(), "TokenPruneQwen2_5_VLForConditionalGeneration",
+                           True)
 
 
 def _flags() -> list[tuple[dict[str, Any], str]]:
@@ -102,7 +148,10 @@ def _flags() -> list[tuple[dict[str, Any], str]]:
     return [
         ({"compilation_config.mode": CompilationMode.VLLM_COMPILE}, "--enforce-eager"),
         ({"compilation_config.cudagraph_mode": CUDAGraphMode.PIECEWISE}, "--enforce-eager"),
-        ({"cache_config.enable_prefix_caching": True}, "--no-enable-prefix-caching"),
+        ({"kv_transfer_config": object()}, "--kv-transfer-config"),
+        ({"scheduler_config.long_prefill_token_threshold": 512},
+         "--long-prefill-token-threshold 0"),
+        ({"model_config.quantization": "fp8"}, "--quantization"),
         ({"scheduler_config.disable_chunked_mm_input": False}, "--disable-chunked-mm-input"),
         ({"parallel_config.tensor_parallel_size": 2}, "--tensor-parallel-size 1"),
         ({"parallel_config.pipeline_parallel_size": 2}, "--pipeline-parallel-size 1"),

@@ -165,10 +165,16 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
         refuse("routes rows with request-dependent gathers inside the decoder layers that "
                "torch.compile and CUDA graphs would freeze: start the server with "
                "--enforce-eager")
-    if vllm_config.cache_config.enable_prefix_caching:
-        refuse("must see all of an item's tokens in one step, and a prefix-cache hit can end "
-               "inside an image: start the server with --no-enable-prefix-caching")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        refuse("must see all of an item's tokens in one step, and a KV connector's external "
+               "prefix hit can end inside an image: start the server without "
+               "--kv-transfer-config")
     scheduler = vllm_config.scheduler_config
+    threshold = int(getattr(scheduler, "long_prefill_token_threshold", 0) or 0)
+    if 0 < threshold < int(scheduler.max_num_batched_tokens):
+        refuse("schedules a media item whole, which a prefill cap below the step's token "
+               "budget would defer forever: start the server with "
+               "--long-prefill-token-threshold 0")
     if not scheduler.disable_chunked_mm_input:
         refuse("must see all of an item's tokens in one step (routing must not depend on how "
                "the scheduler chunks a prompt): start the server with --disable-chunked-mm-input")
@@ -195,9 +201,12 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
         if int(size or 1) > 1:
             refuse(f"is served on one model shard only (its factors need every head): start "
                    f"the server with {flag} 1 (scale with data parallelism)")
-    if getattr(vllm_config, "quant_config", None) is not None:
-        refuse("builds its selector from the unquantized query/key weights: serve an "
-               "unquantized checkpoint (no --quantization)")
+    quant = getattr(vllm_config.model_config, "quantization", None)
+    if quant is not None or getattr(vllm_config, "quant_config", None) is not None:
+        refuse(f"builds its selector from the unquantized query/key weights, and this server "
+               f"is quantized ({quant or 'a quantization config'}: set by --quantization or by "
+               f"the checkpoint's quantization_config in config.json): serve an unquantized "
+               f"checkpoint without --quantization")
     # An item larger than --max-num-batched-tokens could never be scheduled whole: vLLM's
     # encoder cache manager refuses that start-up itself under --disable-chunked-mm-input.
 
@@ -360,7 +369,7 @@ class AlvtsModelMixin:
                                       "its tokens go through every layer (not routed)")
             elif not 0 <= k <= n:
                 raise ValueError(f"an item routes {k} of its {n} tokens")
-            elif k < n:
+            else:  # k == n (ratio 0) too: the selector runs, every row goes through
                 host_rows.append(where[offsets[i]:offsets[i] + sizes[i]][scored])
                 counts.append(k)
         if not host_rows:
