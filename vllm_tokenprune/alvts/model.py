@@ -31,8 +31,15 @@ from vllm_tokenprune.alvts import ALVTS, AlvtsOptions, AlvtsRouter, alvts_option
 from vllm_tokenprune.alvts.scheduler import WholeMediaMixin, scheduler_cls_name
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
 from vllm_tokenprune.log import init_logger
+from vllm_tokenprune.metrics.worker import record_skipped
 from vllm_tokenprune.models import fallbacks, faults
-from vllm_tokenprune.models.wire import ROUTE_CHANNELS, ItemParams, decode_route, encode_route
+from vllm_tokenprune.models.wire import (
+    ROUTE_CHANNELS,
+    ItemParams,
+    decode_route,
+    encode_route,
+    route_is_video,
+)
 
 logger = init_logger(__name__)
 
@@ -291,16 +298,18 @@ class AlvtsModelMixin:
         runtime.router = AlvtsRouter(factors, runtime.options)
 
     # -- rows
-    def _tp_layer_rows(self, emb: Tensor, p: ItemParams, through: Tensor | None = None
-                       ) -> Tensor:
+    def _tp_layer_rows(self, emb: Tensor, p: ItemParams, through: Tensor | None = None,
+                       modality: str = "image") -> Tensor:
         """An ``alvts`` item's rows with :data:`ROUTE_CHANNELS` appended: each row's role (1:
-        scored, 2: always goes through, ``through``: a host bool mask of those) and the
-        item's count ``p.num_keep`` of scored rows that go through each routed layer."""
+        scored, 2: always goes through, ``through``: a host bool mask of those; a video's
+        marked as such) and the item's count ``p.num_keep`` of scored rows that go through
+        each routed layer."""
         if p.method != ALVTS:
-            return super()._tp_layer_rows(emb, p, through)  # type: ignore[misc]
+            return super()._tp_layer_rows(emb, p, through, modality)  # type: ignore[misc]
         roles = (torch.ones(emb.shape[0], dtype=torch.int64) if through is None
                  else through.to(torch.int64) + 1)
-        route = encode_route(roles, p.num_keep, emb.dtype).to(emb.device, non_blocking=True)
+        route = encode_route(roles, p.num_keep, emb.dtype, video=modality == "video").to(
+            emb.device, non_blocking=True)
         return torch.cat([emb, route], dim=1)
 
     def _tp_embed_input_ids(self, input_ids: Tensor, multimodal_embeddings: Any,
@@ -357,6 +366,9 @@ class AlvtsModelMixin:
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         host_rows: list[Tensor] = []
         counts: list[int] = []
+        skipped: list[tuple[str, int]] = []
+        router = self._tp_alvts.router if self._tp_alvts is not None else None
+        layers = len(router.factors) if router is not None else 0
         for i, chan in zip(routed, channels, strict=True):
             faults.fault_for_test(faults.FAULT_ALVTS_TAKE, sizes[i], raise_=True)
             roles, index, k, n = decode_route(chan)
@@ -372,8 +384,11 @@ class AlvtsModelMixin:
             else:  # k == n (ratio 0) too: the selector runs, every row goes through
                 host_rows.append(where[offsets[i]:offsets[i] + sizes[i]][scored])
                 counts.append(k)
+                skipped.append(("video" if route_is_video(chan) else "image", (n - k) * layers))
         if not host_rows:
             return []
+        for modality, token_layers in skipped:  # only items routed (not those served unrouted)
+            record_skipped(ALVTS, modality, token_layers)
         device = embeds[routed[0]].device
         rows = torch.cat(host_rows).to(device, non_blocking=True)  # one host-to-device copy
         return [RoutedItem(r, k) for r, k in zip(
