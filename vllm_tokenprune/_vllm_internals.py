@@ -571,6 +571,23 @@ INTERNALS: tuple[Internal, ...] = (
              _method_params("_try_schedule_encoder_inputs", "request", "num_computed_tokens",
                             "num_new_tokens", "encoder_compute_budget",
                             "shift_computed_tokens")),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler._get_local_prefix_cache_hit",
+             "scheduler contract", "alvts/scheduler.py",
+             "WholeMediaMixin wraps it to cut a prefix-cache hit that would end inside a media "
+             "item back to the block before the item; it returns (KVCacheBlocks, computed "
+             "tokens, shared-prefix boundary, diverged) and is the only local lookup of a "
+             "request without a KV connector (refused for alvts)",
+             "vLLM lets a model or scheduler bound a hit to item starts",
+             _uses("get_computed_blocks")),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler.schedule", "scheduler contract",
+             "alvts/scheduler.py",
+             "WholeMediaMixin.schedule moves a request whose item was deferred MAX_DEFERRALS "
+             "steps to the front of self.running before vLLM's schedule (running requests are "
+             "served in list order; a request returning 0 tokens is skipped with continue)",
+             "vLLM's whole-item rule bounds waiting itself", _uses("running")),
+    Internal("vllm.v1.core.kv_cache_manager:KVCacheBlocks", "dataclass",
+             "alvts/scheduler.py", "a cut prefix-cache hit is rebuilt from the first blocks "
+             "of each KV cache group", "as above", _has_field("blocks")),
     Internal("vllm.v1.core.sched.async_scheduler:AsyncScheduler", "class (subclassed)",
              "alvts/scheduler.py",
              "WholeMediaAsyncScheduler: the same rule under async scheduling",
@@ -589,12 +606,17 @@ INTERNALS: tuple[Internal, ...] = (
              "NONE: no torch.compile", "stays (public)", _has_field("NONE")),
     Internal("vllm.config:CUDAGraphMode", "enum", "alvts/model.py", "NONE: no CUDA graphs",
              "stays (public)", _has_field("NONE")),
-    Internal("vllm.config.cache:CacheConfig", "config field", "alvts/model.py",
-             "alvts refuses prefix caching", "per-item routing decisions are cached with "
-             "blocks", _has_field("enable_prefix_caching")),
     Internal("vllm.config.scheduler:SchedulerConfig", "config field", "alvts/model.py",
-             "alvts needs disable_chunked_mm_input", "stays",
-             _has_field("disable_chunked_mm_input", "max_num_batched_tokens")),
+             "alvts needs disable_chunked_mm_input and no long-prefill cap below the budget",
+             "stays", _has_field("disable_chunked_mm_input", "max_num_batched_tokens",
+                                 "long_prefill_token_threshold")),
+    Internal("vllm.config.model:ModelConfig", "config field", "alvts/model.py",
+             "quantization: set by --quantization or by the checkpoint's quantization_config; "
+             "alvts refuses both", "alvts serves quantized checkpoints",
+             _has_field("quantization")),
+    Internal("vllm.config:VllmConfig", "config field", "alvts/model.py",
+             "kv_transfer_config: a KV connector's external hit could end inside an item; "
+             "alvts refuses it", "as for prefix caching", _has_field("kv_transfer_config")),
 )
 
 
