@@ -219,3 +219,42 @@ def _items(*spans: tuple[int, int]) -> list[Any]:
 ])
 def test_whole_media_tokens(computed: int, new: int, expected: int) -> None:
     assert whole_media_tokens(_items((55, 48), (5, 48)), computed, new) == expected
+
+
+def test_skipped_token_layers_are_counted_only_for_routed_items(monkeypatch) -> None:
+    """The worker's ``_tp_alvts_items`` on one step of four items: a whole image routed at
+    k < N, a whole video, a ratio-0 image (routed, every token through: adds 0) and an image
+    whose rows arrived split (served unrouted, a fallback: adds nothing)."""
+    from vllm_tokenprune.alvts import AlvtsOptions, AlvtsRouter, layer_factors
+    from vllm_tokenprune.alvts import model as alvts_model
+    from vllm_tokenprune.metrics import worker as worker_metrics
+
+    got: list[tuple[str, str, float]] = []
+    fallbacks: list[tuple[str, str]] = []
+
+    class Counter:
+        def inc(self, a: str, b: str, value: float = 1.0) -> None:
+            got.append((a, b, value))
+
+    monkeypatch.setattr(worker_metrics, "_skipped", Counter())
+    monkeypatch.setattr(worker_metrics, "record_fallback", lambda m, r: fallbacks.append((m, r)))
+    dim, g = 32, torch.Generator().manual_seed(0)
+    f = layer_factors(torch.randn(4 * 8, dim, generator=g), torch.randn(2 * 8, dim, generator=g),
+                      num_heads=4, num_kv_heads=2, rank=4)
+    opts = AlvtsOptions(first_layer=0)
+    runtime = alvts_model.AlvtsRuntime(opts)
+    runtime.router = AlvtsRouter({0: f, 1: f}, opts)  # two routed layers
+
+    class Stub(alvts_model.AlvtsModelMixin):
+        _tp_alvts = runtime
+
+    def item(n: int, k: int, video: bool = False, rows: slice = slice(None)) -> torch.Tensor:
+        route = encode_route(torch.ones(n, dtype=torch.long), k, torch.float32, video=video)
+        return torch.cat([torch.randn(n, dim), route], dim=1)[rows]
+
+    embeds = [item(20, 5), item(12, 3, video=True), item(10, 10), item(16, 4, rows=slice(8))]
+    is_mm = torch.ones(sum(e.shape[0] for e in embeds), dtype=torch.bool)
+    items = Stub()._tp_alvts_items(embeds, [0, 1, 2, 3], dim, is_mm)
+    assert [i.num_process for i in items] == [5, 3, 10]  # the split image is not routed
+    assert got == [("alvts", "image", 30.0), ("alvts", "video", 18.0)]  # (N - k) x 2 layers
+    assert fallbacks == [("alvts", "partial_item")]
