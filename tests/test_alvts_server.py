@@ -360,11 +360,12 @@ def _image_spans(model_dir: Path, media: list[Any], text: str) -> list[tuple[int
 def _expected_hit(spans: list[tuple[int, int]], n: int) -> int:
     """The prefix-cache hit of a prompt of ``n`` tokens whose blocks are all cached: vLLM's
     (whole blocks, never the last token), cut back to the block before an image it would end
-    inside (``alvts/scheduler.py``)."""
+    inside or at (``alvts/scheduler.py``)."""
     hit = (n - 1) // BLOCK * BLOCK
     for start, end in spans:
-        if start < hit < end:
-            return start - start % BLOCK
+        if 0 < hit and start <= hit < end:
+            cut = start - start % BLOCK
+            return cut - BLOCK if cut == start and cut > 0 else cut
     return hit
 
 

@@ -25,7 +25,11 @@ import pytest
 import torch
 
 from vllm_tokenprune.alvts import scheduler as whole_media
-from vllm_tokenprune.alvts.scheduler import WholeMediaAsyncScheduler, WholeMediaScheduler
+from vllm_tokenprune.alvts.scheduler import (
+    WholeMediaAsyncScheduler,
+    WholeMediaScheduler,
+    media_cache_cut,
+)
 
 IMAGE_TOKEN = 151655
 #: the step budget: the largest image the tiny model allows (256 tokens), so prompts of two
@@ -226,3 +230,20 @@ def test_a_prefix_cache_hit_never_ends_inside_an_item(cached_config, cls, resume
     out = sched.schedule()
     assert second.num_computed_tokens - out.num_scheduled_tokens["second"] == resumes_at
     assert out.num_scheduled_tokens["second"] == 122 - resumes_at
+
+
+@pytest.mark.parametrize("cached,expected", [
+    (0, 0),      # no hit
+    (32, 32),    # ends in text before the first item (40-89)
+    (64, 32),    # ends inside it: back to the block at or before its start
+    (96, 96),    # ends in text between the items
+    (128, 96),   # ends exactly at the second item's start (128-199): one block before it
+    (160, 96),   # ends inside the second item
+    (224, 224),  # after both
+])
+def test_media_cache_cut(cached: int, expected: int) -> None:
+    from types import SimpleNamespace
+
+    items = [SimpleNamespace(mm_position=SimpleNamespace(offset=o, length=n))
+             for o, n in ((40, 50), (128, 72))]
+    assert media_cache_cut(items, cached, 32) == expected

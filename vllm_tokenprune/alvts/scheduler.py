@@ -20,12 +20,13 @@ scheduling, the GPU default) apply three rules on top of vLLM's scheduler:
   start otherwise under ``--disable-chunked-mm-input``). A large image therefore waits at most
   ``MAX_DEFERRALS + 1`` steps behind a stream of small requests (a request in the waiting queue
   is never passed by a later one: vLLM stops admitting behind it);
-* **prefix caching**: a prefix-cache hit that would end inside a media item is cut back to the
-  last block boundary at or before the item's start (:func:`media_cache_cut`), so the item is
-  computed whole. Exact: an item's routing depends only on the item and what precedes it, and
-  its blocks' hashes carry the item's hash, which carries the request's ``prune_ratio`` /
-  ``prune_method`` and the plugin's salt (method options, ``min_keep``; ``cache_keys.py``), so a
-  routed item's blocks are never reused for another ratio, method or options.
+* **prefix caching**: a prefix-cache hit that would end inside a media item (or exactly at its
+  start) is cut back to the last block boundary before the item's start
+  (:func:`media_cache_cut`), so the item is computed whole. Exact: an item's routing depends
+  only on the item and what precedes it, and its blocks' hashes carry the item's hash, which
+  carries the request's ``prune_ratio`` / ``prune_method`` and the plugin's salt (method
+  options, ``min_keep``; ``cache_keys.py``), so a routed item's blocks are never reused for
+  another ratio, method or options.
 
 Select one with ``--scheduler-cls vllm_tokenprune.alvts.scheduler.WholeMediaScheduler`` (or
 ``...AsyncScheduler`` when async scheduling is on); a server that enables ``alvts`` refuses to
@@ -69,11 +70,16 @@ def whole_media_tokens(features: Sequence[Any], num_computed: int, num_new: int)
 def media_cache_cut(features: Sequence[Any], num_cached: int, block_size: int) -> int:
     """A prefix-cache hit of ``num_cached`` tokens cut back so that it does not end inside a
     media item: the last multiple of ``block_size`` at or before the start of the item it would
-    end in (``num_cached`` itself when it ends in none)."""
+    end in (``num_cached`` itself when it ends in none). A hit that would end exactly at an
+    item's start is cut one block further (when there is one), so the request's first chunk
+    holds a token before the item: vLLM then schedules that text and the request joins the
+    running queue, where :data:`MAX_DEFERRALS` bounds its wait; a waiting request whose first
+    token is an item's would hold every admission behind it until the item fits."""
     for feature in features:
         start = int(feature.mm_position.offset)
-        if start < num_cached < start + int(feature.mm_position.length):
-            return min(num_cached, start - start % block_size)
+        if 0 < num_cached and start <= num_cached < start + int(feature.mm_position.length):
+            cut = start - start % block_size
+            return cut - block_size if cut == start and cut > 0 else cut
     return num_cached
 
 
