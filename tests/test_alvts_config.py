@@ -86,7 +86,7 @@ def _vllm_config(**changes: Any) -> Any:
                                          max_num_batched_tokens=2048,
                                          long_prefill_token_threshold=0),
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
-        model_config=SimpleNamespace(quantization=None),
+        model_config=SimpleNamespace(quantization=None, get_total_num_kv_heads=lambda: 4),
         quant_config=None,
         kv_transfer_config=None,
     )
@@ -101,6 +101,9 @@ def test_a_server_with_the_needed_flags_starts() -> None:
     check_alvts_server(_vllm_config(), "TokenPruneQwen2_5_VLForConditionalGeneration", True)
     check_alvts_server(_vllm_config(**{"scheduler_config.long_prefill_token_threshold": 2048}),
                        "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+    for tp in (2, 4):  # tensor parallelism over the KV heads (tests/test_alvts_tp.py)
+        check_alvts_server(_vllm_config(**{"parallel_config.tensor_parallel_size": tp}),
+                           "TokenPruneQwen2_5_VLForConditionalGeneration", True)
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "flag"])
@@ -153,7 +156,8 @@ def _flags() -> list[tuple[dict[str, Any], str]]:
          "--long-prefill-token-threshold 0"),
         ({"model_config.quantization": "fp8"}, "--quantization"),
         ({"scheduler_config.disable_chunked_mm_input": False}, "--disable-chunked-mm-input"),
-        ({"parallel_config.tensor_parallel_size": 2}, "--tensor-parallel-size 1"),
+        ({"parallel_config.tensor_parallel_size": 8}, "--tensor-parallel-size that divides 4"),
+        ({"parallel_config.tensor_parallel_size": 3}, "--tensor-parallel-size that divides 4"),
         ({"parallel_config.pipeline_parallel_size": 2}, "--pipeline-parallel-size 1"),
         ({"quant_config": object()}, "--quantization"),
         ({"scheduler_config.get_scheduler_cls": _vllm_scheduler},

@@ -585,6 +585,18 @@ INTERNALS: tuple[Internal, ...] = (
              "steps to the front of self.running before vLLM's schedule (running requests are "
              "served in list order; a request returning 0 tokens is skipped with continue)",
              "vLLM's whole-item rule bounds waiting itself", _uses("running")),
+    Internal("vllm.model_executor.layers.linear:QKVParallelLinear", "class",
+             "alvts/model.py (shard_factors)", "its weight holds this rank's query heads then "
+             "its KV heads (num_heads / num_kv_heads per rank): the factors are built from "
+             "those rows", "stays", _has_field("weight_loader"), compare="code"),
+    Internal("vllm.distributed:tensor_model_parallel_all_reduce", "function",
+             "alvts/model.py (tensor_parallel_reduce)", "sums each layer's per-token score "
+             "over the tensor-parallel group", "stays (public)"),
+    Internal("vllm.distributed:get_tensor_model_parallel_world_size", "function",
+             "alvts/model.py (tensor_parallel_reduce)", "whether to all-reduce", "stays (public)"),
+    Internal("vllm.config.model:ModelConfig.get_total_num_kv_heads", "method",
+             "alvts/model.py (check_alvts_server)", "a tensor-parallel size must divide it",
+             "stays"),
     Internal("vllm.v1.core.kv_cache_manager:KVCacheBlocks", "dataclass",
              "alvts/scheduler.py", "a cut prefix-cache hit is rebuilt from the first blocks "
              "of each KV cache group", "as above", _has_field("blocks")),

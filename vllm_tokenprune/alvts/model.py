@@ -27,7 +27,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vllm_tokenprune.alvts import ALVTS, AlvtsOptions, AlvtsRouter, alvts_options, layer_factors
+from vllm_tokenprune.alvts import (
+    ALVTS,
+    AlvtsOptions,
+    AlvtsRouter,
+    QKFactors,
+    alvts_options,
+    auto_rank,
+    layer_factors,
+)
 from vllm_tokenprune.alvts.scheduler import WholeMediaMixin, scheduler_cls_name
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
 from vllm_tokenprune.log import init_logger
@@ -126,6 +134,39 @@ def _routed_forward(self: Any, positions: Tensor, hidden_states: Tensor,
     return out, residual
 
 
+def shard_factors(attn: Any, norm: Any, options: AlvtsOptions) -> QKFactors:
+    """One routed layer's factors from its attention module (vLLM's ``Qwen2Attention`` /
+    ``LlamaAttention``) and input norm, on this tensor-parallel rank: ``qkv_proj`` is vLLM's
+    ``QKVParallelLinear``, whose weight holds this rank's query heads then its KV heads
+    (``q_size`` / ``kv_size`` rows, per rank), so the factors are those of the rank's KV groups.
+    The rank of the subspace is the full model's (``auto_rank`` over every KV head), the same
+    on every shard; :func:`vllm_tokenprune.alvts.importance` then sums the ranks' scores."""
+    weight = attn.qkv_proj.weight
+    bias = getattr(attn.qkv_proj, "bias", None)
+    q, k = attn.q_size, attn.kv_size
+    rank = options.rank if options.rank is not None else auto_rank(
+        int(weight.shape[1]), int(attn.total_num_kv_heads), int(attn.head_dim))
+    return layer_factors(
+        weight[:q], weight[q:q + k], num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+        rank=rank, q_bias=None if bias is None else bias[:q], norm_weight=norm.weight,
+        eps=float(norm.variance_epsilon))
+
+
+def tensor_parallel_reduce() -> Any:
+    """The all-reduce of a layer's score over the tensor-parallel group (None: one rank, or no
+    group set up, as in a model built outside vLLM's workers)."""
+    from vllm.distributed import (
+        get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_reduce,
+    )
+
+    try:
+        size = get_tensor_model_parallel_world_size()
+    except AssertionError:  # vLLM's parallel state not initialised
+        return None
+    return tensor_model_parallel_all_reduce if size > 1 else None
+
+
 def _routed_class(cls: type) -> type:
     """A subclass of a vLLM decoder layer class whose forward routes."""
     cached = _ROUTED_CLASSES.get(cls)
@@ -203,11 +244,16 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
     if getattr(parallel, "enable_dbo", False):
         refuse("indexes a step's rows in the whole batch, which dual-batch overlap splits "
                "into micro-batches: start the server without --enable-dbo")
-    for flag, size in (("--tensor-parallel-size", parallel.tensor_parallel_size),
-                       ("--pipeline-parallel-size", parallel.pipeline_parallel_size)):
-        if int(size or 1) > 1:
-            refuse(f"is served on one model shard only (its factors need every head): start "
-                   f"the server with {flag} 1 (scale with data parallelism)")
+    if int(parallel.pipeline_parallel_size or 1) > 1:
+        refuse("indexes a step's rows in the whole model: start the server with "
+               "--pipeline-parallel-size 1 (scale with tensor or data parallelism)")
+    tp = int(parallel.tensor_parallel_size or 1)
+    if tp > 1:
+        kv = int(vllm_config.model_config.get_total_num_kv_heads())
+        if tp > kv or kv % tp:
+            refuse(f"scores each KV group on the rank that holds it, and {kv} KV heads cannot "
+                   f"be split over {tp} ranks without replicating them: start the server with "
+                   f"a --tensor-parallel-size that divides {kv} (or data parallelism)")
     quant = getattr(vllm_config.model_config, "quantization", None)
     if quant is not None or getattr(vllm_config, "quant_config", None) is not None:
         refuse(f"builds its selector from the unquantized query/key weights, and this server "
@@ -278,24 +324,14 @@ class AlvtsModelMixin:
 
     @torch.no_grad()
     def _tp_alvts_build(self) -> None:
-        """Each routed layer's query-key factors, from its fused ``qkv_proj`` weights."""
+        """Each routed layer's query-key factors, from its fused ``qkv_proj`` weights (this
+        rank's heads; the score is all-reduced over the tensor-parallel group)."""
         runtime = self._tp_alvts
         assert runtime is not None
-        factors = {}
-        for i, layer in enumerate(self._tp_alvts_layers()):
-            if i < runtime.options.first_layer:
-                continue
-            attn = layer.self_attn
-            weight = attn.qkv_proj.weight
-            bias = getattr(attn.qkv_proj, "bias", None)
-            q, k = attn.q_size, attn.kv_size
-            norm = layer.input_layernorm
-            factors[i] = layer_factors(
-                weight[:q], weight[q:q + k], num_heads=attn.num_heads,
-                num_kv_heads=attn.num_kv_heads, rank=runtime.options.rank,
-                q_bias=None if bias is None else bias[:q], norm_weight=norm.weight,
-                eps=float(norm.variance_epsilon))
-        runtime.router = AlvtsRouter(factors, runtime.options)
+        factors = {i: shard_factors(layer.self_attn, layer.input_layernorm, runtime.options)
+                   for i, layer in enumerate(self._tp_alvts_layers())
+                   if i >= runtime.options.first_layer}
+        runtime.router = AlvtsRouter(factors, runtime.options, reduce=tensor_parallel_reduce())
 
     # -- rows
     def _tp_layer_rows(self, emb: Tensor, p: ItemParams, through: Tensor | None = None,
