@@ -80,11 +80,15 @@ def _vllm_config(**changes: Any) -> Any:
     cfg = SimpleNamespace(
         compilation_config=SimpleNamespace(mode=CompilationMode.NONE,
                                            cudagraph_mode=CUDAGraphMode.NONE),
-        cache_config=SimpleNamespace(enable_prefix_caching=False),
+        cache_config=SimpleNamespace(enable_prefix_caching=True),
         scheduler_config=SimpleNamespace(disable_chunked_mm_input=True, async_scheduling=False,
-                                         get_scheduler_cls=lambda: WholeMediaScheduler),
+                                         get_scheduler_cls=lambda: WholeMediaScheduler,
+                                         max_num_batched_tokens=2048,
+                                         long_prefill_token_threshold=0),
         parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        model_config=SimpleNamespace(quantization=None, get_total_num_kv_heads=lambda: 4),
         quant_config=None,
+        kv_transfer_config=None,
     )
     for path, value in changes.items():
         section, key = path.split(".") if "." in path else (None, path)
@@ -93,7 +97,52 @@ def _vllm_config(**changes: Any) -> Any:
 
 
 def test_a_server_with_the_needed_flags_starts() -> None:
+    """Prefix caching on, a long-prefill threshold at the step budget: served."""
     check_alvts_server(_vllm_config(), "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+    check_alvts_server(_vllm_config(**{"scheduler_config.long_prefill_token_threshold": 2048}),
+                       "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+    for tp in (2, 4):  # tensor parallelism over the KV heads (tests/test_alvts_tp.py)
+        check_alvts_server(_vllm_config(**{"parallel_config.tensor_parallel_size": tp}),
+                           "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "flag"])
+def test_a_quantized_server_is_refused_with_a_real_vllm_config(tiny_qwen_dir, tmp_path,
+                                                               where: str) -> None:
+    """vLLM's own config objects: a checkpoint whose config.json carries a quantization_config
+    (which never passes through --quantization) and --quantization fp8 are both refused,
+    naming the flag and the reason; the same checkpoint unquantized starts."""
+    import json
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen_dir, model)
+    args: dict[str, Any] = {}
+    if where == "checkpoint":
+        config = json.loads((model / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        (model / "config.json").write_text(json.dumps(config))
+    else:
+        args["quantization"] = "fp8"
+
+    def engine_config(**extra: Any) -> Any:
+        return EngineArgs(model=str(model), enforce_eager=True, max_model_len=2048,
+                          disable_chunked_mm_input=True,
+                          scheduler_cls="vllm_tokenprune.alvts.scheduler.WholeMediaScheduler",
+                          **extra).create_engine_config()
+
+    cfg = engine_config(**args)
+    assert cfg.model_config.quantization == "fp8"
+    with pytest.raises(ValueError, match="quantized") as e:
+        check_alvts_server(cfg, "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+    assert "--quantization" in str(e.value) and "quantization_config" in str(e.value)
+    if where == "checkpoint":  # the control: the same model, unquantized, starts
+        shutil.rmtree(model)
+        shutil.copytree(tiny_qwen_dir, model)
+        check_alvts_server(engine_config(), "TokenPruneQwen2_5_VLForConditionalGeneration",
+                           True)
 
 
 def _flags() -> list[tuple[dict[str, Any], str]]:
@@ -102,9 +151,13 @@ def _flags() -> list[tuple[dict[str, Any], str]]:
     return [
         ({"compilation_config.mode": CompilationMode.VLLM_COMPILE}, "--enforce-eager"),
         ({"compilation_config.cudagraph_mode": CUDAGraphMode.PIECEWISE}, "--enforce-eager"),
-        ({"cache_config.enable_prefix_caching": True}, "--no-enable-prefix-caching"),
+        ({"kv_transfer_config": object()}, "--kv-transfer-config"),
+        ({"scheduler_config.long_prefill_token_threshold": 512},
+         "--long-prefill-token-threshold 0"),
+        ({"model_config.quantization": "fp8"}, "--quantization"),
         ({"scheduler_config.disable_chunked_mm_input": False}, "--disable-chunked-mm-input"),
-        ({"parallel_config.tensor_parallel_size": 2}, "--tensor-parallel-size 1"),
+        ({"parallel_config.tensor_parallel_size": 8}, "--tensor-parallel-size that divides 4"),
+        ({"parallel_config.tensor_parallel_size": 3}, "--tensor-parallel-size that divides 4"),
         ({"parallel_config.pipeline_parallel_size": 2}, "--pipeline-parallel-size 1"),
         ({"quant_config": object()}, "--quantization"),
         ({"scheduler_config.get_scheduler_cls": _vllm_scheduler},
@@ -170,3 +223,42 @@ def _items(*spans: tuple[int, int]) -> list[Any]:
 ])
 def test_whole_media_tokens(computed: int, new: int, expected: int) -> None:
     assert whole_media_tokens(_items((55, 48), (5, 48)), computed, new) == expected
+
+
+def test_skipped_token_layers_are_counted_only_for_routed_items(monkeypatch) -> None:
+    """The worker's ``_tp_alvts_items`` on one step of four items: a whole image routed at
+    k < N, a whole video, a ratio-0 image (routed, every token through: adds 0) and an image
+    whose rows arrived split (served unrouted, a fallback: adds nothing)."""
+    from vllm_tokenprune.alvts import AlvtsOptions, AlvtsRouter, layer_factors
+    from vllm_tokenprune.alvts import model as alvts_model
+    from vllm_tokenprune.metrics import worker as worker_metrics
+
+    got: list[tuple[str, str, float]] = []
+    fallbacks: list[tuple[str, str]] = []
+
+    class Counter:
+        def inc(self, a: str, b: str, value: float = 1.0) -> None:
+            got.append((a, b, value))
+
+    monkeypatch.setattr(worker_metrics, "_skipped", Counter())
+    monkeypatch.setattr(worker_metrics, "record_fallback", lambda m, r: fallbacks.append((m, r)))
+    dim, g = 32, torch.Generator().manual_seed(0)
+    f = layer_factors(torch.randn(4 * 8, dim, generator=g), torch.randn(2 * 8, dim, generator=g),
+                      num_heads=4, num_kv_heads=2, rank=4)
+    opts = AlvtsOptions(first_layer=0)
+    runtime = alvts_model.AlvtsRuntime(opts)
+    runtime.router = AlvtsRouter({0: f, 1: f}, opts)  # two routed layers
+
+    class Stub(alvts_model.AlvtsModelMixin):
+        _tp_alvts = runtime
+
+    def item(n: int, k: int, video: bool = False, rows: slice = slice(None)) -> torch.Tensor:
+        route = encode_route(torch.ones(n, dtype=torch.long), k, torch.float32, video=video)
+        return torch.cat([torch.randn(n, dim), route], dim=1)[rows]
+
+    embeds = [item(20, 5), item(12, 3, video=True), item(10, 10), item(16, 4, rows=slice(8))]
+    is_mm = torch.ones(sum(e.shape[0] for e in embeds), dtype=torch.bool)
+    items = Stub()._tp_alvts_items(embeds, [0, 1, 2, 3], dim, is_mm)
+    assert [i.num_process for i in items] == [5, 3, 10]  # the split image is not routed
+    assert got == [("alvts", "image", 30.0), ("alvts", "video", 18.0)]  # (N - k) x 2 layers
+    assert fallbacks == [("alvts", "partial_item")]

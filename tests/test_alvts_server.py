@@ -2,16 +2,22 @@
 
 Every check goes through the real ``openai`` client (or plain HTTP for ``/metrics``):
 
-* ``prune_ratio`` 0 with ``alvts`` gives the plain architecture's greedy tokens and logprobs;
+* ``prune_ratio`` 0 with ``alvts`` (routed: the selector runs, every token goes through) gives
+  the plain architecture's greedy tokens and logprobs;
 * next-token logprobs at two ratios equal transformers' own model routed by
   :mod:`vllm_tokenprune.alvts.reference` (same selector, layers, skipped tokens and K/V rule;
-  LLaVA-NeXT's image-newline tokens always go through);
+  LLaVA-NeXT's image-newline tokens always go through), compared on the reference's top-5
+  tokens, where the unrouted model differs by far more than the tolerance;
 * routing does not depend on batching or chunking: mixed requests (alvts and input-side
   methods, several ratios, one or two images) give the same tokens and logprobs served one at a
   time and all at once, on a server whose small token budget splits multi-image prompts across
   prefill steps;
 * ``usage.prompt_tokens`` does not move with the ratio; ``/metrics`` counts the skipped visual
-  token-layers exactly; an image routed at one ratio is never reused for another.
+  token-layers exactly, where an item is routed (a ratio-0 item or one read from the prefix
+  cache adds nothing); an image routed at one ratio is never reused for another;
+* prefix caching on (vLLM's default): a second chat turn reuses the first's blocks and gives
+  the logprobs a cold cache gives; a hit that would end inside an image is cut back to the
+  block before it (``alvts/scheduler.py``); another ratio does not reuse the image's blocks.
 """
 
 from __future__ import annotations
@@ -40,9 +46,13 @@ pytestmark = pytest.mark.server
 LLAVA_ARCH = "TokenPruneLlavaForConditionalGeneration"
 LLAVA_NEXT_ARCH = "TokenPruneLlavaNextForConditionalGeneration"
 #: What ``alvts`` needs from the server (it refuses to start without them; --enforce-eager is in
-#: every test server's arguments).
-ALVTS_FLAGS = ["--no-enable-prefix-caching", "--disable-chunked-mm-input",
-               "--scheduler-cls", "vllm_tokenprune.alvts.scheduler.WholeMediaScheduler"]
+#: every test server's arguments). Prefix caching stays on (vLLM's default), in blocks of 32
+#: tokens (the CPU backend's smallest) so a hit can end inside a test image; the response's
+#: ``usage.prompt_tokens_details.cached_tokens`` shows the hits.
+ALVTS_FLAGS = ["--disable-chunked-mm-input",
+               "--scheduler-cls", "vllm_tokenprune.alvts.scheduler.WholeMediaScheduler",
+               "--block-size", "32", "--enable-prompt-tokens-details"]
+BLOCK = 32
 #: A token budget per step that holds the largest item (vLLM refuses to start otherwise under
 #: --disable-chunked-mm-input) but not a prompt with two images: such prompts are split
 #: across prefill steps. Qwen's largest item is capped at 64 tokens (max_pixels) for that; the
@@ -135,6 +145,15 @@ def gap(got: dict[int, float], ref: torch.Tensor) -> float:
     return max(abs(lp - float(ref[t])) for t, lp in got.items())
 
 
+def top_ids(ref: torch.Tensor, k: int = 5) -> list[int]:
+    return [int(t) for t in ref.topk(k).indices]
+
+
+def cached(res: Any) -> int:
+    details = res.usage.prompt_tokens_details
+    return int(details.cached_tokens or 0) if details is not None else 0
+
+
 def tokens(res: Any) -> list[str]:
     return [t.token for t in res.choices[0].logprobs.content]
 
@@ -175,7 +194,10 @@ def partial_items(server: VLLMServer) -> float:
 
 @pytest.mark.parametrize("family", ["qwen", "llava"])
 def test_ratio_zero_is_the_plain_architecture(servers: dict[str, Any], family: str) -> None:
-    media = images(family, 1, 2)
+    """Ratio 0 goes through the routed layers (the selector scores the item and every token
+    goes through: ``alvts/model.py``); images no other test sends, so nothing comes from the
+    prefix cache."""
+    media = images(family, 61, 62)
     plain = chat(servers[f"{family}_plain"], media, max_tokens=8)
     got = chat(servers[family], media, max_tokens=8, prune_method="alvts", prune_ratio=0.0)
     assert tokens(got) == tokens(plain)
@@ -194,18 +216,20 @@ def test_logprobs_match_transformers_reference(servers: dict[str, Any], family: 
     ref, skipped = reference(servers[f"{family}_dir"], family, media, ratio)
     unrouted, _ = reference(servers[f"{family}_dir"], family, media, 0.0)
     got = top(res)
-    assert len(got) == 5
+    ids = top_ids(ref)
+    assert sorted(got) == sorted(ids)  # the server's top 5 are the reference's
     err = gap(got, ref)
     assert err <= LOGPROB_TOL, err
-    assert max(got.values()) == pytest.approx(float(ref.max()), abs=LOGPROB_TOL)
-    # the control: the unrouted model differs from the server by far more than the tolerance
-    # on the same token ids (the comparison would see routing that does nothing)
+    # the control: on the same tokens (the reference's top 5), the unrouted model differs
+    # from the server by far more than the tolerance (the comparison would see routing that
+    # does nothing)
     assert skipped > 0
-    control = gap(got, unrouted)
+    control = gap({t: got[t] for t in ids}, unrouted)
     record_error(f"alvts {family}\t{ratio}\t{err:.3g}\tunrouted={control:.3g}")
     assert control > CONTROL_FACTOR * LOGPROB_TOL, control
-    # ratio 0 is the unrouted model
+    # ratio 0 is the unrouted model (on the unrouted reference's top 5)
     zero = top(chat(servers[family], media, prune_method="alvts", prune_ratio=0.0))
+    assert sorted(zero) == sorted(top_ids(unrouted))
     for token_id, logprob in zero.items():
         assert logprob == pytest.approx(float(unrouted[token_id]), abs=LOGPROB_TOL)
 
@@ -245,13 +269,14 @@ def test_routing_does_not_depend_on_batching_or_chunking(servers: dict[str, Any]
         cases.append((images("qwen", *seeds), {"prune_method": method, "prune_ratio": ratio},
                       text))
 
-    def one(i: int) -> Any:
+    def one(i: int, salt: str | None = None) -> Any:
         media, extra, text = cases[i % len(cases)]
-        return chat(server, media, max_tokens=3, text=text, **extra)
+        more = {"cache_salt": f"{salt}-{i}"} if salt else {}
+        return chat(server, media, max_tokens=3, text=text, **extra, **more)
 
     alone = [one(i) for i in range(len(cases))]
-    with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(one, range(16)))
+    with ThreadPoolExecutor(16) as pool:  # salted: computed concurrently, not read from cache
+        together = list(pool.map(lambda i: one(i, "together"), range(16)))
     for i, (a, b) in enumerate(zip(alone, together, strict=False)):
         assert tokens(b) == tokens(a), cases[i][1]
         for step in range(len(tokens(a))):  # up to 3 (fewer where the model stops)
@@ -287,6 +312,9 @@ def test_an_image_routed_at_one_ratio_is_not_reused_for_another(
     c = chat(server, media, prune_method="alvts", prune_ratio=0.5)
     d = chat(server, media, prune_method="lrcp", prune_ratio=0.5)
     assert top(c) == pytest.approx(top(a), abs=BATCH_TOL)
+    *spans, (n, _) = _image_spans(servers["llava_dir"], media, PROMPT)
+    assert cached(c) == _expected_hit(spans, n)  # c reads a's blocks (same ratio)...
+    assert cached(b) <= spans[0][0]  # ...b none of the image's (another ratio)
     refs = {r: reference(servers["llava_dir"], "llava", media, r)[0] for r in (0.5, 0.889)}
     for res, r in ((a, 0.5), (b, 0.889), (c, 0.5)):
         assert gap(top(res), refs[r]) <= LOGPROB_TOL, r
@@ -305,3 +333,99 @@ def test_alvts_refused_per_request_where_not_enabled(tp_server: VLLMServer) -> N
     assert err["param"] == "prune_method"
     assert "not enabled on this server" in err["message"]
     assert chat(tp_server, images("qwen", 1)).usage.prompt_tokens > 0
+
+
+def _image_spans(model_dir: Path, media: list[Any], text: str) -> list[tuple[int, int]]:
+    """[start, end) of each image's placeholder tokens in the prompt vLLM gets (the same chat
+    template and processor as the reference's)."""
+    from vllm_tokenprune.preview._extract import prepare
+
+    prep = prepare(str(model_dir), media, text)
+    ids = prep.inputs["input_ids"][0].tolist()
+    token = next(int(getattr(prep.model.config, k)) for k in (
+        "image_token_id", "image_token_index") if getattr(prep.model.config, k, None) is not None)
+    spans, i = [], 0
+    while i < len(ids):
+        if ids[i] == token:
+            j = i
+            while j < len(ids) and ids[j] == token:
+                j += 1
+            spans.append((i, j))
+            i = j
+        else:
+            i += 1
+    return [*spans, (len(ids), len(ids))]  # the last: the prompt's length
+
+
+def _expected_hit(spans: list[tuple[int, int]], n: int) -> int:
+    """The prefix-cache hit of a prompt of ``n`` tokens whose blocks are all cached: vLLM's
+    (whole blocks, never the last token), cut back to the block before an image it would end
+    inside or at (``alvts/scheduler.py``)."""
+    hit = (n - 1) // BLOCK * BLOCK
+    for start, end in spans:
+        if 0 < hit and start <= hit < end:
+            cut = start - start % BLOCK
+            return cut - BLOCK if cut == start and cut > 0 else cut
+    return hit
+
+
+def test_a_prefix_cache_hit_inside_an_image_recomputes_the_image(servers: dict[str, Any]
+                                                                  ) -> None:
+    """The same two-image request twice: vLLM's hit (whole blocks, never the last token)
+    would end inside the second image; it is cut back to the block before that image, the
+    image is computed whole and routed (no partial item), and the answer is the first's and
+    the reference's. Then another ratio: the images' blocks are not reused."""
+    server, qwen_dir = servers["qwen"], servers["qwen_dir"]
+    media = images("qwen", 71, 72)
+    for j in range(16):  # a text whose prompt length puts vLLM's hit inside the second image
+        text = PROMPT + " Be brief." * j
+        *spans, (n, _) = _image_spans(qwen_dir, media, text)
+        hit = (n - 1) // BLOCK * BLOCK
+        inside = [s for s, e in spans[1:] if s < hit < e]
+        if inside:
+            break
+    else:
+        pytest.fail("no prompt puts the hit inside the second image")
+    extra = {"prune_method": "alvts", "prune_ratio": 0.5}
+    first = chat(server, media, text=text, **extra)
+    before = partial_items(server)
+    again = chat(server, media, text=text, **extra)
+    assert cached(again) == _expected_hit(spans, n) == inside[0] - inside[0] % BLOCK < hit
+    assert partial_items(server) == before == 0
+    assert top(again) == pytest.approx(top(first), abs=BATCH_TOL)
+    ref, _ = reference(qwen_dir, "qwen", media, 0.5, text)
+    assert gap(top(again), ref) <= LOGPROB_TOL
+    other = chat(server, media, text=text, prune_method="alvts", prune_ratio=0.889)
+    assert cached(other) <= spans[0][0] < spans[0][1] <= cached(again)  # no image block reused
+
+
+def test_a_second_chat_turn_hits_the_prefix_cache_and_equals_a_cold_one(
+        servers: dict[str, Any]) -> None:
+    """Turn 2 of a conversation about a routed image reads turn 1's blocks (the image's
+    included) and gives the logprobs of the same turn with a cold cache (``cache_salt``: no
+    block is shared); the skipped token-layers are counted only where the image is computed."""
+    server = servers["qwen"]
+    media = images("qwen", 81)
+    extra = {"prune_method": "alvts", "prune_ratio": 0.889}
+    turn1 = chat(server, media, max_tokens=4, **extra)
+    answer = turn1.choices[0].message.content or ""
+    messages = [*media_messages(media, PROMPT), {"role": "assistant", "content": answer},
+                {"role": "user", "content": "And what else?"}]
+
+    def turn2(**more: Any) -> Any:
+        return server.openai().chat.completions.create(
+            model=server.model, messages=messages, max_tokens=3, temperature=0.0,
+            logprobs=True, top_logprobs=5,
+            extra_body={"return_tokens_as_token_ids": True, **extra, **more})
+
+    skipped = scrape_skipped(server)
+    warm = turn2()
+    n = 48
+    assert cached(warm) >= turn1.usage.prompt_tokens // BLOCK * BLOCK > n
+    assert scrape_skipped(server) == skipped  # the image came from the cache: not routed now
+    cold = turn2(cache_salt="cold-turn-2")
+    assert cached(cold) == 0
+    assert scrape_skipped(server) - skipped == (n - num_kept(n, 0.889)) * 2
+    assert tokens(warm) == tokens(cold)
+    for step in range(len(tokens(warm))):
+        assert top(warm, step) == pytest.approx(top(cold, step), abs=BATCH_TOL)

@@ -222,11 +222,14 @@ def test_profile_sweep_failure_names_the_method_and_cause(monkeypatch):
 def test_fallback_metric_reaches_the_api_server_collector(tmp_path, monkeypatch):
     monkeypatch.setenv(exchange.METRICS_DIR_ENV, str(tmp_path))
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    counter = metrics._WorkerFallbackCounter("m")
+    counter = metrics._WorkerCounter("m", "tokenprune_scorer_fallbacks", exchange.FALLBACKS_HELP,
+                                     exchange.FALLBACKS, ("method", "reason"))
     counter.inc("divprune", "non_finite")
     counter.inc("divprune", "non_finite")
     counter.inc("lrcp", "scorer_error")
-    (fam,) = frontend.WorkerFallbackCollector(str(tmp_path)).collect()
+    (fam,) = frontend.WorkerCounterCollector(str(tmp_path), "tokenprune_scorer_fallbacks",
+                                             exchange.FALLBACKS_HELP, exchange.FALLBACKS,
+                                             ("method", "reason")).collect()
     got = {(s.labels["method"], s.labels["reason"]): s.value
            for s in fam.samples if s.name == "tokenprune_scorer_fallbacks_total"}
     assert got == {("divprune", "non_finite"): 2.0, ("lrcp", "scorer_error"): 1.0}

@@ -589,6 +589,35 @@ INTERNALS: tuple[Internal, ...] = (
              _method_params("_try_schedule_encoder_inputs", "request", "num_computed_tokens",
                             "num_new_tokens", "encoder_compute_budget",
                             "shift_computed_tokens")),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler._get_local_prefix_cache_hit",
+             "scheduler contract", "alvts/scheduler.py",
+             "WholeMediaMixin wraps it to cut a prefix-cache hit that would end inside a media "
+             "item back to the block before the item; it returns (KVCacheBlocks, computed "
+             "tokens, shared-prefix boundary, diverged) and is the only local lookup of a "
+             "request without a KV connector (refused for alvts)",
+             "vLLM lets a model or scheduler bound a hit to item starts",
+             _uses("get_computed_blocks")),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler.schedule", "scheduler contract",
+             "alvts/scheduler.py",
+             "WholeMediaMixin.schedule moves a request whose item was deferred MAX_DEFERRALS "
+             "steps to the front of self.running before vLLM's schedule (running requests are "
+             "served in list order; a request returning 0 tokens is skipped with continue)",
+             "vLLM's whole-item rule bounds waiting itself", _uses("running")),
+    Internal("vllm.model_executor.layers.linear:QKVParallelLinear", "class",
+             "alvts/model.py (shard_factors)", "its weight holds this rank's query heads then "
+             "its KV heads (num_heads / num_kv_heads per rank): the factors are built from "
+             "those rows", "stays", _has_field("weight_loader"), compare="code"),
+    Internal("vllm.distributed:tensor_model_parallel_all_reduce", "function",
+             "alvts/model.py (tensor_parallel_reduce)", "sums each layer's per-token score "
+             "over the tensor-parallel group", "stays (public)"),
+    Internal("vllm.distributed:get_tensor_model_parallel_world_size", "function",
+             "alvts/model.py (tensor_parallel_reduce)", "whether to all-reduce", "stays (public)"),
+    Internal("vllm.config.model:ModelConfig.get_total_num_kv_heads", "method",
+             "alvts/model.py (check_alvts_server)", "a tensor-parallel size must divide it",
+             "stays"),
+    Internal("vllm.v1.core.kv_cache_manager:KVCacheBlocks", "dataclass",
+             "alvts/scheduler.py", "a cut prefix-cache hit is rebuilt from the first blocks "
+             "of each KV cache group", "as above", _has_field("blocks")),
     Internal("vllm.v1.core.sched.async_scheduler:AsyncScheduler", "class (subclassed)",
              "alvts/scheduler.py",
              "WholeMediaAsyncScheduler: the same rule under async scheduling",
@@ -607,12 +636,17 @@ INTERNALS: tuple[Internal, ...] = (
              "NONE: no torch.compile", "stays (public)", _has_field("NONE")),
     Internal("vllm.config:CUDAGraphMode", "enum", "alvts/model.py", "NONE: no CUDA graphs",
              "stays (public)", _has_field("NONE")),
-    Internal("vllm.config.cache:CacheConfig", "config field", "alvts/model.py",
-             "alvts refuses prefix caching", "per-item routing decisions are cached with "
-             "blocks", _has_field("enable_prefix_caching")),
     Internal("vllm.config.scheduler:SchedulerConfig", "config field", "alvts/model.py",
-             "alvts needs disable_chunked_mm_input", "stays",
-             _has_field("disable_chunked_mm_input", "max_num_batched_tokens")),
+             "alvts needs disable_chunked_mm_input and no long-prefill cap below the budget",
+             "stays", _has_field("disable_chunked_mm_input", "max_num_batched_tokens",
+                                 "long_prefill_token_threshold")),
+    Internal("vllm.config.model:ModelConfig", "config field", "alvts/model.py",
+             "quantization: set by --quantization or by the checkpoint's quantization_config; "
+             "alvts refuses both", "alvts serves quantized checkpoints",
+             _has_field("quantization")),
+    Internal("vllm.config:VllmConfig", "config field", "alvts/model.py",
+             "kv_transfer_config: a KV connector's external hit could end inside an item; "
+             "alvts refuses it", "as for prefix caching", _has_field("kv_transfer_config")),
 )
 
 

@@ -18,7 +18,7 @@ Semantics, option defaults and the overlap table that chose them: ``docs/alvts.m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,9 +123,13 @@ class AlvtsRouter:
     hidden states entering that layer and the ``state`` dict returned by :meth:`new_state`.
     """
 
-    def __init__(self, factors: Mapping[int, QKFactors], options: AlvtsOptions) -> None:
+    def __init__(self, factors: Mapping[int, QKFactors], options: AlvtsOptions,
+                 reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """``reduce`` (tensor parallelism): sums a layer's unnormalised score over the ranks
+        (:func:`importance`); ``factors`` then hold this rank's heads."""
         self.factors = dict(sorted(factors.items()))
         self.options = options
+        self.reduce = reduce
 
     @property
     def routed_layers(self) -> list[int]:
@@ -137,7 +141,8 @@ class AlvtsRouter:
 
     def score(self, layer: int, hidden: Tensor, state: dict[str, Tensor | None]) -> Tensor:
         """This layer's blended score of the item's rows ``hidden``; updates ``state``."""
-        score = combine(importance(hidden, self.factors[layer], self.options.queries),
+        score = combine(importance(hidden, self.factors[layer], self.options.queries,
+                                   reduce=self.reduce),
                         state["score"], self.options.consistency)
         state["score"] = score
         return score

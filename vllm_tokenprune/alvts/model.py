@@ -27,12 +27,27 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vllm_tokenprune.alvts import ALVTS, AlvtsOptions, AlvtsRouter, alvts_options, layer_factors
+from vllm_tokenprune.alvts import (
+    ALVTS,
+    AlvtsOptions,
+    AlvtsRouter,
+    QKFactors,
+    alvts_options,
+    auto_rank,
+    layer_factors,
+)
 from vllm_tokenprune.alvts.scheduler import WholeMediaMixin, scheduler_cls_name
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
 from vllm_tokenprune.log import init_logger
+from vllm_tokenprune.metrics.worker import record_skipped
 from vllm_tokenprune.models import fallbacks, faults
-from vllm_tokenprune.models.wire import ROUTE_CHANNELS, ItemParams, decode_route, encode_route
+from vllm_tokenprune.models.wire import (
+    ROUTE_CHANNELS,
+    ItemParams,
+    decode_route,
+    encode_route,
+    route_is_video,
+)
 
 logger = init_logger(__name__)
 
@@ -119,6 +134,39 @@ def _routed_forward(self: Any, positions: Tensor, hidden_states: Tensor,
     return out, residual
 
 
+def shard_factors(attn: Any, norm: Any, options: AlvtsOptions) -> QKFactors:
+    """One routed layer's factors from its attention module (vLLM's ``Qwen2Attention`` /
+    ``LlamaAttention``) and input norm, on this tensor-parallel rank: ``qkv_proj`` is vLLM's
+    ``QKVParallelLinear``, whose weight holds this rank's query heads then its KV heads
+    (``q_size`` / ``kv_size`` rows, per rank), so the factors are those of the rank's KV groups.
+    The rank of the subspace is the full model's (``auto_rank`` over every KV head), the same
+    on every shard; :func:`vllm_tokenprune.alvts.importance` then sums the ranks' scores."""
+    weight = attn.qkv_proj.weight
+    bias = getattr(attn.qkv_proj, "bias", None)
+    q, k = attn.q_size, attn.kv_size
+    rank = options.rank if options.rank is not None else auto_rank(
+        int(weight.shape[1]), int(attn.total_num_kv_heads), int(attn.head_dim))
+    return layer_factors(
+        weight[:q], weight[q:q + k], num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+        rank=rank, q_bias=None if bias is None else bias[:q], norm_weight=norm.weight,
+        eps=float(norm.variance_epsilon))
+
+
+def tensor_parallel_reduce() -> Any:
+    """The all-reduce of a layer's score over the tensor-parallel group (None: one rank, or no
+    group set up, as in a model built outside vLLM's workers)."""
+    from vllm.distributed import (
+        get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_reduce,
+    )
+
+    try:
+        size = get_tensor_model_parallel_world_size()
+    except AssertionError:  # vLLM's parallel state not initialised
+        return None
+    return tensor_model_parallel_all_reduce if size > 1 else None
+
+
 def _routed_class(cls: type) -> type:
     """A subclass of a vLLM decoder layer class whose forward routes."""
     cached = _ROUTED_CLASSES.get(cls)
@@ -165,10 +213,16 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
         refuse("routes rows with request-dependent gathers inside the decoder layers that "
                "torch.compile and CUDA graphs would freeze: start the server with "
                "--enforce-eager")
-    if vllm_config.cache_config.enable_prefix_caching:
-        refuse("must see all of an item's tokens in one step, and a prefix-cache hit can end "
-               "inside an image: start the server with --no-enable-prefix-caching")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        refuse("must see all of an item's tokens in one step, and a KV connector's external "
+               "prefix hit can end inside an image: start the server without "
+               "--kv-transfer-config")
     scheduler = vllm_config.scheduler_config
+    threshold = int(getattr(scheduler, "long_prefill_token_threshold", 0) or 0)
+    if 0 < threshold < int(scheduler.max_num_batched_tokens):
+        refuse("schedules a media item whole, which a prefill cap below the step's token "
+               "budget would defer forever: start the server with "
+               "--long-prefill-token-threshold 0")
     if not scheduler.disable_chunked_mm_input:
         refuse("must see all of an item's tokens in one step (routing must not depend on how "
                "the scheduler chunks a prompt): start the server with --disable-chunked-mm-input")
@@ -190,14 +244,22 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
     if getattr(parallel, "enable_dbo", False):
         refuse("indexes a step's rows in the whole batch, which dual-batch overlap splits "
                "into micro-batches: start the server without --enable-dbo")
-    for flag, size in (("--tensor-parallel-size", parallel.tensor_parallel_size),
-                       ("--pipeline-parallel-size", parallel.pipeline_parallel_size)):
-        if int(size or 1) > 1:
-            refuse(f"is served on one model shard only (its factors need every head): start "
-                   f"the server with {flag} 1 (scale with data parallelism)")
-    if getattr(vllm_config, "quant_config", None) is not None:
-        refuse("builds its selector from the unquantized query/key weights: serve an "
-               "unquantized checkpoint (no --quantization)")
+    if int(parallel.pipeline_parallel_size or 1) > 1:
+        refuse("indexes a step's rows in the whole model: start the server with "
+               "--pipeline-parallel-size 1 (scale with tensor or data parallelism)")
+    tp = int(parallel.tensor_parallel_size or 1)
+    if tp > 1:
+        kv = int(vllm_config.model_config.get_total_num_kv_heads())
+        if tp > kv or kv % tp:
+            refuse(f"scores each KV group on the rank that holds it, and {kv} KV heads cannot "
+                   f"be split over {tp} ranks without replicating them: start the server with "
+                   f"a --tensor-parallel-size that divides {kv} (or data parallelism)")
+    quant = getattr(vllm_config.model_config, "quantization", None)
+    if quant is not None or getattr(vllm_config, "quant_config", None) is not None:
+        refuse(f"builds its selector from the unquantized query/key weights, and this server "
+               f"is quantized ({quant or 'a quantization config'}: set by --quantization or by "
+               f"the checkpoint's quantization_config in config.json): serve an unquantized "
+               f"checkpoint without --quantization")
     # An item larger than --max-num-batched-tokens could never be scheduled whole: vLLM's
     # encoder cache manager refuses that start-up itself under --disable-chunked-mm-input.
 
@@ -262,36 +324,28 @@ class AlvtsModelMixin:
 
     @torch.no_grad()
     def _tp_alvts_build(self) -> None:
-        """Each routed layer's query-key factors, from its fused ``qkv_proj`` weights."""
+        """Each routed layer's query-key factors, from its fused ``qkv_proj`` weights (this
+        rank's heads; the score is all-reduced over the tensor-parallel group)."""
         runtime = self._tp_alvts
         assert runtime is not None
-        factors = {}
-        for i, layer in enumerate(self._tp_alvts_layers()):
-            if i < runtime.options.first_layer:
-                continue
-            attn = layer.self_attn
-            weight = attn.qkv_proj.weight
-            bias = getattr(attn.qkv_proj, "bias", None)
-            q, k = attn.q_size, attn.kv_size
-            norm = layer.input_layernorm
-            factors[i] = layer_factors(
-                weight[:q], weight[q:q + k], num_heads=attn.num_heads,
-                num_kv_heads=attn.num_kv_heads, rank=runtime.options.rank,
-                q_bias=None if bias is None else bias[:q], norm_weight=norm.weight,
-                eps=float(norm.variance_epsilon))
-        runtime.router = AlvtsRouter(factors, runtime.options)
+        factors = {i: shard_factors(layer.self_attn, layer.input_layernorm, runtime.options)
+                   for i, layer in enumerate(self._tp_alvts_layers())
+                   if i >= runtime.options.first_layer}
+        runtime.router = AlvtsRouter(factors, runtime.options, reduce=tensor_parallel_reduce())
 
     # -- rows
-    def _tp_layer_rows(self, emb: Tensor, p: ItemParams, through: Tensor | None = None
-                       ) -> Tensor:
+    def _tp_layer_rows(self, emb: Tensor, p: ItemParams, through: Tensor | None = None,
+                       modality: str = "image") -> Tensor:
         """An ``alvts`` item's rows with :data:`ROUTE_CHANNELS` appended: each row's role (1:
-        scored, 2: always goes through, ``through``: a host bool mask of those) and the
-        item's count ``p.num_keep`` of scored rows that go through each routed layer."""
+        scored, 2: always goes through, ``through``: a host bool mask of those; a video's
+        marked as such) and the item's count ``p.num_keep`` of scored rows that go through
+        each routed layer."""
         if p.method != ALVTS:
-            return super()._tp_layer_rows(emb, p, through)  # type: ignore[misc]
+            return super()._tp_layer_rows(emb, p, through, modality)  # type: ignore[misc]
         roles = (torch.ones(emb.shape[0], dtype=torch.int64) if through is None
                  else through.to(torch.int64) + 1)
-        route = encode_route(roles, p.num_keep, emb.dtype).to(emb.device, non_blocking=True)
+        route = encode_route(roles, p.num_keep, emb.dtype, video=modality == "video").to(
+            emb.device, non_blocking=True)
         return torch.cat([emb, route], dim=1)
 
     def _tp_embed_input_ids(self, input_ids: Tensor, multimodal_embeddings: Any,
@@ -348,6 +402,9 @@ class AlvtsModelMixin:
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         host_rows: list[Tensor] = []
         counts: list[int] = []
+        skipped: list[tuple[str, int]] = []
+        router = self._tp_alvts.router if self._tp_alvts is not None else None
+        layers = len(router.factors) if router is not None else 0
         for i, chan in zip(routed, channels, strict=True):
             faults.fault_for_test(faults.FAULT_ALVTS_TAKE, sizes[i], raise_=True)
             roles, index, k, n = decode_route(chan)
@@ -360,11 +417,14 @@ class AlvtsModelMixin:
                                       "its tokens go through every layer (not routed)")
             elif not 0 <= k <= n:
                 raise ValueError(f"an item routes {k} of its {n} tokens")
-            elif k < n:
+            else:  # k == n (ratio 0) too: the selector runs, every row goes through
                 host_rows.append(where[offsets[i]:offsets[i] + sizes[i]][scored])
                 counts.append(k)
+                skipped.append(("video" if route_is_video(chan) else "image", (n - k) * layers))
         if not host_rows:
             return []
+        for modality, token_layers in skipped:  # only items routed (not those served unrouted)
+            record_skipped(ALVTS, modality, token_layers)
         device = embeds[routed[0]].device
         rows = torch.cat(host_rows).to(device, non_blocking=True)  # one host-to-device copy
         return [RoutedItem(r, k) for r, k in zip(

@@ -46,6 +46,7 @@ order (no boolean masks, ``nonzero`` or ``.item()``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -200,13 +201,19 @@ def _inv_rms(h: Tensor, eps: float) -> Tensor:
 
 @torch.no_grad()
 def importance(hidden: Tensor, factors: QKFactors, num_queries: int | None = None, *,
-               query_states: Tensor | None = None) -> Tensor:
+               query_states: Tensor | None = None,
+               reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Approximate attention each of an item's N tokens receives.
 
     ``hidden`` (N, D): residual-stream states entering the layer (before its input norm), the
     keys. Queries: ``num_queries`` rows of ``hidden`` (:func:`query_rows`; None: every row), or
     ``query_states`` (M, D) given explicitly (benchmarks). The softmax runs over the item's keys,
     unmasked. Returns (N,) float32 summing to 1.
+
+    ``reduce``: sums the (N,) attention received over the KV groups of every shard before it is
+    normalised (tensor parallelism: ``factors`` hold this rank's KV groups, built with the
+    full model's rank, and ``reduce`` all-reduces across the group), so every rank gets the
+    same score.
     """
     dim = factors.hidden_size
     if hidden.dim() != 2 or hidden.shape[1] != dim:
@@ -243,6 +250,8 @@ def importance(hidden: Tensor, factors: QKFactors, num_queries: int | None = Non
         for q0 in range(0, group * m, step):
             logits = torch.bmm(qs[g0:g1, q0:q0 + step], keys[g0:g1])
             received += logits.softmax(-1).sum(dim=(0, 1))
+    if reduce is not None:
+        received = reduce(received)
     return received / received.sum()
 
 

@@ -24,9 +24,14 @@ SCORER_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.
                   1.0, 2.5, 5.0)
 SCORER_HELP = "Time of one batched scorer call in the model's vision hook."
 FALLBACKS_HELP = "Media items served by the fallback (uniform subset) because pruning failed."
-#: File kinds: the scorer histogram and the fallback counter.
+SKIPPED_HELP = ("Visual token-layers skipped inside the language model by layer-wise routing "
+                "(alvts): per routed item, (tokens - tokens routed through each layer) x routed "
+                "layers, counted where the item is computed (an item served unrouted or from "
+                "the prefix cache adds nothing).")
+#: File kinds: the scorer histogram, the fallback counter, the skipped token-layers counter.
 SCORER = "scorer"
 FALLBACKS = "fallbacks"
+SKIPPED = "skipped"
 
 #: Where the worker-to-API-server directory is tried when VLLM_TOKENPRUNE_METRICS_DIR is unset:
 #: the temp dir (TMPDIR), then /dev/shm (writable on most read-only-root containers).

@@ -5,8 +5,9 @@ Token counts, requests and ratios are exact at preprocessing time, in the API se
 the processor's per-item plans (:mod:`vllm_tokenprune.plan`) fix every keep-count before the
 encoder runs, so they go straight into the API server's prometheus registry. The endpoint plugin
 switches recording on (:func:`enable_frontend`), so processes that only profile dummy inputs
-record nothing. The workers' scorer timings and fallbacks arrive as files (:mod:`.exchange`),
-read at scrape time by :class:`WorkerScorerCollector` and :class:`WorkerFallbackCollector`.
+record nothing. The workers' scorer timings, fallbacks and skipped token-layers (``alvts``,
+counted where an item is routed) arrive as files (:mod:`.exchange`), read at scrape time by
+:class:`WorkerScorerCollector` and :class:`WorkerCounterCollector`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from vllm_tokenprune.metrics.exchange import (
     SCORER,
     SCORER_BUCKETS,
     SCORER_HELP,
+    SKIPPED,
+    SKIPPED_HELP,
     read_all,
 )
 from vllm_tokenprune.plan import ItemPlan
@@ -57,11 +60,6 @@ def enable_frontend() -> None:
             "requests": Counter("tokenprune_requests",
                                 "Requests with media served by a TokenPrune model.",
                                 ["model_name", "method"]),
-            "skipped_layers": Counter(
-                "tokenprune_skipped_visual_token_layers",
-                "Visual token-layers skipped inside the language model by layer-wise routing "
-                "(alvts): per item, (tokens - tokens routed through each layer) x routed "
-                "layers.", labels),
             "ratio": Histogram("tokenprune_prune_ratio",
                                "Prune ratio requested (or defaulted) per request and modality.",
                                ["model_name", "modality"], buckets=RATIO_BUCKETS),
@@ -82,9 +80,9 @@ def record_request(model_name: str, method: str, plans: Sequence[ItemPlan],
                    ratios: dict[str, float | str]) -> None:
     """One request passed preprocessing: its items' plans, the method it asked for and the
     ratio per modality (``"auto"``: not observed as a ratio). Layer-stage items count every
-    token as kept (nothing is dropped at the input) and their skipped token-layers separately;
-    each item's kept tokens also go, by the reason that decided them, into
-    ``tokenprune_item_kept_visual_tokens``."""
+    token as kept (nothing is dropped at the input); their skipped token-layers are counted by
+    the worker that computes them. Each item's kept tokens also go, by the reason that decided
+    them, into ``tokenprune_item_kept_visual_tokens``."""
     m = _frontend
     if m is None:
         return
@@ -99,8 +97,6 @@ def record_request(model_name: str, method: str, plans: Sequence[ItemPlan],
         m["saved"].labels(*labels).inc(p.num_tokens - p.kept)
         m["items"].labels(*labels).inc()
         m["item_kept"].labels(model_name, p.modality, p.why).observe(p.kept)
-        if p.layers:
-            m["skipped_layers"].labels(*labels).inc(p.skipped_token_layers)
 
 
 # --------------------------------------------------------------------------- workers' files
@@ -141,18 +137,18 @@ class WorkerScorerCollector:
         yield fam
 
 
-class WorkerFallbackCollector:
-    """Reads the workers' fallback counts at scrape time (registered in the API server)."""
+class WorkerCounterCollector:
+    """Reads one of the workers' counters at scrape time (registered in the API server)."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, name: str, help_: str, kind: str,
+                 labels: tuple[str, str]) -> None:
+        self.path, self.name, self.help, self.kind, self.labels = path, name, help_, kind, labels
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily
 
-        fam = CounterMetricFamily("tokenprune_scorer_fallbacks", FALLBACKS_HELP,
-                                  labels=["model_name", "method", "reason"])
-        for labels, value in sorted(_summed(self.path, FALLBACKS, ("method", "reason")).items()):
+        fam = CounterMetricFamily(self.name, self.help, labels=["model_name", *self.labels])
+        for labels, value in sorted(_summed(self.path, self.kind, self.labels).items()):
             fam.add_metric(list(labels), value)
         yield fam
 
@@ -172,5 +168,9 @@ def register_worker_collector() -> None:
         from prometheus_client import REGISTRY
 
         REGISTRY.register(WorkerScorerCollector(path))
-        REGISTRY.register(WorkerFallbackCollector(path))
+        REGISTRY.register(WorkerCounterCollector(path, "tokenprune_scorer_fallbacks",
+                                                 FALLBACKS_HELP, FALLBACKS, ("method", "reason")))
+        REGISTRY.register(WorkerCounterCollector(
+            path, "tokenprune_skipped_visual_token_layers", SKIPPED_HELP, SKIPPED,
+            ("method", "modality")))
         _collector_registered = True

@@ -1,7 +1,8 @@
-"""The worker's metrics: scorer time and fallbacks (runs in the worker).
+"""The worker's metrics: scorer time, fallbacks, skipped token-layers (runs in the worker).
 
-``tokenprune_scorer_seconds`` (:class:`ScorerTimer`, its only writer) and
-``tokenprune_scorer_fallbacks_total`` (:func:`record_fallback`). Each worker publishes its
+``tokenprune_scorer_seconds`` (:class:`ScorerTimer`, its only writer),
+``tokenprune_scorer_fallbacks_total`` (:func:`record_fallback`) and
+``tokenprune_skipped_visual_token_layers_total`` (:func:`record_skipped`). Each worker publishes its
 cumulative series as a file of :mod:`.exchange`, which the API server's collectors read at
 scrape time (:mod:`.frontend`); with ``--api-server-count > 1`` (``PROMETHEUS_MULTIPROC_DIR``)
 it records into prometheus_client series instead, which vLLM's multiprocess collector
@@ -24,7 +25,8 @@ from vllm_tokenprune.metrics.exchange import METRICS_DIR_ENV, SCORER_BUCKETS, pu
 
 _lock = threading.Lock()
 _worker: _WorkerScorerRecorder | None = None
-_fallbacks: _WorkerFallbackCounter | None = None
+_fallbacks: _WorkerCounter | None = None
+_skipped: _WorkerCounter | None = None
 
 
 class _WorkerScorerRecorder:
@@ -75,34 +77,36 @@ class _WorkerScorerRecorder:
                     "tokenprune_scorer_seconds will miss this worker", self.dir, e)
 
 
-class _WorkerFallbackCounter:
-    """Items the worker served by the fallback (:mod:`vllm_tokenprune.models.fallbacks`),
-    published like the scorer histogram: a file per worker read at scrape time, or a
-    prometheus_client counter in multiprocess mode."""
+class _WorkerCounter:
+    """A counter of the worker (fallbacks, skipped token-layers), published like the scorer
+    histogram: a file per worker read at scrape time, or a prometheus_client counter in
+    multiprocess mode."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, name: str, help_: str, kind: str,
+                 labels: tuple[str, str]) -> None:
         self.model_name = model_name
+        self.kind = kind
+        self.labels = labels
         self.dir = os.environ.get(METRICS_DIR_ENV)
         self.counts: dict[tuple[str, str], float] = {}
         self.counter = None
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import Counter
 
-            self.counter = Counter("tokenprune_scorer_fallbacks", exchange.FALLBACKS_HELP,
-                                   ["model_name", "method", "reason"])
+            self.counter = Counter(name, help_, ["model_name", *labels])
 
-    def inc(self, method: str, reason: str) -> None:
+    def inc(self, a: str, b: str, value: float = 1.0) -> None:
         if self.counter is not None:
-            self.counter.labels(self.model_name, method, reason).inc()
+            self.counter.labels(self.model_name, a, b).inc(value)
             return
         if not self.dir:
             return
-        self.counts[(method, reason)] = self.counts.get((method, reason), 0.0) + 1
+        self.counts[(a, b)] = self.counts.get((a, b), 0.0) + value
         payload = {"model_name": self.model_name,
-                   "series": [{"method": m, "reason": r, "value": v}
-                              for (m, r), v in self.counts.items()]}
+                   "series": [{self.labels[0]: x, self.labels[1]: y, "value": v}
+                              for (x, y), v in self.counts.items()]}
         try:
-            publish(self.dir, exchange.FALLBACKS, payload)
+            publish(self.dir, self.kind, payload)
         except OSError:
             pass  # the scorer recorder already warns about an unusable directory
 
@@ -113,13 +117,19 @@ def record_fallback(method: str, reason: str) -> None:
         _fallbacks.inc(method, reason)
 
 
+def record_skipped(method: str, modality: str, token_layers: int) -> None:
+    """A routed item skipped ``token_layers`` visual token-layers (worker process)."""
+    if _skipped is not None and token_layers > 0:
+        _skipped.inc(method, modality, float(token_layers))
+
+
 def init_worker(model_name: str) -> None:
     """Called when a TokenPrune model is built in a worker.
 
     With tensor parallelism every rank runs the scorer on the same batch; only the first rank
     records, so the histogram counts scorer calls, not calls x ranks.
     """
-    global _worker, _fallbacks
+    global _worker, _fallbacks, _skipped
     try:
         from vllm.distributed import get_tensor_model_parallel_rank
 
@@ -131,7 +141,13 @@ def init_worker(model_name: str) -> None:
         if _worker is None:
             _worker = _WorkerScorerRecorder(model_name)
         if _fallbacks is None:
-            _fallbacks = _WorkerFallbackCounter(model_name)
+            _fallbacks = _WorkerCounter(model_name, "tokenprune_scorer_fallbacks",
+                                        exchange.FALLBACKS_HELP, exchange.FALLBACKS,
+                                        ("method", "reason"))
+        if _skipped is None:
+            _skipped = _WorkerCounter(model_name, "tokenprune_skipped_visual_token_layers",
+                                      exchange.SKIPPED_HELP, exchange.SKIPPED,
+                                      ("method", "modality"))
 
 
 def record_scorer_time(method: str, modality: str, seconds: float) -> None:

@@ -170,7 +170,8 @@ class TokenPruneModelMixin(MropeRowsMixin, EncoderBudgetMixin):
         )
 
     def _tp_layer_rows(self, emb: torch.Tensor, p: ItemParams,
-                       through: torch.Tensor | None = None) -> torch.Tensor:
+                       through: torch.Tensor | None = None, modality: str = "image"
+                       ) -> torch.Tensor:
         """An item of a layer-stage method: every row, marked for the layers (``through``:
         host bool mask of rows that always go through, e.g. LLaVA-NeXT's image newlines). A
         family without that method's mixin never gets such an item (refused at start-up);
@@ -352,7 +353,7 @@ class TokenPruneModelMixin(MropeRowsMixin, EncoderBudgetMixin):
         keep = self._tp_select(modality, [self._tp_score_view(e) for e in embeds], items,
                                text_ids)
         return tuple(
-            self._tp_layer_rows(e, p) if p.stage == LAYER
+            self._tp_layer_rows(e, p, modality=modality) if p.stage == LAYER
             else e if idx is None else e.index_select(0, idx)
             for e, idx, p in zip(embeds, keep, items, strict=True)
         )

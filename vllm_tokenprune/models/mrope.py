@@ -67,7 +67,8 @@ class MropeRowsMixin:
                 if idx_pos is not None:
                     pos = pos.index_select(0, idx_pos)
             elif items[i].stage == LAYER:
-                emb = self._tp_layer_rows(emb, items[i])  # type: ignore[attr-defined]
+                emb = self._tp_layer_rows(  # type: ignore[attr-defined]
+                    emb, items[i], modality=modality)
             out.append(self._tp_with_positions(emb, pos))
         return tuple(out)
 

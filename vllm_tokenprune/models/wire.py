@@ -75,7 +75,8 @@ PARAMS_HEAD = 6
 POS_CHANNELS = 6
 #: Channels appended (before any position channels) to every row of an item routed layer by
 #: layer (``alvts``): ``[role, index, k, N]``, role 1 = scored visual token, 2 = always goes
-#: through (LLaVA-NeXT's image-newline rows); index, k, N as base-256 digit pairs.
+#: through (LLaVA-NeXT's image-newline rows), plus 2 for a video's rows; index, k, N as
+#: base-256 digit pairs.
 ROUTE_CHANNELS = 7
 
 Grid = tuple[int, int, int]
@@ -162,9 +163,11 @@ def encode_positions(pos: torch.Tensor, dtype: torch.dtype, *, check: bool = Tru
     return torch.cat([pos // 256, pos % 256], dim=1).to(dtype)
 
 
-def encode_route(roles: torch.Tensor, num_process: int, dtype: torch.dtype) -> torch.Tensor:
+def encode_route(roles: torch.Tensor, num_process: int, dtype: torch.dtype,
+                 video: bool = False) -> torch.Tensor:
     """(n,) int roles (1: scored, 2: always through) -> (n, ROUTE_CHANNELS) ``dtype`` rows
-    ``[role, index, k, N]`` (index counts scored rows only; digits exact in bf16)."""
+    ``[role, index, k, N]`` (index counts scored rows only; digits exact in bf16; a video's
+    roles are written plus 2, :func:`route_is_video`)."""
     roles = roles.to(torch.int64)
     scored = roles == 1
     index = torch.cumsum(scored.to(torch.int64), 0) - 1
@@ -172,7 +175,7 @@ def encode_route(roles: torch.Tensor, num_process: int, dtype: torch.dtype) -> t
     n = int(scored.sum())
     if n >= 256 * 256:
         raise ValueError("media item too large for layer-wise routing (>= 65536 tokens)")
-    cols = [roles, index // 256, index % 256]
+    cols = [roles + 2 if video else roles, index // 256, index % 256]
     for v in (num_process, n):
         cols += [torch.full_like(roles, v // 256), torch.full_like(roles, v % 256)]
     return torch.stack(cols, dim=1).to(dtype)
@@ -185,7 +188,12 @@ def decode_route(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, in
     index = d[:, 1] * 256 + d[:, 2]
     k = int(d[0, 3]) * 256 + int(d[0, 4]) if d.shape[0] else 0
     n = int(d[0, 5]) * 256 + int(d[0, 6]) if d.shape[0] else 0
-    return d[:, 0], index, k, n
+    return (d[:, 0] - 1) % 2 + 1, index, k, n
+
+
+def route_is_video(channels: torch.Tensor) -> bool:
+    """Whether the rows of :func:`encode_route` are a video's."""
+    return bool(channels.shape[0]) and int(channels[0, 0].round()) > 2
 
 
 def decode_positions(channels: torch.Tensor) -> torch.Tensor:

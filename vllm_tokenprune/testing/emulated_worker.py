@@ -54,7 +54,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
 ALVTS_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
 #: Server flags ``alvts`` requires (alvts/model.py ``check_alvts_server``).
 ALVTS_ENGINE_ARGS: dict[str, Any] = {
-    "enable_prefix_caching": False,
     "disable_chunked_mm_input": True,
     "scheduler_cls": "vllm_tokenprune.alvts.scheduler.WholeMediaScheduler",
 }
