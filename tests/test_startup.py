@@ -41,7 +41,7 @@ def engine_config(model_dir: Path, block: dict[str, Any] | None = None, **engine
                   ) -> Any:
     """vLLM's config of a TokenPrune Qwen2.5-VL server started with these flags (what
     ``vllm serve --dtype float32 --hf-overrides ...`` builds before starting the engine), with
-    the test servers' fast CPU flags (``vllm_tokenprune.testing.server.FAST_CPU_ARGS``: eager, 4096-token context)."""
+    the test servers' fast CPU flags (``testing.server.FAST_CPU_ARGS``: eager, 4096 tokens)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_tokenprune.plugin import register
