@@ -151,10 +151,11 @@ def test_a_worker_without_a_method_the_api_server_accepts_refuses_to_start() -> 
 
 
 @pytest.fixture
-def example_registered(example_methods_dir: Path) -> Iterator[None]:
+def example_registered(example_methods_dir: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The example method registered in this process too (for the transformers reference),
     and unregistered afterwards."""
-    sys.path.insert(0, str(example_methods_dir))
+    monkeypatch.syspath_prepend(str(example_methods_dir))
     try:
         module = importlib.import_module("tokenprune_example_method")
         module.register()
@@ -162,7 +163,6 @@ def example_registered(example_methods_dir: Path) -> Iterator[None]:
     finally:
         _registry._REGISTRY.pop(EXAMPLE_METHOD, None)
         sys.modules.pop("tokenprune_example_method", None)
-        sys.path.remove(str(example_methods_dir))
 
 
 @pytest.mark.server

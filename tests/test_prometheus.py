@@ -12,7 +12,7 @@ the same request at ``prune_ratio`` 0, and checks through Prometheus's HTTP API 
 * ``tokenprune_scorer_seconds``, measured in the worker process, is on the API server's
   ``/metrics`` and grows with pruned requests (and only with them).
 
-It also renders the dashboard's panels from this Prometheus (``benchmarks/plot_dashboard.py``);
+It also renders the dashboard's panels from this Prometheus (``scripts/plot_dashboard.py``);
 ``TOKENPRUNE_UPDATE_DOCS=1`` writes the picture to ``docs/dashboard.png``.
 """
 
@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -40,15 +39,13 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from scripts import plot_dashboard as pd
 from tests.conftest import QWEN25_ARCH
 from vllm_tokenprune import num_kept
 from vllm_tokenprune.testing.media import chat_messages, make_image, qwen_image_tokens
 from vllm_tokenprune.testing.server import VLLMServer, free_port, token_prune_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import plot_dashboard as pd  # noqa: E402
 
 pytestmark = pytest.mark.server
 
