@@ -91,6 +91,21 @@ def tp_server(tiny_qwen_dir: Path, example_methods_dir: Path) -> Iterator[VLLMSe
 
 
 @pytest.fixture(scope="session")
+def hard_server(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[VLLMServer, Path]]:
+    """(the hardened TokenPrune Qwen2.5-VL of tests/_hard_server.py, its encoder-call log):
+    tests/test_hardening_server.py and tests/test_worker_safety.py."""
+    from tests._hard_server import start_hard_server
+
+    log = tmp_path_factory.mktemp("guard") / "encoder-calls.log"
+    log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = start_hard_server(tiny_qwen_dir, log_dir, log)
+    yield server, log
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def plain_server(tiny_qwen_dir: Path) -> Iterator[VLLMServer]:
     """vLLM's own Qwen2_5_VLForConditionalGeneration on the same weights (the plugin loaded)."""
     server = _start(tiny_qwen_dir, QWEN_SERVER_ARGS, "plain_qwen")
