@@ -3,9 +3,10 @@
 ALVTS is served inside vLLM (:mod:`vllm_tokenprune.alvts`; end to end:
 ``python -m benchmarks.serving --methods lrcp alvts``, docs/benchmarks.md). This study isolates
 the language model's prefill, where ALVTS saves its work, with plain transformers on the
-mid-size random-weight Qwen2.5-VL of ``benchmarks.serving`` (its ``mid`` preset: 20 layers, hidden 1024, 16/4 heads, MLP 2816; a 784x588 image = 588
-visual tokens). The language model's input (embeddings, M-RoPE positions) is captured once from
-transformers' own pipeline, then timed, interleaved, under:
+mid-size random-weight Qwen2.5-VL of ``benchmarks.serving`` (its ``mid`` preset: 20 layers,
+hidden 1024, 16/4 heads, MLP 2816; a 784x588 image = 588 visual tokens). The language model's
+input (embeddings, M-RoPE positions) is captured once from transformers' own pipeline, then
+timed, interleaved, under:
 
 * ``plain``: all tokens, all layers;
 * ``lrcp r``: LRCP keeps ``num_kept(588, r)`` visual tokens at the input (shorter sequence);

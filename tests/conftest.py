@@ -15,8 +15,20 @@ from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 QWEN25_ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
 
 
+#: Test files marked ``slow`` as a whole: they build vLLM's engine config, processor or a model
+#: through its loader in the test process, or are study-sized (docs/testing.md, "The fast
+#: loop"). Single slow tests elsewhere (a Python subprocess importing vLLM) carry the mark.
+SLOW_FILES = frozenset({"test_profile_run.py", "test_encoder_staging.py",
+                        "test_gpu_emulation_worker.py", "test_scoring_skimage.py",
+                        "test_startup.py"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` need a CUDA device: skipped cleanly without one (docs/gpu.md)."""
+    """Files of :data:`SLOW_FILES` are marked ``slow``. Tests marked ``gpu`` need a CUDA
+    device: skipped cleanly without one (docs/gpu.md)."""
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return
