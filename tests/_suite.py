@@ -43,6 +43,7 @@ from tests._hf_reference import (
     POSITION_CONTROLS,
     control_sets,
     prepared_logprobs,
+    prepared_step_logprobs,
     scored_tokens,
 )
 from vllm_tokenprune import list_methods, num_kept
@@ -282,11 +283,13 @@ class FamilyServerSuite:
         self, tp: VLLMServer, plain: VLLMServer | None, model_dir: Path
     ) -> None:
         """``prune_ratio`` 0 prunes nothing: the prompt-token count and each item's
-        ``token_prune`` counts are transformers' processor's, and the next-token logprobs are
-        transformers' unpruned model's (within LOGPROB_TOL; for the M-RoPE families the same
-        reference at wrong positions differs by more than ten tolerances, so the comparison
-        sees positions). Where the class has vLLM's plain architecture, 8 greedy tokens, their
-        logprobs and the prompt count equal its."""
+        ``token_prune`` counts are transformers' processor's, and the top-5 logprobs of each of
+        8 greedy steps are transformers' unpruned model's, fed the prompt and the tokens the
+        server generated before that step (within LOGPROB_TOL; the server's token is the
+        reference's argmax, up to it; for the M-RoPE families the first step's reference at wrong
+        positions differs by more than ten tolerances, so the comparison sees positions).
+        Where the class has vLLM's plain architecture, the 8 tokens, their logprobs and the
+        prompt count equal its."""
         media = [make_media(s) for s in self.EXACT_MEDIA]
         b = chat(tp, media, max_tokens=8, logprobs=True, prune_ratio=0.0,
                  return_tokens_as_token_ids=True)
@@ -301,8 +304,17 @@ class FamilyServerSuite:
         got = top_logprobs(b)
         err = gap(got, ref)
         assert err <= LOGPROB_TOL, err
+        right = [i.kept_rows for i in shown.items]
+        content = b.choices[0].logprobs.content
+        generated = [int(t.token.removeprefix("token_id:")) for t in content]
+        steps = prepared_step_logprobs(prep, right, generated[:-1])
+        for k, token in enumerate(generated):
+            step = top_logprobs(b, k)
+            # the server's greedy token is the reference's argmax (up to the tolerance)
+            assert float(steps[k].max() - steps[k][token]) <= LOGPROB_TOL, k
+            err = max(err, gap(step, steps[k]))
+            assert gap(step, steps[k]) <= LOGPROB_TOL, (k, gap(step, steps[k]))
         if prep.model_type.startswith("qwen"):
-            right = [i.kept_rows for i in shown.items]
             gaps = {name: gap(got, prepared_logprobs(prep, right, name)[0])
                     for name in POSITION_CONTROLS}
             weak = {k: v for k, v in gaps.items() if v <= CONTROL_FACTOR * LOGPROB_TOL}
