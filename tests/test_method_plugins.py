@@ -174,7 +174,7 @@ def test_an_installed_method_is_served_per_request(tp_server: Any, tiny_qwen_dir
     """``prune_method`` names the package's method: exact token accounting, the method's own
     selection (the server's logprobs are transformers' model fed the tokens the method keeps),
     counted under its name, and no fallback."""
-    from tests._hf_reference import qwen_reference_logprobs
+    from tests._hf_reference import reference_logprobs
     from vllm_tokenprune.testing.media import chat_messages, make_image, qwen_image_tokens
 
     prompt = "Describe this image."
@@ -196,7 +196,7 @@ def test_an_installed_method_is_served_per_request(tp_server: Any, tiny_qwen_dir
     assert [i["tokens"] for i in field["items"]] == tokens
     assert [i["kept"] for i in field["items"]] == kept
 
-    ref, ref_len = qwen_reference_logprobs(tiny_qwen_dir, images, prompt, ratio, EXAMPLE_METHOD)
+    ref, ref_len = reference_logprobs(tiny_qwen_dir, images, prompt, ratio, EXAMPLE_METHOD)
     assert res.usage.prompt_tokens == ref_len
     for entry in res.choices[0].logprobs.content[0].top_logprobs:
         token_id = int(entry.token.removeprefix("token_id:"))
