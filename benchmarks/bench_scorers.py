@@ -23,9 +23,9 @@ which numbers are extrapolated.
 
 Examples::
 
-    python benchmarks/bench_scorers.py                          # the default CPU grid
-    python benchmarks/bench_scorers.py --n 576 --d 4096 --batch 1 --methods lrcp norm
-    python benchmarks/bench_scorers.py --device cuda --repeats 20   # on a GPU
+    python -m benchmarks.bench_scorers                          # the default CPU grid
+    python -m benchmarks.bench_scorers --n 576 --d 4096 --batch 1 --methods lrcp norm
+    python -m benchmarks.bench_scorers --device cuda --repeats 20   # on a GPU
 """
 
 from __future__ import annotations
@@ -33,16 +33,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_tokenprune.scoring import list_methods, num_kept, select_tokens_batch  # noqa: E402
+from vllm_tokenprune.scoring import list_methods, num_kept, select_tokens_batch
 
 
 def _sync(device: torch.device) -> None:

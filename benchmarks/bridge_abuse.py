@@ -8,8 +8,8 @@ key, ``prune_ratio`` 0.5) back to back: first idle, then while ``--uploads`` cli
 phase and the API server process's resident memory (before, and the peak sampled during the
 uploads).
 
-    python benchmarks/bridge_abuse.py                  # 1 upload of 30 MB
-    python benchmarks/bridge_abuse.py --uploads 4
+    python -m benchmarks.bridge_abuse                  # 1 upload of 30 MB
+    python -m benchmarks.bridge_abuse --uploads 4
 
 Figures and the commands that made them: docs/reliability.md ("Request bodies the bridge does
 not read").
@@ -21,7 +21,6 @@ import argparse
 import json
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,11 +29,10 @@ from typing import Any
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vllm_tokenprune.testing.media import data_url, make_image
+from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 
-from vllm_tokenprune.testing.media import data_url, make_image  # noqa: E402
-from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 KEY = "bench-key"
 ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"

@@ -17,25 +17,21 @@ replayed from its captured CUDA graph (``vllm_tokenprune/scoring/_graphs.py``; c
 second time a shape is seen) and the per-step count is what a replay issues. ``--no-graphs``
 sets ``TOKENPRUNE_GREEDY_CUDA_GRAPHS=0`` to count the eager loop on CUDA.
 
-    python benchmarks/count_ops.py                       # N=2880, k=320, B=1 and B=4
-    python benchmarks/count_ops.py --n 576 --k 64 --batch 1 2 8 --detail
-    python benchmarks/count_ops.py --device cuda         # on a GPU: graph replays
+    python -m benchmarks.count_ops                       # N=2880, k=320, B=1 and B=4
+    python -m benchmarks.count_ops --n 576 --k 64 --batch 1 2 8 --detail
+    python -m benchmarks.count_ops --device cuda         # on a GPU: graph replays
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_tokenprune.scoring import select_tokens_batch  # noqa: E402
+from vllm_tokenprune.scoring import select_tokens_batch
 
 GREEDY = ["divprune", "resprune", "cdpruner"]
 VIEW_OPS = {"aten::slice", "aten::select", "aten::view", "aten::unsqueeze", "aten::squeeze",

@@ -22,25 +22,22 @@ under random token dropping, detail vs. flat patches) recorded in docs/scorers.m
 
 Usage::
 
-    python benchmarks/fidelity.py                 # tables + docs/fidelity.png
-    python benchmarks/fidelity.py --no-plot
+    python -m benchmarks.fidelity                 # tables + docs/fidelity.png
+    python -m benchmarks.fidelity --no-plot
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vllm_tokenprune.scoring import list_methods, num_kept, select_tokens
 from vllm_tokenprune.testing.photos import patch_tokens as photo_patch_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vllm_tokenprune.scoring import list_methods, num_kept, select_tokens  # noqa: E402
 
 RATIOS = (0.5, 0.75, 0.889, 0.944)
 IMAGES = ("astronaut", "camera", "coffee", "chelsea")

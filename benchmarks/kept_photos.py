@@ -8,24 +8,20 @@ random projection to 256 features). Text-conditioned methods (ResPrune, CDPruner
 text, as in ``benchmarks/fidelity.py``. With real weights, ``python -m vllm_tokenprune.preview``
 draws the real thing.
 
-    python benchmarks/kept_photos.py [-o docs/kept_photos.jpg]
+    python -m benchmarks.kept_photos [-o docs/kept_photos.jpg]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vllm_tokenprune.preview.draw import grid, overlay  # noqa: E402
-from vllm_tokenprune.scoring import list_methods, num_kept, select_tokens  # noqa: E402
-from vllm_tokenprune.testing.photos import patch_tokens  # noqa: E402
+from vllm_tokenprune.preview.draw import grid, overlay
+from vllm_tokenprune.scoring import list_methods, num_kept, select_tokens
+from vllm_tokenprune.testing.photos import patch_tokens
 
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea")
 RATIOS = (0.75, 0.889)

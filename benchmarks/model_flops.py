@@ -14,7 +14,7 @@ token, for an image of ``n`` LM tokens (``4 n`` patches with spatial merge 2):
 
 Norms, biases, rotary embeddings and softmax are left out on both sides (a few percent).
 
-    python benchmarks/model_flops.py            # Qwen2.5-VL-7B vs the serving benchmark presets
+    python -m benchmarks.model_flops            # Qwen2.5-VL-7B vs the serving benchmark presets
 """
 
 from __future__ import annotations
@@ -83,11 +83,7 @@ def preset_config(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from serve import PRESETS
+    from benchmarks.serving.run import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[588, 2880],

@@ -41,21 +41,34 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from vllm_source_reader import (  # noqa: E402
-    FUNCS,
-    Def,
-    NotFound,
-    Resolver,
-    Tree,
-    class_members,
-    code_of,
-    method_bodies,
-    short_diff,
-    signature,
-    static_check,
-)
+if __package__:  # imported as scripts.check_vllm_source (tests/test_vllm_source.py)
+    from .vllm_source_reader import (
+        FUNCS,
+        Def,
+        NotFound,
+        Resolver,
+        Tree,
+        class_members,
+        code_of,
+        method_bodies,
+        short_diff,
+        signature,
+        static_check,
+    )
+else:  # python scripts/check_vllm_source.py: this file's directory is sys.path[0]
+    from vllm_source_reader import (  # type: ignore[no-redef]
+        FUNCS,
+        Def,
+        NotFound,
+        Resolver,
+        Tree,
+        class_members,
+        code_of,
+        method_bodies,
+        short_diff,
+        signature,
+        static_check,
+    )
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "vllm-tokenprune" / "wheels"

@@ -89,7 +89,7 @@ MUTATIONS = [
         "grid_w = torch.arange(w).view(1, 1, w).expand(t, h, w)",
         "grid_w = (torch.arange(w) + 1).view(1, 1, w).expand(t, h, w)",
         (f"{QWEN25}::test_prefix_cached_request_matches_reference",
-         f"{QWEN25}::test_logprobs_match_transformers_reference[lrcp]"),
+         f"{QWEN25}::TestQwen2_5_VL::test_two_images_match_transformers_reference[lrcp]"),
     ),
     Mutation(
         "norm_reversed", "norm keeps the smallest-norm tokens",
@@ -127,7 +127,7 @@ MUTATIONS = [
         "                                    (groups[1][0], groups[0][1]))\n"
         "        for method, items in groups:\n",
         ("tests/test_worker_safety_units.py -k mixed_batch",
-         f"{QWEN25}::test_concurrent_mixed_ratios_and_methods"),
+         f"{QWEN25}::TestQwen2_5_VL::test_concurrent_mixed_batch"),
         "the unit test always; the server mix test only when the scheduler puts two requests' "
         "images in one encoder batch (timing, docs/testing.md)",
     ),

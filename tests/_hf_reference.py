@@ -82,12 +82,27 @@ def prepared_logprobs(prep: Prepared, keep: list[set[int]] | list[list[int]],
     """:func:`reference_logprobs` on an already prepared prompt (e.g. a preview's
     ``prepared``), with each item's kept rows; ``positions``: one of
     :data:`POSITION_CONTROLS` (Qwen families) to feed the media tokens at wrong positions."""
+    steps, n = _steps(prep, keep, positions, [])
+    return steps[0], n
+
+
+def prepared_step_logprobs(prep: Prepared, keep: list[set[int]] | list[list[int]],
+                           generated: list[int]) -> torch.Tensor:
+    """Greedy decoding's reference: ``(len(generated) + 1, vocab)`` log-probabilities, row k
+    of the token after the prompt and ``generated[:k]`` (text tokens appended after the
+    prompt at the next positions: Qwen's M-RoPE continues every axis from the last
+    position, as the runners' decode positions do; LLaVA's 1-D positions are contiguous)."""
+    return _steps(prep, keep, None, list(generated))[0]
+
+
+def _steps(prep: Prepared, keep: list[set[int]] | list[list[int]], positions: str | None,
+           generated: list[int]) -> tuple[torch.Tensor, int]:
     keep = [set(k) for k in keep]
     if prep.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        return _qwen(prep, keep, positions)
+        return _qwen(prep, keep, positions, generated)
     if positions is not None:
         raise ValueError("position controls apply to the M-RoPE (Qwen) families only")
-    return _llava(prep, keep)
+    return _llava(prep, keep, generated)
 
 
 #: Cheap methods whose kept set stands in for "another method's set" in the controls.
@@ -139,8 +154,11 @@ def control_sets(prep: Prepared, kept_rows: list[list[int]], method: str,
 
 
 @torch.no_grad()
-def _qwen(prep: Prepared, keep: list[set[int]],
-          control: str | None = None) -> tuple[torch.Tensor, int]:
+def _qwen(prep: Prepared, keep: list[set[int]], control: str | None = None,
+          generated: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """(log-probabilities of the last ``len(generated) + 1`` positions, the prompt's length
+    as fed)."""
+    generated = generated or []
     model, inputs = prep.model, prep.inputs
     input_ids = inputs["input_ids"]
     deepstack = model.config.model_type == "qwen3_vl"
@@ -193,9 +211,15 @@ def _qwen(prep: Prepared, keep: list[set[int]],
             cur[0], cur[1] = cur[0] + 1, 0
     assert all(c == [len(items[m]), 0] for m, c in cursor.items()), "placeholder count mismatch"
 
-    inputs_embeds = torch.stack(rows)[None]
+    n_prompt = len(keep_cols)
     pos = positions[:, :, keep_cols]
-    mask = torch.ones(1, len(keep_cols), dtype=torch.long)
+    if generated:
+        gen = torch.tensor(generated)
+        rows.extend(model.get_input_embeddings()(gen))
+        visual_mask.extend([False] * len(generated))
+        pos = torch.cat([pos, pos[:, :, -1:] + torch.arange(1, len(generated) + 1)], dim=2)
+    inputs_embeds = torch.stack(rows)[None]
+    mask = torch.ones(1, inputs_embeds.shape[1], dtype=torch.long)
     if deepstack:
         lm = model.model.language_model(
             inputs_embeds=inputs_embeds, position_ids=pos, attention_mask=mask,
@@ -207,7 +231,8 @@ def _qwen(prep: Prepared, keep: list[set[int]],
     else:
         logits = model(inputs_embeds=inputs_embeds, position_ids=pos,
                        attention_mask=mask).logits
-    return torch.log_softmax(logits[0, -1].float(), dim=-1), len(keep_cols)
+    last = logits[0, -(len(generated) + 1):].float()
+    return torch.log_softmax(last, dim=-1), n_prompt
 
 
 def _wrong_media_positions(positions: torch.Tensor, ids: torch.Tensor, media_ids: set[int],
@@ -249,7 +274,11 @@ def _text_after_media_at_max_plus_one(positions: torch.Tensor,
 
 
 @torch.no_grad()
-def _llava(prep: Prepared, keep: list[set[int]]) -> tuple[torch.Tensor, int]:
+def _llava(prep: Prepared, keep: list[set[int]],
+           generated: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """(log-probabilities of the last ``len(generated) + 1`` positions, the prompt's length
+    as fed)."""
+    generated = generated or []
     model, input_ids = prep.model, prep.inputs["input_ids"]
     cfg = model.config
     feats = [item.feat for item in prep.items]
@@ -269,10 +298,14 @@ def _llava(prep: Prepared, keep: list[set[int]]) -> tuple[torch.Tensor, int]:
         i += feats[image_idx].shape[0]
         image_idx += 1
     assert image_idx == len(feats), "placeholder count mismatch"
+    n_prompt = len(rows)
+    if generated:
+        rows.extend(model.get_input_embeddings()(torch.tensor(generated)))
     inputs_embeds = torch.stack(rows)[None]  # contiguous positions 0..n-1 (the default)
     out = model(inputs_embeds=inputs_embeds,
                 attention_mask=torch.ones(1, len(rows), dtype=torch.long))
-    return torch.log_softmax(out.logits[0, -1].float(), dim=-1), len(rows)
+    last = out.logits[0, -(len(generated) + 1):].float()
+    return torch.log_softmax(last, dim=-1), n_prompt
 
 
 @torch.no_grad()

@@ -1,16 +1,22 @@
 """The server-test suite every TokenPrune family runs (``tests/test_<family>_server.py``).
 
 A family's test class subclasses :class:`FamilyServerSuite` and names its architecture, tiny
-model builder, media cases and methods. Per class, one TokenPrune server and one server of the
-plain vLLM architecture on the same weights start together (in parallel) and serve every test
-of the class; both run float32 with ``--max-num-batched-tokens 96``, so chunked prefill splits
-prompts and media across steps in every request. Everything is checked through the real
-``openai`` client against real server processes:
+model builder, media cases and methods. Per class, one TokenPrune server serves every test of
+the class (float32, ``--max-num-batched-tokens 96``, so chunked prefill splits prompts and media
+across steps in every request); Qwen2.5-VL's class uses the session servers of
+tests/conftest.py and adds vLLM's own plain architecture on the same weights (``plain``). The
+unpruned side of every comparison is ``prune_ratio`` 0 on the TokenPrune server, itself pinned
+to transformers' model and processor (and, for Qwen2.5-VL, to the plain architecture).
+Everything is checked through the real ``openai`` client against real server processes:
 
-* ``prune_ratio`` 0: greedy tokens, logprobs and ``usage.prompt_tokens`` equal the plain
-  architecture's;
-* ``usage.prompt_tokens`` is exactly the plain count minus ``N - num_kept(N, ratio)`` per
-  item, for every media case and several ratios (N from transformers' own processor/model);
+* ``prune_ratio`` 0: ``usage.prompt_tokens`` and the response's ``token_prune`` counts are
+  transformers' processor's, and the next-token logprobs equal transformers' unpruned model
+  (for the M-RoPE families, the same reference at wrong positions differs by more than ten
+  tolerances); where the class has ``plain``, greedy tokens, logprobs and prompt tokens equal
+  vLLM's plain architecture's;
+* ``usage.prompt_tokens`` is exactly the processor's unpruned count minus
+  ``N - num_kept(N, ratio)`` per item, for every media case and several ratios (N from
+  transformers' own processor/model);
 * next-token logprobs with pruning equal transformers' model fed only the kept embeddings at
   the positions the integration claims (:mod:`tests._hf_reference`), for every method, where
   the kept embeddings are the ones ``vllm_tokenprune.preview`` reports (so the preview shows
@@ -37,10 +43,12 @@ from tests._hf_reference import (
     POSITION_CONTROLS,
     control_sets,
     prepared_logprobs,
+    prepared_step_logprobs,
     scored_tokens,
 )
 from vllm_tokenprune import list_methods, num_kept
 from vllm_tokenprune.preview import preview, server_config
+from vllm_tokenprune.preview._extract import Prepared, prepare
 from vllm_tokenprune.response import FIELD
 from vllm_tokenprune.testing.media import (
     image_part,
@@ -117,6 +125,12 @@ def top_logprobs(res: Any, step: int = 0) -> dict[int, float]:
 def gap(got: dict[int, float], ref: torch.Tensor | dict[int, float]) -> float:
     """Largest |got - ref| log-probability over ``got``'s token ids."""
     return max(abs(lp - float(ref[t])) for t, lp in got.items())
+
+
+def processor_tokens(prep: Prepared) -> int:
+    """The unpruned prompt's length as transformers' processor lays it out (chat template,
+    media placeholders expanded): what vLLM serves at ``prune_ratio`` 0."""
+    return int(prep.inputs["input_ids"].shape[-1])
 
 
 def record_error(line: str) -> None:
@@ -232,17 +246,28 @@ class FamilyServerSuite:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def servers(cls, model_dir: Path) -> Iterator[tuple[VLLMServer, VLLMServer]]:
-        started = start_servers(
-            {"tp": (model_dir, [*SERVER_ARGS, "--hf-overrides", cls.overrides()]),
-             "plain": (model_dir, list(SERVER_ARGS))},
-            cls.NAME,
-        )
-        yield started["tp"], started["plain"]
-        for server in started.values():
-            server.stop()
+    def tp(cls, model_dir: Path) -> Iterator[VLLMServer]:
+        """The family's TokenPrune server."""
+        server = start_servers(
+            {"tp": (model_dir, [*SERVER_ARGS, "--hf-overrides", cls.overrides()])}, cls.NAME
+        )["tp"]
+        yield server
+        server.stop()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def plain(cls) -> VLLMServer | None:
+        """vLLM's own architecture on the same weights, where the class has one (Qwen2.5-VL:
+        the session ``plain_server``); None elsewhere."""
+        return None
 
     # -- helpers
+    @staticmethod
+    def unpruned(tp: VLLMServer, media: list[Any]) -> int:
+        """The prompt's tokens at ``prune_ratio`` 0 (pinned to transformers' processor by
+        :meth:`test_ratio_zero_matches_transformers_and_plain_model`)."""
+        return chat(tp, media, prune_ratio=0.0).usage.prompt_tokens
+
     @staticmethod
     def saved(model_dir: Path, media: list[Any], ratio: float,
               video_ratio: float | None = None) -> int:
@@ -254,13 +279,50 @@ class FamilyServerSuite:
         return total
 
     # -- tests
-    def test_ratio_zero_is_identical_to_plain_model(
-        self, servers: tuple[VLLMServer, VLLMServer]
+    def test_ratio_zero_matches_transformers_and_plain_model(
+        self, tp: VLLMServer, plain: VLLMServer | None, model_dir: Path
     ) -> None:
-        tp, plain = servers
+        """``prune_ratio`` 0 prunes nothing: the prompt-token count and each item's
+        ``token_prune`` counts are transformers' processor's, and the top-5 logprobs of each of
+        8 greedy steps are transformers' unpruned model's, fed the prompt and the tokens the
+        server generated before that step (within LOGPROB_TOL; the server's token is the
+        reference's argmax, up to it; for the M-RoPE families the first step's reference at wrong
+        positions differs by more than ten tolerances, so the comparison sees positions).
+        Where the class has vLLM's plain architecture, the 8 tokens, their logprobs and the
+        prompt count equal its."""
         media = [make_media(s) for s in self.EXACT_MEDIA]
-        a = chat(plain, media, max_tokens=8, logprobs=True)
-        b = chat(tp, media, max_tokens=8, logprobs=True, prune_ratio=0.0)
+        b = chat(tp, media, max_tokens=8, logprobs=True, prune_ratio=0.0,
+                 return_tokens_as_token_ids=True)
+        shown, ref, ref_len = reference_for(model_dir, media, "lrcp", 0.0,
+                                            overrides=self.overrides())
+        assert [(i.modality, i.tokens, i.tokens) for i in shown.items] == [
+            (i["modality"], i["tokens"], i["kept"]) for i in b.model_extra[FIELD]["items"]]
+        assert [i.tokens for i in shown.items] == [scored_tokens(model_dir, m)[0]
+                                                   for m in media]
+        prep = shown.prepared
+        assert b.usage.prompt_tokens == ref_len == processor_tokens(prep)
+        got = top_logprobs(b)
+        err = gap(got, ref)
+        assert err <= LOGPROB_TOL, err
+        right = [i.kept_rows for i in shown.items]
+        content = b.choices[0].logprobs.content
+        generated = [int(t.token.removeprefix("token_id:")) for t in content]
+        steps = prepared_step_logprobs(prep, right, generated[:-1])
+        for k, token in enumerate(generated):
+            step = top_logprobs(b, k)
+            # the server's greedy token is the reference's argmax (up to the tolerance)
+            assert float(steps[k].max() - steps[k][token]) <= LOGPROB_TOL, k
+            err = max(err, gap(step, steps[k]))
+            assert gap(step, steps[k]) <= LOGPROB_TOL, (k, gap(step, steps[k]))
+        if prep.model_type.startswith("qwen"):
+            gaps = {name: gap(got, prepared_logprobs(prep, right, name)[0])
+                    for name in POSITION_CONTROLS}
+            weak = {k: v for k, v in gaps.items() if v <= CONTROL_FACTOR * LOGPROB_TOL}
+            assert not weak, f"controls the comparison cannot tell from the server: {weak}"
+        record_error(f"{self.NAME} ratio 0\tnone\t{err:.3g}")
+        if plain is None:
+            return
+        a = chat(plain, media, max_tokens=8, logprobs=True, return_tokens_as_token_ids=True)
         assert [t.token for t in a.choices[0].logprobs.content] == \
             [t.token for t in b.choices[0].logprobs.content]
         assert a.usage.prompt_tokens == b.usage.prompt_tokens
@@ -268,13 +330,13 @@ class FamilyServerSuite:
         lp_b = [t.logprob for t in b.choices[0].logprobs.content]
         assert lp_a == pytest.approx(lp_b, abs=1e-4)
 
-    def test_prompt_token_accounting(self, servers: tuple[VLLMServer, VLLMServer],
-                                     model_dir: Path) -> None:
-        """Every media case at several ratios: exactly the saved tokens fewer."""
-        tp, plain = servers
+    def test_prompt_token_accounting(self, tp: VLLMServer, model_dir: Path) -> None:
+        """Every media case at several ratios: exactly the saved tokens fewer than the
+        processor's unpruned count (transformers' processor: :func:`processor_tokens`)."""
         for case in self.CASES:
             media = [make_media(s) for s in case]
-            unpruned = chat(plain, media).usage.prompt_tokens
+            unpruned = self.unpruned(tp, media)
+            assert unpruned == processor_tokens(prepare(str(model_dir), media, PROMPT)), case
             for ratio in self.RATIOS:
                 expected = self.saved(model_dir, media, ratio)
                 assert expected > 0
@@ -282,20 +344,19 @@ class FamilyServerSuite:
                 assert got == unpruned - expected, (case, ratio)
         # the server's default ratio applies to a request that sends none
         media = [make_media(s) for s in self.CASES[0]]
-        unpruned = chat(plain, media).usage.prompt_tokens
+        unpruned = self.unpruned(tp, media)
         got = chat(tp, media).usage.prompt_tokens
         assert got == unpruned - self.saved(model_dir, media, DEFAULT_RATIO)
 
     @pytest.mark.parametrize("method", list_methods())
     def test_logprobs_match_transformers_reference(
-        self, servers: tuple[VLLMServer, VLLMServer], model_dir: Path, method: str
+        self, tp: VLLMServer, model_dir: Path, method: str
     ) -> None:
         """Next-token logprobs with pruning == transformers' model fed only the kept
         embeddings at the claimed positions (both float32: tolerance LOGPROB_TOL), for every
         method, on EXACT_MEDIA (Qwen: an image and a video, at different ratios); wrong kept
         sets and wrong positions fed to the same reference differ by far more
         (:func:`assert_matches_reference`)."""
-        tp, _ = servers
         media = [make_media(s) for s in self.EXACT_MEDIA]
         ratio, video_ratio = 0.75, 0.6
         extra: dict[str, Any] = {"prune_ratio": ratio, "prune_method": method,
@@ -308,8 +369,7 @@ class FamilyServerSuite:
                                  video_ratio=video_ratio if has_video else None,
                                  overrides=self.overrides(), label=self.NAME)
 
-    def test_concurrent_mixed_batch(self, servers: tuple[VLLMServer, VLLMServer],
-                                    model_dir: Path) -> None:
+    def test_concurrent_mixed_batch(self, tp: VLLMServer, model_dir: Path) -> None:
         """Concurrent requests: different media kinds, ratios (image and video) and methods in
         one continuous batch, each with exact token accounting and the same tokens and
         logprobs as the same request served alone.
@@ -317,7 +377,6 @@ class FamilyServerSuite:
         Every request's media carry fresh cache identities (item uuids) per round, so the
         concurrent round cannot reuse the lone round's encoder outputs or prefix blocks: the
         batch really scores and prefills them together."""
-        tp, plain = servers
         ratios = [0.0, 0.3, 0.5, 0.75, 0.889, 0.6, 0.2]
         methods = list_methods()
         cases = []
@@ -332,7 +391,7 @@ class FamilyServerSuite:
                 video_ratio = ratios[(i + 3) % len(ratios)]
                 extra["video_prune_ratio"] = video_ratio
             cases.append((media, extra, video_ratio))
-        unpruned = [chat(plain, media).usage.prompt_tokens for media, _, _ in cases]
+        unpruned = [self.unpruned(tp, media) for media, _, _ in cases]
 
         def one(i: int, round_: str) -> Any:
             media, extra, _ = cases[i]

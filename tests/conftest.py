@@ -15,8 +15,20 @@ from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 QWEN25_ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
 
 
+#: Test files marked ``slow`` as a whole: they build vLLM's engine config, processor or a model
+#: through its loader in the test process, or are study-sized (docs/testing.md, "The fast
+#: loop"). Single slow tests elsewhere (a Python subprocess importing vLLM) carry the mark.
+SLOW_FILES = frozenset({"test_profile_run.py", "test_encoder_staging.py",
+                        "test_gpu_emulation_worker.py", "test_scoring_skimage.py",
+                        "test_startup.py"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` need a CUDA device: skipped cleanly without one (docs/gpu.md)."""
+    """Files of :data:`SLOW_FILES` are marked ``slow``. Tests marked ``gpu`` need a CUDA
+    device: skipped cleanly without one (docs/gpu.md)."""
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return
@@ -91,6 +103,21 @@ def tp_server(tiny_qwen_dir: Path, example_methods_dir: Path) -> Iterator[VLLMSe
     server = _start(tiny_qwen_dir, [*QWEN_SERVER_ARGS, "--hf-overrides", overrides], "tp_qwen",
                     env={"PYTHONPATH": python_path(example_methods_dir)})
     yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def hard_server(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[VLLMServer, Path]]:
+    """(the hardened TokenPrune Qwen2.5-VL of tests/_hard_server.py, its encoder-call log):
+    tests/test_hardening_server.py and tests/test_worker_safety.py."""
+    from tests._hard_server import start_hard_server
+
+    log = tmp_path_factory.mktemp("guard") / "encoder-calls.log"
+    log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = start_hard_server(tiny_qwen_dir, log_dir, log)
+    yield server, log
     server.stop()
 
 

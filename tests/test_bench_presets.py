@@ -3,19 +3,14 @@ configs, ``benchmarks/model_flops.py``), and the op counter counts something."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import model_flops as mf  # noqa: E402
+from benchmarks import model_flops as mf
 
 
 @pytest.mark.parametrize("n", [588, 2880])
 def test_vl7b_preset_has_qwen2_5_vl_7b_vision_to_lm_ratio(n):
-    from serve import PRESETS
+    from benchmarks.serving.run import PRESETS
 
     real = mf.ratio(mf.QWEN2_5_VL_7B, n)[2]
     preset = mf.ratio(mf.preset_config(PRESETS["vl7b"][0]), n)[2]
@@ -36,7 +31,7 @@ def test_7b_counts_match_hand_count():
 
 
 def test_count_ops_counts_greedy_steps():
-    import count_ops
+    from benchmarks import count_ops
 
     total, launching, _ = count_ops.per_step("divprune", n=64, d=8, k=16, batch=1)
     assert 3 <= launching <= total <= 30

@@ -1,4 +1,5 @@
-"""Smoke test of the serving benchmark: ``benchmarks/serve.py --quick`` on the tiny model.
+"""Smoke test of the serving benchmark: ``python -m benchmarks.serving --quick`` on the tiny
+model.
 
 Starts its own server through the benchmark (the path users run), with a couple of
 configurations and few requests, and checks that the tables come out and that pruning lowers
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.server
 def test_bench_serve_quick_tiny(tmp_path: Path, tiny_qwen_dir: Path) -> None:
     out_json = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--quick",
+    cmd = [sys.executable, "-m", "benchmarks.serving", "--quick",
            "--model", "tiny", "--model-dir", str(tiny_qwen_dir),
            "--methods", "lrcp", "--ratios", "0", "0.75",
            "--rounds", "2", "--wave-requests", "2", "--concurrency", "2",

@@ -205,8 +205,7 @@ def dashboard_errors(dash: dict[str, Any]) -> list[str]:
 
 
 def _expand(expr: str, values: dict[str, str]) -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import plot_dashboard
+    from scripts import plot_dashboard
 
     return plot_dashboard.expand(expr, values)
 

@@ -1,6 +1,7 @@
 """Hardening against a real CPU server with the plugin (issues 11 and 18): abuse, ``--api-key``,
 faults, a bounded fuzz sample, a load run, huge numbers, unread bodies, a root path, two API
-server processes and client-supplied features, all on one dedicated server of this module.
+server processes and client-supplied features, on the session's hardened server
+(tests/_hard_server.py, shared with tests/test_worker_safety.py).
 
 The server runs as ``vllm serve`` with ``--api-key``, ``--root-path /api`` (as behind a proxy
 that keeps the prefix; vLLM routes both ``/api/v1/...`` and ``/v1/...``), ``--api-server-count
@@ -10,13 +11,14 @@ precomputed ``features``) and ``min_keep`` 8 (above the 4 tokens of the tiny mod
 image), so every test also checks that the key is required. Expected prompt lengths
 are computed, not observed: ``T(k) + sum(num_kept(N_i, ratio, min_keep))``, with ``N_i`` from
 transformers' own processor and ``T(k)``, the text tokens of a k-image prompt, measured once at
-ratio 0. Prometheus counters are compared as deltas over the requests of one test.
+ratio 0. Prometheus counters are compared as deltas over the requests of one test. The server
+also reports cached prompt tokens (``usage.prompt_tokens_details``, for the worker-safety
+tests): two identical requests compare their usage without it (:func:`usage`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import time
@@ -30,6 +32,15 @@ import pytest
 import requests
 from PIL import Image
 
+from tests._hard_server import (
+    DEFAULT_RATIO,
+    KEY,
+    MAX_GREEDY_KEEP,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES,
+    MIN_KEEP,
+    ROOT,
+)
 from tests._suite import LOGPROB_TOL, gap, reference_for
 from tests.conftest import QWEN25_ARCH
 from vllm_tokenprune import list_methods, num_kept
@@ -39,16 +50,7 @@ from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 
 pytestmark = pytest.mark.server
 
-KEY = "tokenprune-test-key"
-ROOT = "/api"
-DEFAULT_RATIO = 0.5
-MIN_KEEP = 8
-#: token_prune.max_greedy_keep on this server: below the largest image's 234 tokens, above every
-#: greedy selection the other tests ask for (the 448x448 CDPruner image at 0.5 keeps 128).
-MAX_GREEDY_KEEP = 150
-MAX_IMAGES = 3
-#: vLLM's own decoded-image limit on this server: the largest image it allows is 2048 x 1536.
-MAX_IMAGE_PIXELS = 2048 * 1536
+assert MAX_IMAGE_PIXELS == 2048 * 1536  # the "too big" image below is one row more
 PROMPT = "Describe this image."
 COUNTERS = ("input_visual_tokens", "kept_visual_tokens", "saved_visual_tokens", "media_items",
             "requests")
@@ -163,26 +165,22 @@ def settled_scrape(h: Hard, quiet: float = 3.0, wait: float = 60.0) -> dict:
     return last
 
 
+def usage(r: requests.Response) -> dict[str, Any]:
+    """A response's ``usage`` without ``prompt_tokens_details`` (cached tokens differ between
+    two identical requests: the second hits the prefix cache)."""
+    return {k: v for k, v in r.json()["usage"].items() if k != "prompt_tokens_details"}
+
+
 @pytest.fixture(scope="module")
-def hard(tiny_qwen_dir: Path) -> Any:
-    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO,
-                                      min_keep=MIN_KEEP, max_greedy_keep=MAX_GREEDY_KEEP)
-    args = ["--dtype", "float32", "--max-num-batched-tokens", "512", "--seed", "0",
-            "--api-key", KEY, "--limit-mm-per-prompt", json.dumps({"image": MAX_IMAGES}),
-            "--root-path", ROOT, "--api-server-count", "2", "--enable-scale-out",
-            "--hf-overrides", overrides]
-    log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    server = VLLMServer(tiny_qwen_dir, args, log_path=log_dir / "hardening.log",
-                        env={"VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)}, cli=True)
+def hard(hard_server: tuple[VLLMServer, Path], tiny_qwen_dir: Path) -> Any:
+    server, _ = hard_server
     h = Hard(server, tiny_qwen_dir)
     im = make_image(56, 56, seed=1)
     for k in range(1, MAX_IMAGES + 1):
         r = post(h, "/v1/chat/completions", chat_body(h, [im] * k, prune_ratio=0))
         assert r.status_code == 200, r.text
         h.text_tokens[k] = r.json()["usage"]["prompt_tokens"] - k * h.tokens(im)
-    yield h
-    server.stop()
+    return h
 
 
 def _assert_400(r: requests.Response, param: str) -> None:
@@ -210,7 +208,7 @@ def test_escaped_field_is_handled_as_the_plain_spelling(hard, name, value):
     esc = post(hard, "/v1/chat/completions", with_key(body, escaped(name), value))
     assert plain.status_code == esc.status_code == 200, (plain.text, esc.text)
     ratio = value if name == "prune_ratio" else DEFAULT_RATIO
-    assert esc.json()["usage"] == plain.json()["usage"]
+    assert usage(esc) == usage(plain)
     assert esc.json()["usage"]["prompt_tokens"] == expected_tokens(hard, [im], ratio)
     assert (esc.json()["choices"][0]["logprobs"] == plain.json()["choices"][0]["logprobs"])
     bad = "nope" if name == "prune_method" else 7
@@ -667,7 +665,7 @@ def test_root_path_prunes_and_reports(hard):
     assert r.json()["usage"]["prompt_tokens"] == expected_tokens(hard, images, 0.75)
     assert r.json()["token_prune"] == _expected_field(hard, images, 0.75, "norm")
     plain = post(hard, "/v1/chat/completions", body)
-    assert plain.json()["usage"] == r.json()["usage"]
+    assert usage(plain) == usage(r)
     assert plain.json()["token_prune"] == r.json()["token_prune"]
     # the completions route behind the prefix: the fields are accepted (no media: no field)
     r = post(hard, ROOT + "/v1/completions", {"model": hard.server.model, "prompt": "Hi",

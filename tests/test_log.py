@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from vllm_tokenprune.log import logger_name
 
 #: A process as vLLM's own processes set logging up (``configure_logging``), then one INFO line
@@ -20,6 +22,7 @@ init_logger("vllm_tokenprune.models.fallbacks").info("outside vLLM's tree %d", 2
 """
 
 
+@pytest.mark.slow
 def test_plugin_info_lines_reach_vllms_handler_in_its_format() -> None:
     res = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
                          env={**__import__("os").environ, "VLLM_LOGGING_LEVEL": "INFO"})

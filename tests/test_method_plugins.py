@@ -49,6 +49,7 @@ def test_the_example_is_not_installed_in_the_test_environment() -> None:
     assert EXAMPLE_METHOD not in list_methods()
 
 
+@pytest.mark.slow
 def test_an_installed_method_is_listed_in_a_plain_session(example_methods_dir: Path) -> None:
     """No vLLM, no plugin call: the first use of the registry loads the entry points."""
     shown = _python(SHOW, example_methods_dir)
@@ -57,6 +58,7 @@ def test_an_installed_method_is_listed_in_a_plain_session(example_methods_dir: P
     assert shown["all"][-1] == "alvts"  # layer-stage methods after the input-side ones
 
 
+@pytest.mark.slow
 def test_a_second_package_changes_no_wire_id(example_methods_dir: Path,
                                             tmp_path_factory: pytest.TempPathFactory) -> None:
     """Wire ids are hashes of the names: the same with no, one or two method packages
@@ -82,6 +84,7 @@ def test_a_method_with_the_wire_id_of_another_is_refused(monkeypatch: pytest.Mon
     assert "clashing" not in _registry._REGISTRY
 
 
+@pytest.mark.slow
 def test_a_broken_entry_point_stops_the_plugin_and_is_skipped_elsewhere(tmp_path: Path) -> None:
     """The plugin (strict) refuses to start naming it; a plain session logs and goes on."""
     dist = tmp_path / "broken_methods-0.1.dist-info"
@@ -151,10 +154,11 @@ def test_a_worker_without_a_method_the_api_server_accepts_refuses_to_start() -> 
 
 
 @pytest.fixture
-def example_registered(example_methods_dir: Path) -> Iterator[None]:
+def example_registered(example_methods_dir: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The example method registered in this process too (for the transformers reference),
     and unregistered afterwards."""
-    sys.path.insert(0, str(example_methods_dir))
+    monkeypatch.syspath_prepend(str(example_methods_dir))
     try:
         module = importlib.import_module("tokenprune_example_method")
         module.register()
@@ -162,7 +166,6 @@ def example_registered(example_methods_dir: Path) -> Iterator[None]:
     finally:
         _registry._REGISTRY.pop(EXAMPLE_METHOD, None)
         sys.modules.pop("tokenprune_example_method", None)
-        sys.path.remove(str(example_methods_dir))
 
 
 @pytest.mark.server

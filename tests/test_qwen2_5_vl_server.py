@@ -1,11 +1,16 @@
-"""Integration tests: a real vLLM CPU server with TokenPruneQwen2_5_VLForConditionalGeneration,
-talked to with the real ``openai`` client and plain HTTP."""
+"""TokenPruneQwen2_5_VLForConditionalGeneration on a real vLLM CPU server: the shared suite of
+tests/_suite.py on images and videos (mp4 ``video_url`` data URLs decoded by vLLM's OpenCV
+loader), against the session's Qwen2.5-VL servers (tests/conftest.py: TokenPrune and vLLM's own
+plain architecture on the same weights, the suite's one direct comparison with it), plus what
+only this family checks: cache keys (encoder, processor and prefix caches), bad request fields,
+the plain architecture refusing ``prune_ratio``, and the config endpoint. Qwen2.5-VL scales
+video time positions by ``second_per_grid_ts * tokens_per_second``; the reference tests check
+the kept tokens' positions against transformers' Qwen2.5-VL."""
 
 from __future__ import annotations
 
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +19,71 @@ import requests
 
 from tests._suite import (
     LOGPROB_TOL,
+    FamilyServerSuite,
     assert_matches_reference,
     gap,
     top_logprobs,
 )
-from tests._suite import chat as suite_chat
 from tests.conftest import DEFAULT_RATIO, QWEN25_ARCH
-from vllm_tokenprune import num_kept
 from vllm_tokenprune.preview import preview
-from vllm_tokenprune.testing.media import chat_messages, image_part, make_image, qwen_image_tokens
+from vllm_tokenprune.testing.media import chat_messages, image_part, make_image
 from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
+from vllm_tokenprune.testing.tiny_model import build_qwen2_5_vl
 
 pytestmark = pytest.mark.server
 
 PROMPT = "Describe this image."
 #: The session TokenPrune server's --hf-overrides (tests/conftest.py).
 OVERRIDES = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO)
+
+
+class TestQwen2_5_VL(FamilyServerSuite):
+    ARCH = QWEN25_ARCH
+    NAME = "qwen2_5_vl"
+    BUILDER = staticmethod(build_qwen2_5_vl)
+    CASES = [
+        [("image", 224, 224, 10)],
+        [("image", 448, 308, 10)],
+        [("image", 280, 168, 10), ("image", 336, 420, 11)],
+        [("video", 112, 84, 8, 1)],
+        [("video", 140, 112, 6, 2)],
+        [("image", 224, 224, 3), ("video", 112, 84, 8, 1)],
+        [("video", 112, 84, 8, 4), ("video", 84, 112, 4, 5)],
+    ]
+    RATIOS = [0.25, 0.5, 0.75, 0.889, 0.95]
+    EXACT_MEDIA = [("image", 280, 224, 5), ("video", 112, 84, 8, 1)]
+    MIXED_MEDIA = [("video", 112, 84, 8, 3), ("image", 224, 224, 7), ("video", 140, 112, 6, 4),
+                   ("image", 308, 196, 8)]
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model_dir(cls, tiny_qwen_dir: Path) -> Path:
+        return tiny_qwen_dir
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def tp(cls, tp_server: VLLMServer) -> VLLMServer:
+        return tp_server
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def plain(cls, plain_server: VLLMServer) -> VLLMServer:
+        return plain_server
+
+    @pytest.mark.parametrize("method", ["lrcp", "svd_prune", "resprune", "uniform", "divprune"])
+    def test_two_images_match_transformers_reference(self, tp: VLLMServer, model_dir: Path,
+                                                     method: str) -> None:
+        """Two images in one prompt (the suite's reference test has an image and a video): the
+        server's next-token logprobs == transformers' Qwen2.5-VL fed only the kept image
+        embeddings at their original M-RoPE positions, with the controls of
+        :func:`assert_matches_reference`. The server splits this prompt over several
+        chunked-prefill steps (96 tokens a step), so positions survive chunking too."""
+        images = [make_image(336, 252, seed=5), make_image(224, 280, seed=6)]
+        ratio = 0.75
+        res = chat(tp, images, logprobs=True, prune_ratio=ratio, prune_method=method,
+                   return_tokens_as_token_ids=True)
+        assert_matches_reference(res, model_dir, images, method, ratio, overrides=OVERRIDES,
+                                 label="qwen2_5_vl images")
 
 
 def chat(server: VLLMServer, images: list[Any], text: str = PROMPT, *, max_tokens: int = 1,
@@ -48,106 +102,7 @@ def chat(server: VLLMServer, images: list[Any], text: str = PROMPT, *, max_token
     )
 
 
-def saved_tokens(model_dir: Path, images: list[Any], ratio: float) -> int:
-    return sum(
-        (n := qwen_image_tokens(model_dir, im)) - num_kept(n, ratio) for im in images
-    )
-
-
-# --------------------------------------------------------------------------- exactness
-
-
-def test_ratio_zero_is_identical_to_plain_model(tp_server: VLLMServer, plain_server: VLLMServer):
-    """prune_ratio 0 on the TokenPrune architecture == vLLM's own Qwen2.5-VL, token for token."""
-    images = [make_image(280, 224, seed=1), make_image(196, 336, seed=2)]
-    a = chat(plain_server, images, max_tokens=12, logprobs=True)
-    b = chat(tp_server, images, max_tokens=12, logprobs=True, prune_ratio=0.0)
-    tokens_a = [t.token for t in a.choices[0].logprobs.content]
-    tokens_b = [t.token for t in b.choices[0].logprobs.content]
-    assert tokens_a == tokens_b
-    assert a.usage.prompt_tokens == b.usage.prompt_tokens
-    lp_a = [t.logprob for t in a.choices[0].logprobs.content]
-    lp_b = [t.logprob for t in b.choices[0].logprobs.content]
-    assert lp_a == pytest.approx(lp_b, abs=1e-4)
-
-
-@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.889, 0.95])
-@pytest.mark.parametrize("sizes", [[(224, 224)], [(448, 308)], [(280, 168), (336, 420)]],
-                         ids=["224x224", "448x308", "two-images"])
-def test_prompt_token_accounting(tp_server: VLLMServer, plain_server: VLLMServer,
-                                 tiny_qwen_dir: Path, ratio: float, sizes: list[tuple[int, int]]):
-    images = [make_image(w, h, seed=i + 10) for i, (w, h) in enumerate(sizes)]
-    unpruned = chat(plain_server, images).usage.prompt_tokens
-    pruned = chat(tp_server, images, prune_ratio=ratio).usage.prompt_tokens
-    expected_saved = saved_tokens(tiny_qwen_dir, images, ratio)
-    assert expected_saved > 0
-    assert pruned == unpruned - expected_saved
-
-
-def test_server_default_ratio_applies(tp_server, plain_server, tiny_qwen_dir):
-    images = [make_image(224, 224, seed=3)]
-    unpruned = chat(plain_server, images).usage.prompt_tokens
-    default = chat(tp_server, images).usage.prompt_tokens
-    assert default == unpruned - saved_tokens(tiny_qwen_dir, images, DEFAULT_RATIO)
-
-
-@pytest.mark.parametrize("method", ["lrcp", "svd_prune", "resprune", "uniform", "divprune"])
-def test_logprobs_match_transformers_reference(tp_server, tiny_qwen_dir, method):
-    """Next-token logprobs with pruning == transformers' Qwen2.5-VL fed only the kept image
-    embeddings at their original M-RoPE positions, two images in one prompt.
-
-    Both sides run float32 on CPU (the server with --dtype float32), so the tolerance is
-    float32 accumulation-order noise (``tests/_suite.py``'s LOGPROB_TOL, 1e-4; a bf16 server
-    would need ~5e-2), and the controls (wrong kept sets, h/w swapped, one column off) differ
-    by more than ten tolerances. The server splits this prompt over several chunked-prefill
-    steps (96 tokens a step), so positions of kept tokens survive chunking too.
-    """
-    images = [make_image(336, 252, seed=5), make_image(224, 280, seed=6)]
-    ratio = 0.75
-    res = chat(tp_server, images, logprobs=True, prune_ratio=ratio, prune_method=method,
-               return_tokens_as_token_ids=True)
-    assert_matches_reference(res, tiny_qwen_dir, images, method, ratio, overrides=OVERRIDES,
-                             label="qwen2_5_vl images")
-
-
-# --------------------------------------------------------------------------- engine features
-
-
-def test_concurrent_mixed_ratios_and_methods(tp_server, plain_server, tiny_qwen_dir):
-    """16 concurrent requests, different ratios and methods in one continuous batch: exact
-    prompt-token accounting, and each request's tokens and logprobs equal the same request
-    served alone (fresh item uuids per round, so the batch cannot reuse the lone round's
-    encoder outputs or prefix blocks)."""
-    methods = ["lrcp", "svd_prune", "resprune", "random", "uniform", "norm", "divprune",
-               "cdpruner"]
-    ratios = [0.0, 0.3, 0.5, 0.75, 0.889, 0.6, 0.2, 0.944]
-    cases = []
-    for i in range(16):
-        w, h = [(224, 224), (308, 196), (252, 336), (196, 196)][i % 4]
-        cases.append((make_image(w, h, seed=100 + i), ratios[i % 8], methods[(i * 3) % 8]))
-    unpruned = {
-        i: chat(plain_server, [im]).usage.prompt_tokens for i, (im, _, _) in enumerate(cases)
-    }
-
-    def one(i: int, round_: str) -> Any:
-        im, ratio, method = cases[i]
-        return suite_chat(tp_server, [im], max_tokens=4, logprobs=True,
-                          uuids=[f"mix-{round_}-{i}"], prune_ratio=ratio, prune_method=method,
-                          return_tokens_as_token_ids=True)
-
-    alone = [one(i, "alone") for i in range(16)]
-    with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda i: one(i, "together"), range(16)))
-    for i, (im, ratio, method) in enumerate(cases):
-        expected = unpruned[i] - saved_tokens(tiny_qwen_dir, [im], ratio)
-        assert together[i].usage.prompt_tokens == alone[i].usage.prompt_tokens == expected, \
-            (ratio, method)
-        steps = len(alone[i].choices[0].logprobs.content)
-        assert [t.token for t in together[i].choices[0].logprobs.content] == \
-            [t.token for t in alone[i].choices[0].logprobs.content], (ratio, method)
-        for step in range(steps):
-            a, b = top_logprobs(alone[i], step), top_logprobs(together[i], step)
-            assert set(a) == set(b) and gap(b, a) <= LOGPROB_TOL, (ratio, method, step)
+# --------------------------------------------------------------------------- caches
 
 
 def test_same_image_two_ratios_no_cache_mixup(tp_server):

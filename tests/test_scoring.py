@@ -55,6 +55,7 @@ def test_list_methods_and_root_exports():
     assert vllm_tokenprune.__version__ == "0.1.0"
 
 
+@pytest.mark.slow
 def test_package_import_is_light():
     code = (
         "import sys, vllm_tokenprune; "

@@ -123,6 +123,7 @@ print(json.dumps({"state": STATE["cpu_model_runner"], "error": error}))
 """
 
 
+@pytest.mark.slow
 def test_with_the_patch_disabled_the_cpu_runner_is_refused():
     """The dev shim no longer fixes the runner: without the plugin's patch an M-RoPE model
     refuses to start on vLLM's CPU runner, naming the patch."""

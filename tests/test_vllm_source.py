@@ -4,31 +4,16 @@ source (no import, no download here: the installed vLLM is the source), and
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from scripts import check_vllm_source as check
 from vllm_tokenprune import _vllm_internals as internals
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "vllm-versions.md"
-
-
-def _script():
-    name = "_tokenprune_check_vllm_source"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" /
-                                                      "check_vllm_source.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-check = _script()
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,19 @@ profiled encoder budget when many pruned images arrive at once; a scorer failure
 worker falls back, is counted on /metrics, and the server keeps serving; pruned images keep
 their cache keys across chat turns, so turn 2 hits the prefix cache.
 
-One server (tiny Qwen2.5-VL, images only, float32) with the test-only hooks of
+The session's hardened server (tests/_hard_server.py, shared with
+tests/test_hardening_server.py: tiny Qwen2.5-VL, images only, float32) has the test-only hooks of
 :mod:`vllm_tokenprune.models.faults` switched on: a log of the unpruned token counts of every
 encoder batch, every planned vision-tower call and every input the tower module received (its
 forward pre-hook), the pixel bytes staged per call, NaN scorer features for items of exactly
 ``NAN_TOKENS`` tokens, and one failure per worker failure site (``FAULTS``), each keyed on a row
-count no other test here produces.
+count no other test on that server produces. Its ``min_keep`` (8) and ``max_greedy_keep`` (150)
+change none of the counts here (every kept count is above 8, every greedy one at most 128).
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,65 +23,26 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import QWEN25_ARCH, _start
+from tests._hard_server import BIG, BIG_TOKENS, FAULTS, NAN_SIZE, NAN_TOKENS, PROFILED
 from vllm_tokenprune import num_kept
-from vllm_tokenprune.models import fallbacks, faults
-from vllm_tokenprune.models.faults import ENCODER_LOG_ENV, FAULTS_ENV, NAN_TOKENS_ENV
 from vllm_tokenprune.testing.media import (
     chat_messages,
     image_part,
     make_image,
     qwen_image_tokens,
 )
-from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
+from vllm_tokenprune.testing.server import VLLMServer
 
 pytestmark = pytest.mark.server
 
-#: 448x448 -> a 16x16 token grid: 256 tokens, the largest image this server allows (the tiny
-#: model's max_pixels), so the profiled encoder batch is 512 // 256 = 2 images = 512 tokens.
-BIG = (448, 448)
-BIG_TOKENS = 256
-PROFILED = 512
 #: Pixel values per LM token of this model: 2x2 patches of 3 channels x 2 frames x 14 x 14.
 PIXELS_PER_TOKEN = 4 * 3 * 2 * 14 * 14
-#: 280x224 -> 10x8 = 80 tokens: the size the NaN hook poisons.
-NAN_SIZE = (280, 224)
-NAN_TOKENS = 80
-#: Worker failure sites (faults.FAULT_SITES) -> (image size, its tokens = the rows the site sees
-#: at ratio 0, the fallback reason): counts between 128 and 256 that no other test's items or
-#: prefill chunks here have.
-FAULTS = {
-    faults.FAULT_PARAMS: ((392, 336), 168, fallbacks.BAD_PARAMS),
-    faults.FAULT_COUNT_MISMATCH: ((392, 364), 182, fallbacks.COUNT_MISMATCH),
-    faults.FAULT_POSITIONS: ((392, 392), 196, fallbacks.POSITIONS),
-    faults.FAULT_NO_RECOMPUTE: ((420, 392), 210, fallbacks.NO_RECOMPUTE),
-}
 
 
 @pytest.fixture(scope="module")
-def safety_server(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[tuple[VLLMServer, Path]]:
-    log = tmp_path_factory.mktemp("guard") / "encoder-calls.log"
-    overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=0.5)
-    args = ["--dtype", "float32", "--max-num-batched-tokens", "512", "--seed", "0",
-            "--limit-mm-per-prompt", json.dumps({"image": 2, "video": 0}),
-            "--enable-prompt-tokens-details", "--hf-overrides", overrides]
-    import os
-
-    old = {k: os.environ.get(k) for k in (ENCODER_LOG_ENV, NAN_TOKENS_ENV, FAULTS_ENV)}
-    os.environ[ENCODER_LOG_ENV] = str(log)
-    os.environ[NAN_TOKENS_ENV] = str(NAN_TOKENS)
-    os.environ[FAULTS_ENV] = ",".join(f"{site}:{n}" for site, (_, n, _) in FAULTS.items())
-    try:
-        server = _start(tiny_qwen_dir, args, "worker_safety")
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    yield server, log
-    server.stop()
+def safety_server(hard_server: tuple[VLLMServer, Path]) -> tuple[VLLMServer, Path]:
+    """(the session's hardened server, its encoder-call log)."""
+    return hard_server
 
 
 def chat(server: VLLMServer, messages: list[dict[str, Any]], **extra: Any) -> Any:

@@ -76,6 +76,9 @@ class VLLMServer:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path or f"/tmp/vllm-tokenprune-server-{self.port}.log")
+        #: ``--api-key``'s value, which :meth:`openai` sends.
+        self.api_key = args[list(args).index("--api-key") + 1] if "--api-key" in args \
+            else "EMPTY"
         if cli:
             cmd = [sys.executable, "-c", CLI_LAUNCHER, "serve", self.model]
         else:
@@ -148,7 +151,7 @@ class VLLMServer:
     def openai(self) -> Any:
         from openai import OpenAI
 
-        return OpenAI(base_url=self.base_url + "/v1", api_key="EMPTY", max_retries=0,
+        return OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key, max_retries=0,
                       timeout=300)
 
 

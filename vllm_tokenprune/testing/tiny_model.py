@@ -153,7 +153,7 @@ def build_qwen2_5_vl(outdir: str | Path, seed: int = 0, *, text_layers: int = 2,
     """Tiny Qwen2.5-VL: 2-layer LM (hidden 128, head_dim 32, ``rope_theta`` 10: see
     :data:`QWEN_TINY_ROPE_THETA`), 2-block vision tower.
 
-    The keyword arguments after ``vision_depth`` size it up (``benchmarks/serve.py``'s mid-size
+    The keyword arguments after ``vision_depth`` size it up (``benchmarks.serving``'s mid-size
     model) and default to the tiny model: the LM's ``intermediate_size`` (``2 * hidden``),
     ``num_heads`` (``hidden // 32``) and ``num_kv_heads`` (``num_heads // 2``), the vision
     tower's width, MLP width and heads, the processors' ``max_pixels`` (per image and per video

@@ -1,4 +1,5 @@
-"""Offline timings for ``benchmarks/serve.py``: the parts of a request pruning cannot shorten.
+"""Offline timings for the serving benchmark (``python -m benchmarks.serving``): the parts of
+a request pruning cannot shorten.
 
 Run in the benchmark process while no request is in flight (before the server starts), on the
 same machine, thread count and input shapes as the server:

@@ -1,6 +1,6 @@
-"""Side-by-side table of ``benchmarks/serve.py --json`` runs of different model presets.
+"""Side-by-side table of ``python -m benchmarks.serving --json`` runs of different model presets.
 
-    python benchmarks/bench_serve_compare.py RUN_VL7B.json RUN_MID.json [--config lrcp@0.889]
+    python -m benchmarks.serving.compare RUN_VL7B.json RUN_MID.json [--config lrcp@0.889]
 
 For each run: the preset, its vision/LM compute ratio (``benchmarks/model_flops.py``), the vision
 encoder's share of the unpruned TTFT (vLLM's own encoder timing + preprocessing), TTFT p50
@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _row(summary: dict[str, Any], table: str, config: str) -> dict[str, Any]:
@@ -30,8 +27,8 @@ def _row(summary: dict[str, Any], table: str, config: str) -> dict[str, Any]:
 
 
 def column(run: dict[str, Any], config: str) -> dict[str, str]:
-    from model_flops import preset_config, ratio
-    from serve import PRESETS
+    from benchmarks.model_flops import preset_config, ratio
+    from benchmarks.serving.run import PRESETS
 
     res, summ = run["results"], run["summary"]
     meta = res["meta"]
@@ -73,7 +70,7 @@ def column(run: dict[str, Any], config: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="--json files of benchmarks/serve.py")
+    p.add_argument("runs", nargs="+", help="--json files of python -m benchmarks.serving")
     p.add_argument("--config", default="lrcp@0.889")
     p.add_argument("--labels", nargs="+", help="column titles after the preset (one per run)")
     args = p.parse_args(argv)

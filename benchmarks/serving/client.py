@@ -1,4 +1,5 @@
-"""Client side of ``benchmarks/serve.py``: send chat requests, scrape ``/metrics``, make media.
+"""Client side of the serving benchmark (``python -m benchmarks.serving``): send chat requests,
+scrape ``/metrics``, make media.
 
 Requests go through vLLM's own benchmark client when it is importable
 (``vllm.benchmarks.lib.endpoint_request_func.async_request_openai_chat_completions``: the

@@ -1,4 +1,4 @@
-"""``python benchmarks/bench_serve_launch.py ARGS``: vLLM's OpenAI API server, same arguments, with
+"""``python benchmarks/serving/launch.py ARGS``: vLLM's OpenAI API server, same arguments, with
 vLLM's own multimodal timing switched on.
 
 vLLM 0.32 times every request's encoder forward in the model runner when

@@ -11,7 +11,7 @@ panels the ``query_range`` result over the window, one line per series, named by
 with; ``TOKENPRUNE_UPDATE_DOCS=1`` makes it write ``docs/dashboard.png``. By hand, against any
 Prometheus that scrapes a vllm-tokenprune server::
 
-    python benchmarks/plot_dashboard.py --prometheus http://127.0.0.1:9090 \\
+    python scripts/plot_dashboard.py --prometheus http://127.0.0.1:9090 \\
         --start -15m --var model_name=my-model --out /tmp/dashboard.png
 
 Template variables are substituted as Grafana does for a single selection (``$model_name`` ->
