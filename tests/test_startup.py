@@ -31,10 +31,10 @@ BAD_CONFIGS = [
     ({"ratio": 0.5}, "token_prune.ratio: unknown key"),
     # (a bad options.alvts block takes the same path as "ratio": tests/test_alvts_config.py)
 ]
-#: alvts needs whole items per step; prefix caching is vLLM's default
-ALVTS_PREFIX_CACHING = ("'alvts' (method or allowed_methods), which must see all of an item's "
-                        "tokens in one step, and a prefix-cache hit can end inside an image: "
-                        "start the server with --no-enable-prefix-caching")
+#: alvts needs whole items per step; vLLM chunks multimodal input by default
+ALVTS_CHUNKED = ("'alvts' (method or allowed_methods), which must see all of an item's tokens "
+                 "in one step (routing must not depend on how the scheduler chunks a prompt): "
+                 "start the server with --disable-chunked-mm-input")
 
 
 def engine_config(model_dir: Path, block: dict[str, Any] | None = None, **engine_args: Any
@@ -77,14 +77,15 @@ def test_bad_config_block_is_refused(tiny_qwen_dir: Path, block: dict[str, Any],
     assert message in str(worker.value)
 
 
-def test_alvts_with_prefix_caching_is_refused(tiny_qwen_dir: Path) -> None:
-    """``alvts`` with prefix caching (``vllm serve``'s default): refused, with the flag to
-    add."""
+def test_alvts_with_chunked_media_is_refused(tiny_qwen_dir: Path) -> None:
+    """``alvts`` on ``vllm serve``'s defaults (multimodal input chunked across steps; prefix
+    caching on, which alvts serves): refused, with the flag to add."""
     config = engine_config(tiny_qwen_dir, {"method": "alvts"}, enable_prefix_caching=True)
     assert config.cache_config.enable_prefix_caching
+    assert not config.scheduler_config.disable_chunked_mm_input
     with pytest.raises(ValueError) as exc:
         pre_init(config)
-    assert ALVTS_PREFIX_CACHING in str(exc.value)
+    assert ALVTS_CHUNKED in str(exc.value)
 
 
 def test_evs_with_tokenprune_is_refused(tiny_qwen_dir: Path) -> None:
