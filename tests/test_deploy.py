@@ -135,6 +135,9 @@ def exported_metric_names() -> frozenset[str]:
     for kind, base in re.findall(r'(Counter|Histogram\w*)\(\s*"(tokenprune_\w+)"', our_src):
         suffixes = ("_total",) if kind == "Counter" else ("_bucket", "_sum", "_count")
         names |= {base + s for s in suffixes}
+    # counters the workers publish and the API server's collector exposes (metrics/worker.py)
+    for base in re.findall(r'WorkerCounter\w*\(\s*\w+,\s*"(tokenprune_\w+)"', our_src):
+        names.add(base + "_total")
     return frozenset(names)
 
 
