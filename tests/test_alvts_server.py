@@ -3,7 +3,8 @@
 Every check goes through the real ``openai`` client (or plain HTTP for ``/metrics``):
 
 * ``prune_ratio`` 0 with ``alvts`` (routed: the selector runs, every token goes through) gives
-  the plain architecture's greedy tokens and logprobs;
+  the plain architecture's greedy tokens and logprobs (Qwen2.5-VL: vLLM's own architecture,
+  the session's plain server; LLaVA-1.5: transformers' unpruned model, step by step);
 * next-token logprobs at two ratios equal transformers' own model routed by
   :mod:`vllm_tokenprune.alvts.reference` (same selector, layers, skipped tokens and K/V rule;
   LLaVA-NeXT's image-newline tokens always go through), compared on the reference's top-5
@@ -103,22 +104,22 @@ def llava_next_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_qwen_dir: Path, llava_dir: Path,
-            llava_next_dir: Path) -> Iterator[dict[str, Any]]:
-    """An alvts-enabled server and a plain one per family (LLaVA-NeXT: alvts only, checked
-    against the reference), all started together."""
+def servers(tiny_qwen_dir: Path, llava_dir: Path, llava_next_dir: Path,
+            plain_server: VLLMServer) -> Iterator[dict[str, Any]]:
+    """An alvts-enabled server per family, started together. The unpruned side: the session's
+    plain Qwen2.5-VL server (vLLM's own architecture on the same weights; the test images are
+    below the alvts server's max_pixels cap, so both see the same tokens) and, for LLaVA,
+    transformers' unpruned model (:func:`tests._hf_reference.prepared_step_logprobs`)."""
     args = [*BASE_ARGS, "--max-num-batched-tokens", BUDGET, *ALVTS_FLAGS]
     qwen = [*args, *QWEN_CAP]
     started = start_servers({
         "qwen": (tiny_qwen_dir, [*qwen, "--hf-overrides", overrides("qwen")]),
-        "qwen_plain": (tiny_qwen_dir, qwen),
         "llava": (llava_dir, [*args, "--hf-overrides", overrides("llava")]),
-        "llava_plain": (llava_dir, args),
         "llava_next": (llava_next_dir, [*BASE_ARGS, *ALVTS_FLAGS,
                                         "--hf-overrides", overrides("llava_next")]),
     }, "alvts")
-    yield {**started, "qwen_dir": tiny_qwen_dir, "llava_dir": llava_dir,
-           "llava_next_dir": llava_next_dir}
+    yield {**started, "qwen_plain": plain_server, "qwen_dir": tiny_qwen_dir,
+           "llava_dir": llava_dir, "llava_next_dir": llava_next_dir}
     for server in started.values():
         server.stop()
 
@@ -196,15 +197,31 @@ def partial_items(server: VLLMServer) -> float:
 def test_ratio_zero_is_the_plain_architecture(servers: dict[str, Any], family: str) -> None:
     """Ratio 0 goes through the routed layers (the selector scores the item and every token
     goes through: ``alvts/model.py``); images no other test sends, so nothing comes from the
-    prefix cache."""
+    prefix cache. Qwen2.5-VL: 8 greedy tokens, their logprobs and the prompt count equal vLLM's
+    plain architecture's. LLaVA-1.5: the top-5 logprobs of each of the 8 greedy steps equal
+    transformers' unpruned model's, fed the prompt and the tokens the server generated before
+    that step, and the server's token is the reference's argmax."""
+    from tests._hf_reference import _kept_rows, prepare, prepared_step_logprobs
+
     media = images(family, 61, 62)
-    plain = chat(servers[f"{family}_plain"], media, max_tokens=8)
     got = chat(servers[family], media, max_tokens=8, prune_method="alvts", prune_ratio=0.0)
-    assert tokens(got) == tokens(plain)
-    assert got.usage.prompt_tokens == plain.usage.prompt_tokens
-    lp_a = [t.logprob for t in plain.choices[0].logprobs.content]
-    lp_b = [t.logprob for t in got.choices[0].logprobs.content]
-    assert lp_b == pytest.approx(lp_a, abs=BATCH_TOL)
+    if family == "qwen":
+        plain = chat(servers["qwen_plain"], media, max_tokens=8)
+        assert tokens(got) == tokens(plain)
+        assert got.usage.prompt_tokens == plain.usage.prompt_tokens
+        lp_a = [t.logprob for t in plain.choices[0].logprobs.content]
+        lp_b = [t.logprob for t in got.choices[0].logprobs.content]
+        assert lp_b == pytest.approx(lp_a, abs=BATCH_TOL)
+        return
+    prep = prepare(str(servers["llava_dir"]), media, PROMPT)
+    every = _kept_rows(prep, {"image": 0.0}, "lrcp", 1, None)  # ratio 0: every row
+    assert [len(k) for k in every] == [item.num_tokens for item in prep.items]
+    generated = [int(t.token.removeprefix("token_id:"))
+                 for t in got.choices[0].logprobs.content]
+    steps = prepared_step_logprobs(prep, every, generated[:-1])
+    for k, token in enumerate(generated):
+        assert float(steps[k].max() - steps[k][token]) <= LOGPROB_TOL, k
+        assert gap(top(got, k), steps[k]) <= LOGPROB_TOL, k
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.889])
