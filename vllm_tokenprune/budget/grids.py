@@ -31,12 +31,16 @@ token grid, ``D`` samples per token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["patch_token_grid", "per_patch", "qwen_token_grid", "sample_offsets"]
+__all__ = ["TokenGrid", "patch_token_grid", "patch_token_view", "per_patch", "qwen_token_grid",
+           "qwen_token_view", "sample_offsets"]
 
 
 def sample_offsets(patch_size: int, samples: int) -> list[int]:
@@ -65,11 +69,60 @@ def _std(image_std: Sequence[float] | float | None, channels: int) -> Tensor:
     return std
 
 
-def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], *, patch_size: int = 14,
+@dataclass(frozen=True)
+class TokenGrid:
+    """A token grid not yet read: ``view``, a strided ``(F, H, W, *S)`` view of the sampled
+    pixels (no copy; ``S`` holds the channel at ``channel_dim``), and ``std``, the per-channel
+    factor to pixel units. :meth:`tensor` reads all of it; :meth:`rows` only the tokens asked
+    for (the window lattice of :mod:`.auto` reads a fifth of a 16,384-token image)."""
+
+    view: Tensor
+    std: Tensor
+    channel_dim: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        f, h, w = self.view.shape[:3]
+        return f, h, w, math.prod(self.view.shape[3:])
+
+    def _scale(self, x: Tensor) -> Tensor:
+        if bool((self.std == self.std[0]).all()):
+            return x.mul_(float(self.std[0]))  # one scale for every channel: a flat pass
+        shape = [1] * x.dim()
+        shape[self.channel_dim - (self.view.dim() - x.dim())] = -1
+        return x.mul_(self.std.view(shape))
+
+    def tensor(self) -> Tensor:
+        """``(F, H, W, D)`` float32. Two plain strided copies: first with the token column
+        innermost (long inner loops; the samples of one pixel row share a cache line and are
+        read together), then transposed to one row per token while the data is in cache (an
+        index_select / gather over the processor's rows costs 5-10x more per sample)."""
+        v = self.view
+        f, h, w = v.shape[:3]
+        s = v.shape[3:]
+        inner = torch.empty((f, h, *s, w), dtype=v.dtype, device=v.device)
+        inner.copy_(v.permute(0, 1, *range(3, v.dim()), 2))  # token column innermost
+        out = torch.empty((f, h, w, *s), dtype=torch.float32, device=v.device)
+        out.copy_(inner.permute(0, 1, v.dim() - 1, *range(2, v.dim() - 1)))
+        return self._scale(out).view(f, h, w, -1)
+
+    def rows(self, f: Tensor, h: Tensor, w: Tensor) -> Tensor:
+        """``(len(f), D)`` float32: the tokens ``(f[i], h[i], w[i])`` only (one gather)."""
+        x = self.view[f, h, w].float()
+        return self._scale(x).view(len(f), -1)
+
+
+def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], **kwargs: Any) -> Tensor:
+    """The ``(t, h / merge, w / merge, D)`` float32 token grid of one Qwen-VL item
+    (:func:`qwen_token_view`, read whole)."""
+    return qwen_token_view(pixel_values, grid_thw, **kwargs).tensor()
+
+
+def qwen_token_view(pixel_values: Tensor, grid_thw: Sequence[int], *, patch_size: int = 14,
                     merge_size: int = 2, temporal_patch_size: int = 2, channels: int = 3,
                     samples: int = 8, sample_rows: int = 4,
-                    image_std: Sequence[float] | float | None = None) -> Tensor:
-    """The ``(t, h / merge, w / merge, D)`` token grid of one Qwen-VL item.
+                    image_std: Sequence[float] | float | None = None) -> TokenGrid:
+    """The token grid of one Qwen-VL item, ``(t, h / merge, w / merge)`` tokens, not yet read.
 
     ``pixel_values``: this item's rows of the processor's flattened patches,
     ``(t * h * w, C * T * P * P)``; ``grid_thw``: its ``(t, h, w)`` patch grid; ``samples`` and
@@ -85,13 +138,9 @@ def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], *, patch_size
             f"{p}, temporal patch {tp} and {channels} channels needs {expected}")
     rows = _lattice_slice(p, per_patch(sample_rows, m, p))
     cols = _lattice_slice(p, per_patch(samples, m, p))
-    # A strided view of the sampled pixels (no copy): (t, H, W, m, m, C, rows, cols), frame 0
-    # of each temporal patch. It is copied twice: first with the token column innermost (long
-    # inner loops; the samples of one pixel row share a cache line and are read together), then
-    # transposed to one row per token while the data is in cache. Both are plain strided copies:
-    # an index_select / gather over the processor's rows costs 5-10x more per sample.
-    v = pixel_values.view(t, h // m, w // m, m, m, channels, tp, p, p)[..., 0, rows, cols]
-    return _token_rows(v, _std(image_std, channels).to(pixel_values.device), 5)
+    # the sampled pixels, (t, H, W, m, m, C, rows, cols), frame 0 of each temporal patch
+    v = pixel_values.reshape(t, h // m, w // m, m, m, channels, tp, p, p)[..., 0, rows, cols]
+    return TokenGrid(v, _std(image_std, channels).to(pixel_values.device), 5)
 
 
 def _lattice_slice(patch_size: int, samples: int) -> slice:
@@ -101,26 +150,16 @@ def _lattice_slice(patch_size: int, samples: int) -> slice:
     return slice(off[0], off[-1] + 1, step)
 
 
-def _token_rows(v: Tensor, std: Tensor, channel_dim: int) -> Tensor:
-    """``(F, H, W, D)`` float32 from a strided ``(F, H, W, *S)`` view of sampled pixels (``S``
-    holds the channel at ``channel_dim``, scaled by ``std``)."""
-    f, h, w = v.shape[:3]
-    s = v.shape[3:]
-    order = (0, 1, *range(3, v.dim()), 2)
-    inner = torch.empty((f, h, *s, w), dtype=v.dtype, device=v.device)
-    inner.copy_(v.permute(order))  # token column innermost
-    out = torch.empty((f, h, w, *s), dtype=torch.float32, device=v.device)
-    out.copy_(inner.permute(0, 1, v.dim() - 1, *range(2, v.dim() - 1)))
-    shape = [1] * v.dim()
-    shape[channel_dim] = -1
-    out.mul_(std.view(shape))
-    return out.view(f, h, w, -1)
+def patch_token_grid(pixel_values: Tensor, **kwargs: Any) -> Tensor:
+    """The ``(F, H / P, W / P, D)`` float32 token grid of LLaVA tiles (:func:`patch_token_view`,
+    read whole)."""
+    return patch_token_view(pixel_values, **kwargs).tensor()
 
 
-def patch_token_grid(pixel_values: Tensor, *, patch_size: int = 14, samples: int = 8,
+def patch_token_view(pixel_values: Tensor, *, patch_size: int = 14, samples: int = 8,
                      sample_rows: int = 4,
-                     image_std: Sequence[float] | float | None = None) -> Tensor:
-    """The ``(F, H / P, W / P, D)`` token grid of ``(C, H, W)`` tiles (a single tile, or
+                     image_std: Sequence[float] | float | None = None) -> TokenGrid:
+    """The ``(F, H / P, W / P)`` token grid (not yet read) of ``(C, H, W)`` tiles (a single tile, or
     ``(F, C, H, W)``), one token per ``P x P`` patch (LLaVA's CLIP tower); a remainder
     narrower than a patch is ignored, as the patch embedding does."""
     x = pixel_values
@@ -137,4 +176,4 @@ def patch_token_grid(pixel_values: Tensor, *, patch_size: int = 14, samples: int
     cols = _lattice_slice(p, per_patch(samples, 1, p))
     # (F, C, gh, P, gw, P) view, sampled rows and columns, tokens first: (F, gh, gw, C, r, k)
     v = x[:, :, :gh * p, :gw * p].reshape(f, c, gh, p, gw, p)[:, :, :, rows, :, cols]
-    return _token_rows(v.permute(0, 2, 4, 1, 3, 5), _std(image_std, c).to(x.device), 3)
+    return TokenGrid(v.permute(0, 2, 4, 1, 3, 5), _std(image_std, c).to(x.device), 3)
