@@ -6,8 +6,7 @@ before the vision encoder. Pure torch; no vLLM import.
 A token's descriptor is a fixed point sample (a regular lattice) of the pixels it covers,
 ``sample_rows x samples`` per token in every channel, converted back to pixel units
 (``x * image_std``, so ``[0, 1]`` brightness steps; the per-channel mean does not matter, the
-estimator centres). Point samples, not averages: the gather reads only the sampled pixels (one
-``index_select`` over the processor's rows, about a third of a pass over its output), and it
+estimator centres). Point samples, not averages: the gather reads only the sampled pixels, and it
 keeps the pixel noise at its real level, so the noise floor of
 :class:`~vllm_tokenprune.budget.auto.AutoOptions` is in plain pixel units whatever the lattice.
 Fewer rows than columns: a pixel row is contiguous in memory, so extra columns are nearly free
@@ -24,6 +23,11 @@ Layouts:
   first of the ``T`` frames of a temporal patch is read (for an image both are the same frame).
 * LLaVA-1.5 / LLaVA-NeXT (:func:`patch_token_grid`): ``(C, H, W)`` tiles, one LM token per
   ``P x P`` patch (NeXT: the base image and every any-resolution tile, one frame each).
+
+The ``*_view`` functions return a :class:`TokenGrid`: the sampled pixels as a strided view of the
+processor's tensor, nothing read yet (:func:`~vllm_tokenprune.budget.auto.estimate_keep` reads
+only the tokens of the windows it computes); ``TokenGrid.tensor()`` and the ``*_grid`` functions
+read it all (two plain strided copies, see :meth:`TokenGrid.tensor`).
 
 The result is ``(F, H, W, D)`` float32: ``F`` frames (video token steps, or tiles), the ``H x W``
 token grid, ``D`` samples per token.
