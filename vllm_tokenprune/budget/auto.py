@@ -165,15 +165,15 @@ def _lattice(num: int, cap: int, cols: int) -> list[int]:
 class _Plan:
     """Which grid rows form which window: ``index`` (``B * n_max``; padding reads row 0 and is
     zeroed by ``mask``, ``B, n_max, 1``), ``counts`` (rows per window), ``k`` (the counts as
-    float64, ``B``), ``fhw`` (``index`` as frame, row, column) and ``consts``: the per-window
-    constants of the rank rule, by ``(D, noise_floor)``."""
+    float64, ``B``), ``spans`` (each window's ``(f0, nf, h0, nh, w0, nw)``) and ``consts``: the
+    per-window constants of the rank rule, by ``(D, noise_floor)``."""
 
     index: Tensor
     mask: Tensor
     counts: tuple[int, ...]
     windows: int
     k: Tensor
-    fhw: tuple[Tensor, Tensor, Tensor]
+    spans: tuple[tuple[int, int, int, int, int, int], ...]
     consts: dict[tuple[int, float], tuple[Tensor, ...]] = dataclasses.field(
         default_factory=dict)
 
@@ -197,10 +197,9 @@ def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _P
         index += rows + [0] * (n_max - len(rows))
         mask += [1.0] * len(rows) + [0.0] * (n_max - len(rows))
         counts.append(len(rows))
-    flat = torch.tensor(index)
-    return _Plan(flat, torch.tensor(mask).view(len(chosen), n_max, 1), tuple(counts), len(wins),
-                 torch.tensor(counts, dtype=torch.float64),
-                 (flat // (h * w), flat // w % h, flat % w))
+    return _Plan(torch.tensor(index), torch.tensor(mask).view(len(chosen), n_max, 1),
+                 tuple(counts), len(wins), torch.tensor(counts, dtype=torch.float64),
+                 tuple(chosen))
 
 
 def _consts(plan: _Plan, d: int, var: float) -> tuple[Tensor, ...]:
@@ -268,8 +267,7 @@ def window_ranks(grid: Tensor | TokenGrid, opts: AutoOptions, *,
     plan = _plan((f, h, w), opts.window, opts.window_frames if video else 1, opts.max_windows)
     if isinstance(grid, TokenGrid) and len(plan.counts) < plan.windows:
         # a lattice: read only its windows' tokens, straight from the pixels
-        fi, hi, wi = (t.to(grid.view.device) for t in plan.fhw)
-        x = grid.rows(fi, hi, wi)
+        x = grid.windows(plan.spans, plan.mask.shape[1])
     else:
         if isinstance(grid, TokenGrid):
             grid = grid.tensor()
