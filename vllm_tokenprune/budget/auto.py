@@ -228,12 +228,14 @@ def _ranks(x: Tensor, plan: _Plan, opts: AutoOptions) -> Tensor:
     x = x.mul_(mask)
     x = x.sub_(x.sum(dim=1, keepdim=True).div_(counts.to(x.device))).mul_(mask)  # centred
     gram = x @ x.transpose(1, 2) if x.shape[1] <= d else x.transpose(1, 2) @ x
-    energy = gram.diagonal(dim1=1, dim2=2).sum(dim=1).double().cpu()  # trace = sum lambda
     if opts.rule == "participation":
         # (sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2: no eigendecomposition. The floor's
         # noise (std noise_floor in every entry) is removed from both moments in expectation,
         # cross terms with the signal included; a centred window's rank is at most n - 1.
-        fro = torch.linalg.vector_norm(gram, dim=(1, 2)).double().cpu().square_()
+        moments = torch.stack((gram.diagonal(dim1=1, dim2=2).sum(dim=1),  # trace = sum lambda
+                               torch.linalg.vector_norm(gram, dim=(1, 2))))
+        energy, fro = moments.cpu().double().unbind()
+        fro = fro.square()
         signal = energy - noise
         fro = fro - cross * signal - square
         pr = torch.where(fro > 0, signal.square() / fro, float(d))

@@ -35,6 +35,7 @@ token grid, ``D`` samples per token.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,26 +90,36 @@ class TokenGrid:
         f, h, w = self.view.shape[:3]
         return f, h, w, math.prod(self.view.shape[3:])
 
-    def _scale(self, x: Tensor) -> Tensor:
-        if bool((self.std == self.std[0]).all()):
-            return x.mul_(float(self.std[0]))  # one scale for every channel: a flat pass
-        shape = [1] * x.dim()
-        shape[self.channel_dim - (self.view.dim() - x.dim())] = -1
-        return x.mul_(self.std.view(shape))
+    @functools.cached_property
+    def _uniform(self) -> float | None:
+        """The one factor of every channel (raw pixels: ``1 / 255``), or None."""
+        std = self.std.tolist()
+        return std[0] if all(v == std[0] for v in std) else None
+
+    def _factor(self, dim: int) -> Tensor | float:
+        """The per-channel factor, shaped for a ``dim``-dimensional result of ``view``'s
+        sample dims (a float where every channel has the same)."""
+        if self._uniform is not None:
+            return self._uniform
+        shape = [1] * dim
+        shape[self.channel_dim - (self.view.dim() - dim)] = -1
+        return self.std.view(shape)
 
     def tensor(self) -> Tensor:
-        """``(F, H, W, D)`` float32. Two plain strided copies: first with the token column
+        """``(F, H, W, D)`` float32. Two plain strided passes: a copy with the token column
         innermost (long inner loops; the samples of one pixel row share a cache line and are
-        read together), then transposed to one row per token while the data is in cache (an
-        index_select / gather over the processor's rows costs 5-10x more per sample)."""
+        read together), then, while the data is in cache, one row per token, scaled to pixel
+        units on the way (an index_select / gather over the processor's rows costs 5-10x more
+        per sample)."""
         v = self.view
         f, h, w = v.shape[:3]
         s = v.shape[3:]
         inner = torch.empty((f, h, *s, w), dtype=v.dtype, device=v.device)
         inner.copy_(v.permute(0, 1, *range(3, v.dim()), 2))  # token column innermost
         out = torch.empty((f, h, w, *s), dtype=torch.float32, device=v.device)
-        out.copy_(inner.permute(0, 1, v.dim() - 1, *range(2, v.dim() - 1)))
-        return self._scale(out).view(f, h, w, -1)
+        torch.mul(inner.permute(0, 1, v.dim() - 1, *range(2, v.dim() - 1)),
+                  self._factor(v.dim()), out=out)
+        return out.view(f, h, w, -1)
 
     def windows(self, spans: Sequence[tuple[int, int, int, int, int, int]],
                 n_max: int) -> Tensor:
@@ -124,7 +135,7 @@ class TokenGrid:
         for i, (f0, nf, h0, nh, w0, nw) in enumerate(spans):
             out[i, :nf * nh * nw].view(nf, nh, nw, *s).copy_(
                 v[f0:f0 + nf, h0:h0 + nh, w0:w0 + nw])
-        return self._scale(out).view(len(spans), n_max, -1)
+        return out.mul_(self._factor(out.dim())).view(len(spans), n_max, -1)
 
 
 def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], **kwargs: Any) -> Tensor:
