@@ -9,6 +9,7 @@ Public API::
     auto_options(mapping) -> AutoOptions          # the validated token_prune.auto block
     qwen_token_grid(pixel_values, grid_thw, ...)  # Qwen-VL rows -> (F, H, W, D) token grid
     patch_token_grid(tiles, ...)                  # LLaVA / LLaVA-NeXT tiles -> token grid
+    qwen_token_view / patch_token_view(...)       # the same, not yet read (TokenGrid)
     estimate_keep(grid, num_tokens, options, min_keep=1) -> AutoEstimate
     estimate_image(pil_image, hf_image_processor, options)  # all of the above, for one image
 
@@ -23,9 +24,12 @@ from vllm_tokenprune.budget.auto import (
     window_ranks,
 )
 from vllm_tokenprune.budget.grids import (
+    TokenGrid,
     patch_token_grid,
+    patch_token_view,
     per_patch,
     qwen_token_grid,
+    qwen_token_view,
     sample_offsets,
 )
 from vllm_tokenprune.budget.hf import estimate_image, pixel_scale, processor_kind, token_grid
@@ -33,14 +37,17 @@ from vllm_tokenprune.budget.hf import estimate_image, pixel_scale, processor_kin
 __all__ = [
     "AutoEstimate",
     "AutoOptions",
+    "TokenGrid",
     "auto_options",
     "estimate_image",
     "estimate_keep",
     "patch_token_grid",
+    "patch_token_view",
     "per_patch",
     "pixel_scale",
     "processor_kind",
     "qwen_token_grid",
+    "qwen_token_view",
     "sample_offsets",
     "token_grid",
     "window_ranks",

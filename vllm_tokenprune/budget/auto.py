@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from vllm_tokenprune.budget.grids import TokenGrid
 from vllm_tokenprune.scoring._registry import _check_bounds, _coerce, option
 
 __all__ = ["AutoEstimate", "AutoOptions", "auto_options", "estimate_keep", "window_ranks"]
@@ -160,15 +161,21 @@ def _lattice(num: int, cap: int, cols: int) -> list[int]:
     return list(range(s // 2, num, s))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Plan:
-    """Which grid rows form which window: ``index`` (``B * n_max``, the row ``F * H * W`` is a
-    zero row for the padding), ``mask`` (``B, n_max, 1``), ``counts`` (rows per window)."""
+    """Which grid rows form which window: ``index`` (``B * n_max``; padding reads row 0 and is
+    zeroed by ``mask``, ``B, n_max, 1``), ``counts`` (rows per window), ``k`` (the counts as
+    float64, ``B``), ``spans`` (each window's ``(f0, nf, h0, nh, w0, nw)``) and ``consts``: the
+    per-window constants of the rank rule, by ``(D, noise_floor)``."""
 
     index: Tensor
     mask: Tensor
     counts: tuple[int, ...]
     windows: int
+    k: Tensor
+    spans: tuple[tuple[int, int, int, int, int, int], ...]
+    consts: dict[tuple[int, float], tuple[Tensor, ...]] = dataclasses.field(
+        default_factory=dict)
 
 
 @functools.lru_cache(maxsize=64)
@@ -183,68 +190,95 @@ def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _P
             for h0, nh in _spans(h, wh) for w0, nw in cols]
     chosen = [wins[i] for i in _lattice(len(wins), cap, len(cols))]
     n_max = max(nf * nh * nw for _, nf, _, nh, _, nw in chosen)
-    pad = f * h * w
     index, mask, counts = [], [], []
     for f0, nf, h0, nh, w0, nw in chosen:
         rows = [(fi * h + hi) * w + wi for fi in range(f0, f0 + nf)
                 for hi in range(h0, h0 + nh) for wi in range(w0, w0 + nw)]
-        index += rows + [pad] * (n_max - len(rows))
+        index += rows + [0] * (n_max - len(rows))
         mask += [1.0] * len(rows) + [0.0] * (n_max - len(rows))
         counts.append(len(rows))
     return _Plan(torch.tensor(index), torch.tensor(mask).view(len(chosen), n_max, 1),
-                 tuple(counts), len(wins))
+                 tuple(counts), len(wins), torch.tensor(counts, dtype=torch.float64),
+                 tuple(chosen))
 
 
-def _ranks(x: Tensor, plan: _Plan, opts: AutoOptions) -> list[float]:
-    """Effective rank of each window of a zero-padded ``(B, n_max, D)`` stack."""
+def _consts(plan: _Plan, d: int, var: float) -> tuple[Tensor, ...]:
+    """Per window (float64, ``B``): the noise's expected energy ``(k - 1) d var``, its
+    Frobenius terms ``2 (d + k) var`` and ``((k - 1) d^2 + (k - 1)^2 d) var^2``, the rounding
+    floor ``1e-10 k d``, the largest rank ``max(1, min(k - 1, d))`` and the counts as float32
+    (``B, 1, 1``)."""
+    key = (d, var)
+    if key not in plan.consts:
+        k = plan.k
+        plan.consts[key] = (
+            (k - 1) * d * var, 2 * (d + k) * var,
+            ((k - 1) * d * d + (k - 1) ** 2 * d) * var**2, 1e-10 * k * d,
+            (k - 1).clamp(max=d).clamp(min=1), k.float().view(-1, 1, 1))
+    return plan.consts[key]
+
+
+def _ranks(x: Tensor, plan: _Plan, opts: AutoOptions) -> Tensor:
+    """Effective rank of each window (float64, ``B``) of a ``(B, n_max, D)`` stack whose padding
+    rows ``plan.mask`` zeroes. Every window at once: one batched Gram (samples x samples or
+    features x features, whichever is smaller), float32; the per-window rule in float64."""
     d = x.shape[2]
-    n = plan.counts
-    mask = plan.mask.to(x.device)
-    counts = torch.tensor(n, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    x = (x - x.sum(dim=1, keepdim=True) / counts).mul_(mask)  # centred; padding rows zero
-    gram = x @ x.transpose(1, 2) if x.shape[1] <= d else x.transpose(1, 2) @ x
-    energy = gram.diagonal(dim1=1, dim2=2).sum(dim=1).double().tolist()  # trace = sum lambda
     var = opts.noise_floor**2
-    floors = [1e-10 * k * d for k in n]  # rounding, not content
+    noise, cross, square, floors, top, counts = _consts(plan, d, var)
+    mask = plan.mask.to(x.device)
+    x = x.mul_(mask)
+    x = x.sub_(x.sum(dim=1, keepdim=True).div_(counts.to(x.device))).mul_(mask)  # centred
+    gram = x @ x.transpose(1, 2) if x.shape[1] <= d else x.transpose(1, 2) @ x
     if opts.rule == "participation":
         # (sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2: no eigendecomposition. The floor's
         # noise (std noise_floor in every entry) is removed from both moments in expectation,
         # cross terms with the signal included; a centred window's rank is at most n - 1.
-        fros = gram.square().sum(dim=(1, 2)).double().tolist()
-        out = []
-        for k, e, fro, fl in zip(n, energy, fros, floors, strict=True):
-            signal = e - (k - 1) * d * var
-            fro -= 2 * (d + k) * var * signal + ((k - 1) * d * d + (k - 1) ** 2 * d) * var**2
-            pr = signal**2 / fro if fro > 0 else float(d)
-            out.append(min(pr, max(1, min(k - 1, d))) if signal > fl else 0.0)
-        return out
+        moments = torch.stack((gram.diagonal(dim1=1, dim2=2).sum(dim=1),  # trace = sum lambda
+                               torch.linalg.vector_norm(gram, dim=(1, 2))))
+        energy, fro = moments.cpu().double().unbind()
+        fro = fro.square()
+        signal = energy - noise
+        fro = fro - cross * signal - square
+        pr = torch.where(fro > 0, signal.square() / fro, float(d))
+        return torch.where(signal > floors, torch.minimum(pr, top), 0.0)
     lam = torch.linalg.eigvalsh(gram.double()).flip(-1)  # descending
-    edge = torch.tensor([max(var * (math.sqrt(max(k - 1, 1)) + math.sqrt(d)) ** 2, fl)
-                         for k, fl in zip(n, floors, strict=True)], dtype=torch.float64)
+    edge = torch.tensor([max(var * (math.sqrt(max(k - 1, 1)) + math.sqrt(d)) ** 2, 1e-10 * k * d)
+                         for k in plan.counts], dtype=torch.float64)
     sig = torch.where(lam > edge.to(lam.device)[:, None], lam, torch.zeros_like(lam))
     total = sig.sum(dim=-1, keepdim=True)
     r = (torch.cumsum(sig, dim=-1) < opts.energy * total).sum(dim=-1) + 1
-    return torch.where(total.squeeze(-1) > 0, r, torch.zeros_like(r)).double().tolist()
+    return torch.where(total.squeeze(-1) > 0, r, torch.zeros_like(r)).double().cpu()
 
 
-def window_ranks(grid: Tensor, opts: AutoOptions, *,
+def window_ranks(grid: Tensor | TokenGrid, opts: AutoOptions, *,
                  video: bool = False) -> tuple[float, int, int]:
-    """``(rank, windows, computed)`` for a ``(F, H, W, D)`` token grid: the sum of its windows'
+    """``(rank, windows, computed)`` for a ``(F, H, W, D)`` token grid (or a
+    :class:`~vllm_tokenprune.budget.grids.TokenGrid` not yet read): the sum of its windows'
     ranks, the number of windows, and how many were computed. Above ``max_windows`` windows, a
-    fixed lattice of them is computed and the sum is scaled by rows (all rows / rows computed).
-    ``video``: the frames are consecutive in time, ``window_frames`` of them share a window
-    (otherwise, as LLaVA-NeXT's tiles, every frame is windowed alone)."""
-    if grid.dim() != 4 or grid.numel() == 0:
+    fixed lattice of them is computed (and only their tokens are read) and the sum is scaled by
+    rows (all rows / rows computed). ``video``: the frames are consecutive in time,
+    ``window_frames`` of them share a window (otherwise, as LLaVA-NeXT's tiles, every frame is
+    windowed alone)."""
+    if isinstance(grid, TokenGrid):
+        f, h, w, d = grid.shape
+    elif grid.dim() != 4 or grid.numel() == 0:
         raise ValueError(f"grid must be a non-empty (F, H, W, D) tensor, got {tuple(grid.shape)}")
-    f, h, w, d = grid.shape
+    else:
+        f, h, w, d = grid.shape
+    if f * h * w * d == 0:
+        raise ValueError(f"grid must be non-empty, got {(f, h, w, d)}")
     plan = _plan((f, h, w), opts.window, opts.window_frames if video else 1, opts.max_windows)
-    x = grid.reshape(f * h * w, d).float()
-    x = torch.cat([x, x.new_zeros(1, d)]).index_select(0, plan.index.to(x.device))
+    if isinstance(grid, TokenGrid) and len(plan.counts) < plan.windows:
+        # a lattice: read only its windows' tokens, straight from the pixels
+        x = grid.windows(plan.spans, plan.mask.shape[1])
+    else:
+        if isinstance(grid, TokenGrid):
+            grid = grid.tensor()
+        x = grid.reshape(f * h * w, d).float().index_select(0, plan.index.to(grid.device))
     ranks = _ranks(x.view(len(plan.counts), -1, d), plan, opts)
-    return sum(ranks) * (f * h * w) / sum(plan.counts), plan.windows, len(plan.counts)
+    return float(ranks.sum()) * (f * h * w) / sum(plan.counts), plan.windows, len(plan.counts)
 
 
-def estimate_keep(grid: Tensor, num_tokens: int | None = None,
+def estimate_keep(grid: Tensor | TokenGrid, num_tokens: int | None = None,
                   options: Mapping[str, Any] | AutoOptions | None = None, *,
                   min_keep: int = 1, video: bool = False) -> AutoEstimate:
     """How many of an item's ``num_tokens`` visual tokens ``auto`` keeps, from its token grid

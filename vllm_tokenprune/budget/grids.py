@@ -6,8 +6,7 @@ before the vision encoder. Pure torch; no vLLM import.
 A token's descriptor is a fixed point sample (a regular lattice) of the pixels it covers,
 ``sample_rows x samples`` per token in every channel, converted back to pixel units
 (``x * image_std``, so ``[0, 1]`` brightness steps; the per-channel mean does not matter, the
-estimator centres). Point samples, not averages: the gather reads only the sampled pixels (one
-``index_select`` over the processor's rows, about a third of a pass over its output), and it
+estimator centres). Point samples, not averages: the gather reads only the sampled pixels, and it
 keeps the pixel noise at its real level, so the noise floor of
 :class:`~vllm_tokenprune.budget.auto.AutoOptions` is in plain pixel units whatever the lattice.
 Fewer rows than columns: a pixel row is contiguous in memory, so extra columns are nearly free
@@ -25,6 +24,11 @@ Layouts:
 * LLaVA-1.5 / LLaVA-NeXT (:func:`patch_token_grid`): ``(C, H, W)`` tiles, one LM token per
   ``P x P`` patch (NeXT: the base image and every any-resolution tile, one frame each).
 
+The ``*_view`` functions return a :class:`TokenGrid`: the sampled pixels as a strided view of the
+processor's tensor, nothing read yet (:func:`~vllm_tokenprune.budget.auto.estimate_keep` reads
+only the tokens of the windows it computes); ``TokenGrid.tensor()`` and the ``*_grid`` functions
+read it all (two plain strided copies, see :meth:`TokenGrid.tensor`).
+
 The result is ``(F, H, W, D)`` float32: ``F`` frames (video token steps, or tiles), the ``H x W``
 token grid, ``D`` samples per token.
 """
@@ -32,12 +36,16 @@ token grid, ``D`` samples per token.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["patch_token_grid", "per_patch", "qwen_token_grid", "sample_offsets"]
+__all__ = ["TokenGrid", "patch_token_grid", "patch_token_view", "per_patch", "qwen_token_grid",
+           "qwen_token_view", "sample_offsets"]
 
 
 def sample_offsets(patch_size: int, samples: int) -> list[int]:
@@ -66,11 +74,81 @@ def _std(image_std: Sequence[float] | float | None, channels: int) -> Tensor:
     return std
 
 
-def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], *, patch_size: int = 14,
+@dataclass(frozen=True)
+class TokenGrid:
+    """A token grid not yet read: ``view``, a strided ``(F, H, W, *S)`` view of the sampled
+    pixels (no copy; ``S`` holds the channel at ``channel_dim``), and ``std``, the per-channel
+    factor to pixel units. :meth:`tensor` reads all of it; :meth:`rows` only the tokens asked
+    for (the window lattice of :mod:`.auto` reads a fifth of a 16,384-token image)."""
+
+    view: Tensor
+    std: Tensor
+    channel_dim: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        f, h, w = self.view.shape[:3]
+        return f, h, w, math.prod(self.view.shape[3:])
+
+    @functools.cached_property
+    def _uniform(self) -> float | None:
+        """The one factor of every channel (raw pixels: ``1 / 255``), or None."""
+        std = self.std.tolist()
+        return std[0] if all(v == std[0] for v in std) else None
+
+    def _factor(self, dim: int) -> Tensor | float:
+        """The per-channel factor, shaped for a ``dim``-dimensional result of ``view``'s
+        sample dims (a float where every channel has the same)."""
+        if self._uniform is not None:
+            return self._uniform
+        shape = [1] * dim
+        shape[self.channel_dim - (self.view.dim() - dim)] = -1
+        return self.std.view(shape)
+
+    def tensor(self) -> Tensor:
+        """``(F, H, W, D)`` float32. Two plain strided passes: a copy with the token column
+        innermost (long inner loops; the samples of one pixel row share a cache line and are
+        read together), then, while the data is in cache, one row per token, scaled to pixel
+        units on the way (an index_select / gather over the processor's rows costs 5-10x more
+        per sample)."""
+        v = self.view
+        f, h, w = v.shape[:3]
+        s = v.shape[3:]
+        inner = torch.empty((f, h, *s, w), dtype=v.dtype, device=v.device)
+        inner.copy_(v.permute(0, 1, *range(3, v.dim()), 2))  # token column innermost
+        out = torch.empty((f, h, w, *s), dtype=torch.float32, device=v.device)
+        torch.mul(inner.permute(0, 1, v.dim() - 1, *range(2, v.dim() - 1)),
+                  self._factor(v.dim()), out=out)
+        return out.view(f, h, w, -1)
+
+    def windows(self, spans: Sequence[tuple[int, int, int, int, int, int]],
+                n_max: int) -> Tensor:
+        """``(B, n_max, D)`` float32: the tokens of the windows ``(f0, nf, h0, nh, w0, nw)``
+        only, each window's ``nf * nh * nw`` rows first, then zero rows. One strided copy per
+        window: reading a few windows of a large image is bound by memory latency, and a gather
+        of single tokens (``index``) costs about 1.3x these copies."""
+        v = self.view
+        s = v.shape[3:]
+        full = all(nf * nh * nw == n_max for _, nf, _, nh, _, nw in spans)
+        out = (torch.empty if full else torch.zeros)(
+            (len(spans), n_max, *s), dtype=torch.float32, device=v.device)
+        for i, (f0, nf, h0, nh, w0, nw) in enumerate(spans):
+            out[i, :nf * nh * nw].view(nf, nh, nw, *s).copy_(
+                v[f0:f0 + nf, h0:h0 + nh, w0:w0 + nw])
+        return out.mul_(self._factor(out.dim())).view(len(spans), n_max, -1)
+
+
+def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], **kwargs: Any) -> Tensor:
+    """The ``(t, h / merge, w / merge, D)`` float32 token grid of one Qwen-VL item
+    (:func:`qwen_token_view`, read whole)."""
+    return qwen_token_view(pixel_values, grid_thw, **kwargs).tensor()
+
+
+def qwen_token_view(pixel_values: Tensor, grid_thw: Sequence[int], *, patch_size: int = 14,
                     merge_size: int = 2, temporal_patch_size: int = 2, channels: int = 3,
                     samples: int = 8, sample_rows: int = 4,
-                    image_std: Sequence[float] | float | None = None) -> Tensor:
-    """The ``(t, h / merge, w / merge, D)`` token grid of one Qwen-VL item.
+                    image_std: Sequence[float] | float | None = None) -> TokenGrid:
+    """The token grid of one Qwen-VL item, ``(t, h / merge, w / merge)`` tokens, not yet read.
 
     ``pixel_values``: this item's rows of the processor's flattened patches,
     ``(t * h * w, C * T * P * P)``; ``grid_thw``: its ``(t, h, w)`` patch grid; ``samples`` and
@@ -84,26 +162,30 @@ def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], *, patch_size
         raise ValueError(
             f"pixel_values has shape {tuple(pixel_values.shape)}; grid {(t, h, w)} with patch "
             f"{p}, temporal patch {tp} and {channels} channels needs {expected}")
-    idx, per_channel = _qwen_columns(channels, tp, p, per_patch(sample_rows, m, p),
-                                     per_patch(samples, m, p))
-    scale = _std(image_std, channels).repeat_interleave(per_channel).to(pixel_values.device)
-    x = pixel_values.index_select(1, idx.to(pixel_values.device)).float().mul_(scale)
-    return x.view(t, h // m, w // m, -1)
+    rows = _lattice_slice(p, per_patch(sample_rows, m, p))
+    cols = _lattice_slice(p, per_patch(samples, m, p))
+    # the sampled pixels, (t, H, W, m, m, C, rows, cols), frame 0 of each temporal patch
+    v = pixel_values.reshape(t, h // m, w // m, m, m, channels, tp, p, p)[..., 0, rows, cols]
+    return TokenGrid(v, _std(image_std, channels).to(pixel_values.device), 5)
 
 
-@functools.lru_cache(maxsize=16)
-def _qwen_columns(channels: int, tp: int, p: int, n_rows: int, n_cols: int) -> tuple[Tensor, int]:
-    """The sampled columns of a flattened patch row (channel c, frame 0 of the temporal patch,
-    pixel (r, k): ``c * T * P * P + r * P + k``) and how many there are per channel."""
-    rows, cols = sample_offsets(p, n_rows), sample_offsets(p, n_cols)
-    idx = [c * tp * p * p + r * p + k for c in range(channels) for r in rows for k in cols]
-    return torch.tensor(idx), n_rows * n_cols
+def _lattice_slice(patch_size: int, samples: int) -> slice:
+    """:func:`sample_offsets` as a slice (a regular lattice)."""
+    off = sample_offsets(patch_size, samples)
+    step = off[1] - off[0] if len(off) > 1 else 1
+    return slice(off[0], off[-1] + 1, step)
 
 
-def patch_token_grid(pixel_values: Tensor, *, patch_size: int = 14, samples: int = 8,
+def patch_token_grid(pixel_values: Tensor, **kwargs: Any) -> Tensor:
+    """The ``(F, H / P, W / P, D)`` float32 token grid of LLaVA tiles (:func:`patch_token_view`,
+    read whole)."""
+    return patch_token_view(pixel_values, **kwargs).tensor()
+
+
+def patch_token_view(pixel_values: Tensor, *, patch_size: int = 14, samples: int = 8,
                      sample_rows: int = 4,
-                     image_std: Sequence[float] | float | None = None) -> Tensor:
-    """The ``(F, H / P, W / P, D)`` token grid of ``(C, H, W)`` tiles (a single tile, or
+                     image_std: Sequence[float] | float | None = None) -> TokenGrid:
+    """The ``(F, H / P, W / P)`` token grid (not yet read) of ``(C, H, W)`` tiles (a single tile, or
     ``(F, C, H, W)``), one token per ``P x P`` patch (LLaVA's CLIP tower); a remainder
     narrower than a patch is ignored, as the patch embedding does."""
     x = pixel_values
@@ -116,11 +198,8 @@ def patch_token_grid(pixel_values: Tensor, *, patch_size: int = 14, samples: int
     gh, gw = hh // p, ww // p
     if gh < 1 or gw < 1:
         raise ValueError(f"tiles of {hh}x{ww} pixels hold no {p}-pixel patch")
-    rows = sample_offsets(p, per_patch(sample_rows, 1, p))
-    cols = sample_offsets(p, per_patch(samples, 1, p))
-    ri = torch.tensor([i * p + r for i in range(gh) for r in rows], device=x.device)
-    ci = torch.tensor([j * p + k for j in range(gw) for k in cols], device=x.device)
-    x = x.index_select(2, ri).index_select(3, ci).float()  # (F, C, gh * r, gw * k)
-    x = x.mul_(_std(image_std, c).to(x.device).view(1, c, 1, 1))
-    x = x.view(f, c, gh, len(rows), gw, len(cols)).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(f, gh, gw, -1)
+    rows = _lattice_slice(p, per_patch(sample_rows, 1, p))
+    cols = _lattice_slice(p, per_patch(samples, 1, p))
+    # (F, C, gh, P, gw, P) view, sampled rows and columns, tokens first: (F, gh, gw, C, r, k)
+    v = x[:, :, :gh * p, :gw * p].reshape(f, c, gh, p, gw, p)[:, :, :, rows, :, cols]
+    return TokenGrid(v.permute(0, 2, 4, 1, 3, 5), _std(image_std, c).to(x.device), 3)

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from vllm_tokenprune.budget.auto import AutoEstimate, AutoOptions, auto_options, estimate_keep
-from vllm_tokenprune.budget.grids import patch_token_grid, qwen_token_grid
+from vllm_tokenprune.budget.grids import TokenGrid, patch_token_view, qwen_token_view
 
 __all__ = ["estimate_image", "pixel_scale", "processor_kind", "token_grid"]
 
@@ -49,10 +49,12 @@ def processor_kind(image_processor: Any) -> str:
 
 def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOptions,
                index: int = 0, patch_size: int = 14, modality: str = "image",
-               scale: list[float] | float | None = None) -> Tensor:
+               scale: list[float] | float | None = None) -> TokenGrid:
     """The token grid of item ``index`` of a HF image (or, Qwen-VL, ``modality="video"``:
-    video) processor's output; ``scale``: :func:`pixel_scale` (default: the processor's
-    ``image_std``, for its normalized output)."""
+    video) processor's output, not yet read (:class:`~vllm_tokenprune.budget.grids.TokenGrid`:
+    :func:`~vllm_tokenprune.budget.auto.estimate_keep` reads only the tokens it needs; ``.tensor()``
+    reads all); ``scale``: :func:`pixel_scale` (default: the processor's ``image_std``, for its
+    normalized output)."""
     kind = processor_kind(image_processor)
     std = getattr(image_processor, "image_std", None) if scale is None else scale
     if modality not in ("image", "video") or (modality == "video" and kind != "qwen"):
@@ -63,7 +65,7 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
         start = int(sum(int(g.prod()) for g in grids[:index]))
         thw = [int(v) for v in grids[index]]
         rows = pv[start:start + thw[0] * thw[1] * thw[2]]
-        return qwen_token_grid(rows, thw, patch_size=int(image_processor.patch_size),
+        return qwen_token_view(rows, thw, patch_size=int(image_processor.patch_size),
                                merge_size=int(image_processor.merge_size),
                                temporal_patch_size=int(image_processor.temporal_patch_size),
                                samples=opts.samples, sample_rows=opts.sample_rows,
@@ -73,7 +75,7 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
         # The processor pads the batch to its largest tile count with zero tiles; keep this
         # image's own (1 base + the any-resolution grid's tiles).
         tiles = tiles[: _next_tiles(hf_out["image_sizes"][index], image_processor)]
-    return patch_token_grid(tiles, patch_size=patch_size, samples=opts.samples,
+    return patch_token_view(tiles, patch_size=patch_size, samples=opts.samples,
                             sample_rows=opts.sample_rows, image_std=std)
 
 
