@@ -47,7 +47,10 @@ def test_ratio_zero_is_the_plain_model(hf: dict[str, Any]) -> None:
     plain = _logprobs(model, inputs)
     with routed(model, inputs["input_ids"], 0.0, OPTS) as log:
         got = _logprobs(model, inputs)
-    assert torch.equal(got, plain)
+    # ratio 0 hands every layer's own output on unchanged; two CPU forwards of the same model
+    # are not always bit-identical (one full-suite run differed in the last bits on
+    # Qwen2.5-VL), so within float32 rounding, far below any routing's effect (> 1e-1 here)
+    assert torch.allclose(got, plain, rtol=0, atol=1e-5), (got - plain).abs().max()
     assert len(log.spans) == 2 and log.skipped_token_layers() == 0
     assert sorted(log.processed) == [1, 2]
 
