@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -41,34 +42,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-if __package__:  # imported as scripts.check_vllm_source (tests/test_vllm_source.py)
-    from .vllm_source_reader import (
-        FUNCS,
-        Def,
-        NotFound,
-        Resolver,
-        Tree,
-        class_members,
-        code_of,
-        method_bodies,
-        short_diff,
-        signature,
-        static_check,
-    )
-else:  # python scripts/check_vllm_source.py: this file's directory is sys.path[0]
-    from vllm_source_reader import (  # type: ignore[no-redef]
-        FUNCS,
-        Def,
-        NotFound,
-        Resolver,
-        Tree,
-        class_members,
-        code_of,
-        method_bodies,
-        short_diff,
-        signature,
-        static_check,
-    )
+# imported as scripts.check_vllm_source (tests/test_vllm_source.py), or run as
+# `python scripts/check_vllm_source.py` (this file's directory is sys.path[0])
+_reader = importlib.import_module(
+    f"{__package__}.vllm_source_reader" if __package__ else "vllm_source_reader")
+FUNCS, Def, NotFound, Resolver, Tree = (
+    _reader.FUNCS, _reader.Def, _reader.NotFound, _reader.Resolver, _reader.Tree)
+class_members, code_of, method_bodies = (
+    _reader.class_members, _reader.code_of, _reader.method_bodies)
+short_diff, signature, static_check = _reader.short_diff, _reader.signature, _reader.static_check
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "vllm-tokenprune" / "wheels"
