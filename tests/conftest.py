@@ -20,15 +20,88 @@ QWEN25_ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
 #: loop"). Single slow tests elsewhere (a Python subprocess importing vLLM) carry the mark.
 SLOW_FILES = frozenset({"test_profile_run.py", "test_encoder_staging.py",
                         "test_gpu_emulation_worker.py", "test_scoring_skimage.py",
-                        "test_startup.py"})
+                        "test_startup.py", "test_alvts_tp.py"})
+
+
+#: Session servers of this file: every test file that uses one (directly or through another
+#: fixture) runs in the same pytest-xdist worker, so each starts once per session.
+SESSION_SERVERS = ("tp_server", "plain_server", "hard_server")
+
+#: Files run first under pytest-xdist, longest first (seconds on the 2-core machine, from a
+#: ``--durations`` run; docs/testing.md): a long file that starts last would leave the other
+#: worker idle at the end. Files not named here follow in collection order.
+LONG_FILES = (
+    "test_alvts_server.py", "test_prometheus.py", "test_profile_server.py",
+    "test_hardening_server.py", "test_llava_next_server.py", "test_qwen3_vl_server.py",
+    "test_llava_server.py", "test_qwen2_vl_server.py", "test_gpu_emulation_worker.py",
+    "test_profile_run.py", "test_demo.py", "test_startup.py",
+)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the default, ``pyproject.toml``): one worker per core, at most one per 8 GiB
+    of memory (each worker's servers and in-process models take a few GiB) and at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 16.0
+    return max(1, min(cores or 1, int(mem_gib // 8), 4))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a pytest-xdist worker, the vLLM servers it starts bind their compute threads to one
+    core of their own (worker ``gwN``: the N-th core the process may use), so two workers'
+    servers do not share a core while the other idles (vLLM's ``auto`` binding puts every
+    single-rank server on the same one)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[int(worker[2:]) % len(cores)])
+
+
+def xdist_groups(items: list[pytest.Item]) -> dict[str, str]:
+    """Each test file's pytest-xdist group: the file itself, joined with every other file that
+    uses the same session server (:data:`SESSION_SERVERS`)."""
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    first_user: dict[str, str] = {}
+    for item in items:
+        name = item.path.name
+        parent.setdefault(name, name)
+        for server in SESSION_SERVERS:
+            if server in getattr(item, "fixturenames", ()):
+                other = first_user.setdefault(server, name)
+                a, b = sorted((find(name), find(other)))
+                parent[b] = a
+    return {name: find(name) for name in parent}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files of :data:`SLOW_FILES` are marked ``slow``. Tests marked ``gpu`` need a CUDA
-    device: skipped cleanly without one (docs/gpu.md)."""
+    """Files of :data:`SLOW_FILES` are marked ``slow``. Under pytest-xdist every test gets its
+    file's group (:func:`xdist_groups`; ``--dist loadgroup`` keeps a group in one worker) and the
+    groups holding :data:`LONG_FILES` run first. Tests marked ``gpu`` need a CUDA device:
+    skipped cleanly without one (docs/gpu.md)."""
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+    if getattr(config.option, "dist", "no") != "no" or os.environ.get("PYTEST_XDIST_WORKER"):
+        groups = xdist_groups(items)
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(groups[item.path.name]))
+        rank = {name: i for i, name in enumerate(LONG_FILES)}
+        first = {}
+        for item in items:
+            group = groups[item.path.name]
+            first[group] = min(first.get(group, len(rank)), rank.get(item.path.name, len(rank)))
+        order = {id(item): (first[groups[item.path.name]], i) for i, item in enumerate(items)}
+        items.sort(key=lambda item: order[id(item)])
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return

@@ -356,18 +356,22 @@ class Bench:
 # --------------------------------------------------------------------------- orchestration
 
 
+def launch_command(model: Path, port: int, server_args: Sequence[str]) -> list[str]:
+    """The command line of the benchmark's server: ``launch.py`` (vLLM's API server with its
+    multimodal timing on) with the fast CPU options and ``server_args``."""
+    from vllm_tokenprune.testing.server import FAST_CPU_ARGS
+
+    return [sys.executable, str(HERE / "launch.py"), "--model", str(model), "--port", str(port),
+            "--host", "127.0.0.1", *FAST_CPU_ARGS, *server_args]
+
+
 def start_server(model: Path, server_args: list[str], env: dict[str, str | None],
                  log_path: Path, encoder_stats: bool) -> Any:
     """A :class:`VLLMServer`, started through ``benchmarks/serving/launch.py`` (vLLM's API server
     with its multimodal timing on) unless ``encoder_stats`` is false."""
     import subprocess
 
-    from vllm_tokenprune.testing.server import (
-        FAST_CPU_ARGS,
-        VLLMServer,
-        free_port,
-        server_env,
-    )
+    from vllm_tokenprune.testing.server import VLLMServer, free_port, server_env
 
     if not encoder_stats:
         return VLLMServer(model, server_args, env=env, log_path=log_path)
@@ -378,9 +382,7 @@ def start_server(model: Path, server_args: list[str], env: dict[str, str | None]
             self.port = free_port()
             self.base_url = f"http://127.0.0.1:{self.port}"
             self.log_path = log_path
-            self.cmd = [sys.executable, str(HERE / "launch.py"), "--model",
-                        self.model, "--port", str(self.port), "--host", "127.0.0.1",
-                        *FAST_CPU_ARGS, *server_args]
+            self.cmd = launch_command(model, self.port, server_args)
             self._log = open(self.log_path, "wb")  # noqa: SIM115
             self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                          env=server_env(env), start_new_session=True)
