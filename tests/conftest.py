@@ -4,6 +4,7 @@ by every test of the session that can use it)."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,47 +61,97 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[int(worker[2:]) % len(cores)])
 
 
-def xdist_groups(items: list[pytest.Item]) -> dict[str, str]:
-    """Each test file's pytest-xdist group: the file itself, joined with every other file that
-    uses the same session server (:data:`SESSION_SERVERS`)."""
-    parent: dict[str, str] = {}
+class _Groups:
+    """Union-find over test file names."""
 
-    def find(name: str) -> str:
-        while parent[name] != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, name: str) -> str:
+        self.parent.setdefault(name, name)
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
         return name
 
-    first_user: dict[str, str] = {}
+    def join(self, a: str, b: str) -> None:
+        a, b = sorted((self.find(a), self.find(b)))
+        self.parent[b] = a
+
+    def mapping(self) -> dict[str, str]:
+        return {name: self.find(name) for name in list(self.parent)}
+
+
+def file_groups(test_dir: Path) -> dict[str, str]:
+    """Each test file's pytest-xdist work unit (the controller's view, before any collection):
+    the file itself, joined with every other file whose text names the same session server
+    (:data:`SESSION_SERVERS`). The workers check this against the fixtures each test really
+    uses (:func:`_check_groups`)."""
+    groups = _Groups()
+    first: dict[str, str] = {}
+    for path in sorted(test_dir.glob("test_*.py")):
+        text = path.read_text(encoding="utf-8")
+        groups.find(path.name)
+        for server in SESSION_SERVERS:
+            if re.search(rf"\b{server}\b", text):
+                groups.join(path.name, first.setdefault(server, path.name))
+    return groups.mapping()
+
+
+def _check_groups(items: list[pytest.Item], groups: dict[str, str]) -> None:
+    """Fail the collection if a test reaches a session server through fixtures while its file
+    is not in that server's group (the server would start once per worker): the file must name
+    the fixture."""
+    users: dict[str, set[str]] = {}
     for item in items:
-        name = item.path.name
-        parent.setdefault(name, name)
         for server in SESSION_SERVERS:
             if server in getattr(item, "fixturenames", ()):
-                other = first_user.setdefault(server, name)
-                a, b = sorted((find(name), find(other)))
-                parent[b] = a
-    return {name: find(name) for name in parent}
+                users.setdefault(server, set()).add(item.path.name)
+    for server, files in users.items():
+        if len({groups.get(name, name) for name in files}) > 1:
+            raise pytest.UsageError(
+                f"tests/conftest.py: {sorted(files)} use the session server {server!r}, but not "
+                f"all of them name it in their text, so pytest-xdist could start it in two "
+                f"workers: name {server!r} in each of these files (a fixture argument or a "
+                "comment)")
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` (``pyproject.toml``): a file's tests run in one worker, and files that
+    share a session server (:func:`file_groups`) in the same one, so it starts once."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups = file_groups(Path(__file__).parent)
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return groups.get(name, name)
+
+    return FileGroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files of :data:`SLOW_FILES` are marked ``slow``. Under pytest-xdist every test gets its
-    file's group (:func:`xdist_groups`; ``--dist loadgroup`` keeps a group in one worker) and the
-    groups holding :data:`LONG_FILES` run first. Tests marked ``gpu`` need a CUDA device:
-    skipped cleanly without one (docs/gpu.md)."""
+    """Files of :data:`SLOW_FILES` are marked ``slow``. In a pytest-xdist worker, the groups are
+    checked (:func:`_check_groups`) and the groups holding :data:`LONG_FILES` are put first (the
+    controller hands work units out in collection order). Tests marked ``gpu`` need a CUDA
+    device: skipped cleanly without one (docs/gpu.md)."""
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
-    if getattr(config.option, "dist", "no") != "no" or os.environ.get("PYTEST_XDIST_WORKER"):
-        groups = xdist_groups(items)
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(groups[item.path.name]))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        groups = file_groups(Path(__file__).parent)
+        _check_groups(items, groups)
         rank = {name: i for i, name in enumerate(LONG_FILES)}
-        first = {}
+        first: dict[str, int] = {}
         for item in items:
-            group = groups[item.path.name]
+            group = groups.get(item.path.name, item.path.name)
             first[group] = min(first.get(group, len(rank)), rank.get(item.path.name, len(rank)))
-        order = {id(item): (first[groups[item.path.name]], i) for i, item in enumerate(items)}
+        order = {id(item): (first[groups.get(item.path.name, item.path.name)], i)
+                 for i, item in enumerate(items)}
         items.sort(key=lambda item: order[id(item)])
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
