@@ -125,6 +125,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     groups = file_groups(Path(__file__).parent)
 
+    # units in collection order (LONG_FILES first), not xdist's default of most tests first
+    config.option.loadscopereorder = False
+
     class FileGroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
