@@ -32,10 +32,11 @@ SESSION_SERVERS = ("tp_server", "plain_server", "hard_server")
 #: ``--durations`` run; docs/testing.md): a long file that starts last would leave the other
 #: worker idle at the end. Files not named here follow in collection order.
 LONG_FILES = (
-    "test_alvts_server.py", "test_prometheus.py", "test_profile_server.py",
-    "test_hardening_server.py", "test_llava_next_server.py", "test_qwen3_vl_server.py",
-    "test_llava_server.py", "test_qwen2_vl_server.py", "test_gpu_emulation_worker.py",
-    "test_profile_run.py", "test_demo.py", "test_startup.py",
+    "test_alvts_server.py", "test_hardening_server.py", "test_llava_server.py",
+    "test_profile_server.py", "test_llava_next_server.py", "test_qwen3_vl_server.py",
+    "test_prometheus.py", "test_qwen2_vl_server.py", "test_alvts_tp.py", "test_demo.py",
+    "test_log.py", "test_gpu_emulation_worker.py", "test_profile_run.py", "test_startup.py",
+    "test_vllm_internals.py",
 )
 
 
