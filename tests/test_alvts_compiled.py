@@ -95,8 +95,7 @@ def test_the_op_computes_the_routed_tail_in_place(layer: _Layer) -> None:
 
 
 def test_the_fake_impl_and_schema() -> None:
-    """torch's own op checks (schema and declared mutation, fake tensors, AOT dispatch) with a
-    layer registered, and the fake impl on fake tensors under FakeTensorMode."""
+    """The fake impl on fake tensors under FakeTensorMode: no output, shapes kept."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     compiled.register_op()
@@ -107,6 +106,8 @@ def test_the_fake_impl_and_schema() -> None:
 
 
 def test_torch_opcheck(layer: _Layer) -> None:
+    """torch's own op checks (schema and declared mutation, fake tensors, AOT dispatch) with a
+    layer registered and an item in the step."""
     _step(layer)
     h, r = _inputs()
     torch.library.opcheck(compiled.layer_tail_op(), (h, r, NAME),
