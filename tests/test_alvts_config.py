@@ -146,11 +146,10 @@ def test_a_quantized_server_is_refused_with_a_real_vllm_config(tiny_qwen_dir, tm
 
 
 def _flags() -> list[tuple[dict[str, Any], str]]:
-    from vllm.config import CompilationMode, CUDAGraphMode
+    from vllm.config import CUDAGraphMode
 
     return [
-        ({"compilation_config.mode": CompilationMode.VLLM_COMPILE}, "--enforce-eager"),
-        ({"compilation_config.cudagraph_mode": CUDAGraphMode.PIECEWISE}, "--enforce-eager"),
+        ({"compilation_config.cudagraph_mode": CUDAGraphMode.FULL}, "-cc.cudagraph_mode"),
         ({"kv_transfer_config": object()}, "--kv-transfer-config"),
         ({"scheduler_config.long_prefill_token_threshold": 512},
          "--long-prefill-token-threshold 0"),

@@ -1,4 +1,5 @@
-"""ALVTS served by real vLLM CPU servers: Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT (docs/alvts.md).
+"""ALVTS served by real vLLM CPU servers: Qwen2.5-VL (compiled: vLLM's default compilation, no
+``--enforce-eager``), LLaVA-1.5 and LLaVA-NeXT (eager) (docs/alvts.md).
 
 Every check goes through the real ``openai`` client (or plain HTTP for ``/metrics``):
 
@@ -46,8 +47,9 @@ pytestmark = pytest.mark.server
 
 LLAVA_ARCH = "TokenPruneLlavaForConditionalGeneration"
 LLAVA_NEXT_ARCH = "TokenPruneLlavaNextForConditionalGeneration"
-#: What ``alvts`` needs from the server (it refuses to start without them; --enforce-eager is in
-#: every test server's arguments). Prefix caching stays on (vLLM's default), in blocks of 32
+#: What ``alvts`` needs from the server (it refuses to start without them). The Qwen2.5-VL
+#: server runs vLLM's default compilation (:data:`COMPILED`); the LLaVA ones are eager (the test
+#: servers' default). Prefix caching stays on (vLLM's default), in blocks of 32
 #: tokens (the CPU backend's smallest) so a hit can end inside a test image; the response's
 #: ``usage.prompt_tokens_details.cached_tokens`` shows the hits.
 ALVTS_FLAGS = ["--disable-chunked-mm-input",
@@ -62,6 +64,10 @@ BUDGET = "100"
 QWEN_CAP = ["--mm-processor-kwargs", '{"max_pixels": 50176}',
             "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
 BASE_ARGS = ["--dtype", "float32", "--seed", "0"]
+#: No --enforce-eager (undoes the test servers' default): vLLM's default compilation, which
+#: the CPU build runs as one Dynamo trace compiled by Inductor (no CUDA graphs on CPU); the
+#: routed tail is the opaque op ``tokenprune::alvts_layer_tail`` (``alvts/compiled.py``).
+COMPILED = ["--no-enforce-eager"]
 PROMPT = "Describe this image."
 #: Both sides float32 on CPU (measured ~1e-6, docs/testing.md).
 LOGPROB_TOL = 1e-4
@@ -111,7 +117,7 @@ def servers(tiny_qwen_dir: Path, llava_dir: Path, llava_next_dir: Path,
     below the alvts server's max_pixels cap, so both see the same tokens) and, for LLaVA,
     transformers' unpruned model (:func:`tests._hf_reference.prepared_step_logprobs`)."""
     args = [*BASE_ARGS, "--max-num-batched-tokens", BUDGET, *ALVTS_FLAGS]
-    qwen = [*args, *QWEN_CAP]
+    qwen = [*args, *QWEN_CAP, *COMPILED]
     started = start_servers({
         "qwen": (tiny_qwen_dir, [*qwen, "--hf-overrides", overrides("qwen")]),
         "llava": (llava_dir, [*args, "--hf-overrides", overrides("llava")]),
@@ -191,6 +197,15 @@ def partial_items(server: VLLMServer) -> float:
 
 
 # --------------------------------------------------------------------------- tests
+
+
+def test_the_qwen_server_is_compiled(servers: dict[str, Any]) -> None:
+    """What the other tests check on Qwen2.5-VL, they check on a compiled model: vLLM's CPU
+    runner compiled it (its warm-up runs only when the mode is not NONE), with Inductor."""
+    log = servers["qwen"].log_text()
+    assert "enforce_eager=False" in log and "Warming up model for the compilation" in log
+    assert "CompilationMode.DYNAMO_TRACE_ONCE" in log and "'backend': 'inductor'" in log
+    assert "enforce_eager=True" in servers["llava"].log_text()  # the eager control
 
 
 @pytest.mark.parametrize("family", ["qwen", "llava"])

@@ -630,12 +630,38 @@ INTERNALS: tuple[Internal, ...] = (
              "under disable_chunked_mm_input (else it could never be scheduled)", "stays",
              _uses("disable_chunked_mm_input"), compare="code"),
     Internal("vllm.config.compilation:CompilationConfig", "config field",
-             "alvts/model.py (check_alvts_server)", "alvts needs mode NONE and no CUDA graphs",
-             "stays", _has_field("mode", "cudagraph_mode")),
-    Internal("vllm.config:CompilationMode", "enum", "alvts/model.py",
-             "NONE: no torch.compile", "stays (public)", _has_field("NONE")),
-    Internal("vllm.config:CUDAGraphMode", "enum", "alvts/model.py", "NONE: no CUDA graphs",
-             "stays (public)", _has_field("NONE")),
+             "alvts/compiled.py (configure_compilation, check_compilation)",
+             "under VLLM_COMPILE alvts appends its op to splitting_ops; cudagraph_mode says "
+             "which CUDA graphs replay batches with prefills",
+             "stays", _has_field("mode", "cudagraph_mode", "splitting_ops")),
+    Internal("vllm.config.compilation:CompilationConfig.set_splitting_ops_for_v1", "method",
+             "alvts/compiled.py (configure_compilation)",
+             "fills splitting_ops (attention ops) when the config is built, before the model "
+             "is: alvts appends to that list, and leaves an emptied one (no pieces) alone",
+             "vLLM lets a model declare its own splitting ops", compare="code"),
+    Internal("vllm.compilation.backends:VllmBackend.__call__", "compilation contract",
+             "alvts/compiled.py (configure_compilation)",
+             "reads compilation_config.splitting_ops when it compiles (the first forward, "
+             "after the model's __init__ appended the op) and splits the graph at those ops, "
+             "which then run eagerly between piecewise CUDA graphs",
+             "vLLM lets a model declare its own splitting ops", _uses("splitting_ops")),
+    Internal("vllm.utils.torch_utils:direct_register_custom_op", "function",
+             "alvts/compiled.py (register_op)",
+             "registers tokenprune::alvts_layer_tail (schema from its signature, the inputs it "
+             "updates in place, its fake impl, the platform's dispatch key) in our library",
+             "stays (vLLM's custom-op helper)"),
+    Internal("vllm.model_executor.layers.attention.attention:Attention.__init__", "attributes",
+             "alvts/compiled.py (layer_op_name)",
+             "layer_name (the attention's prefix) names each routed layer's op call: "
+             "deterministic, so a graph read back from vLLM's compile cache names the same "
+             "layer", "stays", _uses("layer_name")),
+    Internal("vllm.config:CompilationMode", "enum", "alvts/compiled.py",
+             "VLLM_COMPILE: piecewise compilation (splitting ops apply)", "stays (public)",
+             _has_field("VLLM_COMPILE")),
+    Internal("vllm.config:CUDAGraphMode", "enum", "alvts/compiled.py",
+             "mixed_mode() FULL (refused): full graphs replay batches with prefills; "
+             "decode_mode() FULL: decode graphs (exact: captured with no routed item)",
+             "stays (public)", _has_field("FULL", "mixed_mode", "decode_mode")),
     Internal("vllm.config.scheduler:SchedulerConfig", "config field", "alvts/model.py",
              "alvts needs disable_chunked_mm_input and no long-prefill cap below the budget",
              "stays", _has_field("disable_chunked_mm_input", "max_num_batched_tokens",

@@ -17,6 +17,8 @@ that serve ``alvts`` (before :class:`~vllm_tokenprune.models.model_hooks.TokenPr
   stream entering it, runs attention on every row (so every token's K/V at the layer is written
   to the paged cache from the hidden state it entered with) and the post-attention norm + MLP on
   the rows that go through; a skipped row leaves the layer with the stream it entered with.
+  Under torch.compile that tail is the opaque custom op of :mod:`.compiled` (vLLM's default
+  compilation and CUDA graphs serve ``alvts``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ from vllm_tokenprune.alvts import (
     alvts_options,
     auto_rank,
     layer_factors,
+)
+from vllm_tokenprune.alvts.compiled import (
+    check_compilation,
+    configure_compilation,
+    layer_tail_op,
+    register_layer,
 )
 from vllm_tokenprune.alvts.scheduler import WholeMediaMixin, scheduler_cls_name
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
@@ -110,17 +118,31 @@ def _routed_forward(self: Any, positions: Tensor, hidden_states: Tensor,
     """A routed decoder layer: vLLM's own forward (``(positions, hidden_states, residual)`` ->
     ``(hidden_states, residual)``, the stream being their sum) when nothing skips it in this
     step; otherwise the same computation with skipped rows' MLP input left out and their
-    stream passed through (docs/alvts.md, exact semantics)."""
-    runtime: AlvtsRuntime = self._tp_alvts_runtime
-    if runtime.step is None:
+    stream passed through (docs/alvts.md, exact semantics). Under torch.compile the routed
+    tail is the opaque op :data:`.compiled.SPLITTING_OP`, called on every step (a compiled
+    graph cannot branch on the step), which computes the plain tail when nothing routes."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and self._tp_alvts_runtime.step is None:
         return self._tp_alvts_base_forward(positions, hidden_states, residual)
     if residual is None:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
     else:
         hidden_states, residual = self.input_layernorm(hidden_states, residual)
-    skip = runtime.skipped_rows(self._tp_alvts_layer, residual)
     hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+    if compiling:
+        layer_tail_op()(hidden_states, residual, self._tp_alvts_op_name)
+        return hidden_states, residual
+    return _routed_tail(self, hidden_states, residual)
+
+
+def _routed_tail(self: Any, hidden_states: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    """The routed part of a routed layer, after attention: ``hidden_states`` is the attention
+    output, ``residual`` the stream entering the layer (on which the selector scores each
+    item); returns the layer's ``(hidden_states, residual)``. No item in the step: the plain
+    post-attention norm and MLP. May update its inputs in place (vLLM's fused norm)."""
+    runtime: AlvtsRuntime = self._tp_alvts_runtime
+    skip = runtime.skipped_rows(self._tp_alvts_layer, residual)
     if skip is None:
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
@@ -173,6 +195,7 @@ def _routed_class(cls: type) -> type:
     if cached is None:
         cached = type(f"Routed{cls.__name__}", (cls,), {
             "forward": _routed_forward,
+            "_tp_alvts_tail": _routed_tail,
             "_tp_alvts_base_forward": cls.forward,
         })
         _ROUTED_CLASSES[cls] = cached
@@ -197,8 +220,6 @@ def _check_layer(cls: type) -> None:
 
 def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
     """Refuse, naming the flag, every server setting ``alvts`` cannot serve exactly."""
-    from vllm.config import CompilationMode, CUDAGraphMode
-
     def refuse(why: str) -> None:
         raise ValueError(
             f"vllm-tokenprune: token_prune enables 'alvts' (method or allowed_methods), "
@@ -207,12 +228,7 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
 
     if not supported:
         refuse(f"{arch} does not support (served on Qwen2-VL, Qwen2.5-VL, LLaVA-1.5)")
-    compilation = vllm_config.compilation_config
-    if compilation.mode != CompilationMode.NONE or \
-            compilation.cudagraph_mode != CUDAGraphMode.NONE:
-        refuse("routes rows with request-dependent gathers inside the decoder layers that "
-               "torch.compile and CUDA graphs would freeze: start the server with "
-               "--enforce-eager")
+    check_compilation(vllm_config, refuse)
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         refuse("must see all of an item's tokens in one step, and a KV connector's external "
                "prefix hit can end inside an image: start the server without "
@@ -281,6 +297,7 @@ class AlvtsModelMixin:
         cfg = config_from_hf_config(vllm_config.model_config.hf_config)
         if cfg.alvts_enabled:
             check_alvts_server(vllm_config, type(self).__name__, self.tp_alvts)
+            configure_compilation(vllm_config)
 
     def _tp_setup(self, vllm_config: Any) -> None:
         super()._tp_setup(vllm_config)  # type: ignore[misc]
@@ -306,6 +323,7 @@ class AlvtsModelMixin:
             layer.__class__ = _routed_class(type(layer))
             layer._tp_alvts_runtime = runtime
             layer._tp_alvts_layer = i
+            layer._tp_alvts_op_name = register_layer(layer)
         self._tp_alvts = runtime
         logger.info("vllm-tokenprune: alvts routes decoder layers %d-%d (rank %s, %d queries, "
                     "consistency %g)", options.first_layer, len(layers) - 1,
