@@ -9,7 +9,7 @@ FLOPs and their ratio; the measured median time of each (measured side by side, 
 one run, single thread on CPU, float32) and their ratio. Target: selector <= 10% of the MLP
 work it saves, at every N from 588 to 16,384.
 
-Models: ``mid`` (``benchmarks/serve.py``'s mid/vl7b LM: hidden 1024, MLP 2816, 16 heads, 4 KV
+Models: ``mid`` (:mod:`benchmarks.serving`'s mid/vl7b LM: hidden 1024, MLP 2816, 16 heads, 4 KV
 heads) and ``qwen2.5-vl-7b`` (hidden 3584, MLP 18944, 28 heads, 4 KV heads, head_dim 128), with
 random weights (cost does not depend on their values). The MLP is Qwen2's (gate/up projection,
 SiLU, product, down projection). For a large N its time is measured on ``--mlp-rows`` of the
@@ -18,8 +18,10 @@ sizes: the JSON records the time per row of every measurement); ``--mlp-rows 0``
 skipped row. The column "every-token selector" is the previous selector's query set (every
 token of the item a query, N x N logits per head), for N up to ``--old-max``.
 
-    taskset -c 0 python benchmarks/alvts_selector.py            # ~10 min; writes docs
-    taskset -c 0 python benchmarks/alvts_selector.py --quick    # ~2 min, print only
+    taskset -c 0 python -m benchmarks.alvts_selector            # ~10 min; writes docs
+    taskset -c 0 python -m benchmarks.alvts_selector --quick    # ~2 min, print only
+
+Run from the repository root as a module (``benchmarks`` is a package).
 
 Writes the table between markers in docs/alvts.md and the run's JSON to
 docs/alvts_selector.json (``--no-doc``: print only).
@@ -42,10 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vllm_tokenprune.alvts import (  # noqa: E402
+from vllm_tokenprune.alvts import (
     AlvtsOptions,
     AlvtsRouter,
     auto_rank,
@@ -53,6 +52,7 @@ from vllm_tokenprune.alvts import (  # noqa: E402
     num_processed,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- alvts-selector:begin -->", "<!-- alvts-selector:end -->"
 SIZES = (588, 2352, 9408, 16384)
 RATIOS = (0.5, 0.889)
@@ -72,10 +72,8 @@ class Dims:
 
 
 def _mid() -> Dims:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import serve
+    from benchmarks.serving.run import _MID_LM as lm
 
-    lm = serve._MID_LM
     return Dims("mid", lm["hidden"], lm["intermediate_size"], lm["num_heads"],
                 lm["num_kv_heads"])
 
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     took = time.time() - t0
-    cmd = "python benchmarks/alvts_selector.py" + (" --quick" if args.quick else "")
+    cmd = "python -m benchmarks.alvts_selector" + (" --quick" if args.quick else "")
     worst = max(rows, key=lambda r: r["time_share"])
     worst_f = max(rows, key=lambda r: r["flop_share"])
     summary = (f"Largest share: {100 * worst_f['flop_share']:.2f}% in FLOPs "

@@ -324,23 +324,14 @@ def test_keep_count_rule_and_options() -> None:
 
 
 def _bench() -> Any:
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from benchmarks import alvts_selector
 
-    name = "alvts_selector_bench"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "alvts_selector.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return alvts_selector
 
 
 @pytest.mark.parametrize("n,queries", [(300, 20), (12, 20), (50, None)])
 def test_cost_benchmark_counts_the_matmuls_that_run(n: int, queries: int | None) -> None:
-    """``benchmarks/alvts_selector.py``'s analytic count equals the matmul FLOPs torch counts
+    """``benchmarks.alvts_selector``'s analytic count equals the matmul FLOPs torch counts
     in a real ``route`` call (GQA, query bias, fewer tokens than query rows, every token)."""
     from torch.utils.flop_counter import FlopCounterMode
 

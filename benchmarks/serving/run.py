@@ -398,6 +398,8 @@ def server_args(args: argparse.Namespace, *, evs: bool) -> list[str]:
               "--mm-processor-cache-gb", "0"]
     if args.max_model_len != 4096:  # FAST_CPU_ARGS already say 4096
         common += ["--max-model-len", str(args.max_model_len)]
+    if args.max_pixels is not None:  # the presets' processors cap images at 1024 x 1024 pixels
+        common += ["--mm-processor-kwargs", json.dumps({"max_pixels": args.max_pixels})]
     if evs:
         return [*common, "--video-pruning-rate", str(args.video_ratio)]
     if "alvts" not in args.methods:
@@ -597,6 +599,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--video-fps", type=float, default=4.0)
     p.add_argument("--video-rounds", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="the servers' image processor max_pixels (--mm-processor-kwargs): the "
+                        "presets cap images at 1024x1024 pixels (1,337 visual tokens); e.g. "
+                        "3136x2352 images (9,408 tokens) need 7375872 and --max-model-len 10240; "
+                        "needs --no-offline (the offline timing reads the checkpoint's processor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write all raw results here")
     p.add_argument("--report-only", metavar="JSON",
@@ -622,6 +629,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for r in [*args.ratios, args.video_ratio]:
         if not 0.0 <= r < 1.0:
             p.error(f"ratios must be in [0, 1): {r}")
+    if args.max_pixels is not None and args.offline and not args.report_only:
+        p.error("--max-pixels needs --no-offline (the offline timing uses the checkpoint's own "
+                "processor configuration, which --max-pixels does not change)")
     return args
 
 
