@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from vllm_tokenprune.budget.auto import AutoEstimate, AutoOptions, auto_options, estimate_keep
-from vllm_tokenprune.budget.grids import TokenGrid, patch_token_view, qwen_token_view
+from vllm_tokenprune.budget.grids import TokenGrid, as_numpy, patch_token_view, qwen_token_view
 
 __all__ = ["estimate_image", "pixel_scale", "processor_kind", "token_grid"]
 
@@ -62,9 +62,10 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
     pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]
     if kind == "qwen":
         grids = hf_out[f"{modality}_grid_thw"]
-        start = int(sum(int(g.prod()) for g in grids[:index]))
+        grids = grids.tolist() if hasattr(grids, "tolist") else grids  # one call, no tensors
+        start = sum(t * h * w for t, h, w in grids[:index])
         thw = [int(v) for v in grids[index]]
-        rows = pv[start:start + thw[0] * thw[1] * thw[2]]
+        rows = as_numpy(pv)[start:start + thw[0] * thw[1] * thw[2]]
         return qwen_token_view(rows, thw, patch_size=int(image_processor.patch_size),
                                merge_size=int(image_processor.merge_size),
                                temporal_patch_size=int(image_processor.temporal_patch_size),
