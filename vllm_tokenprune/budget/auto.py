@@ -80,6 +80,8 @@ class AutoOptions:
     sample_rows: int = option(
         4, "pixel rows sampled per token (per patch: sample_rows / merge, at most patch / 2)",
         ge=1, le=32)
+    channel: int = option(
+        -1, "colour channel sampled (0, 1, 2: R, G, B; -1: all three)", ge=-1, le=2)
     max_windows: int = option(
         64, "most windows computed; above it a fixed lattice of windows estimates the sum "
         "(0: every window)", ge=0)

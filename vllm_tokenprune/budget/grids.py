@@ -155,12 +155,14 @@ def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], **kwargs: Any
 def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], *,
                     patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
                     channels: int = 3, samples: int = 4, sample_rows: int = 4,
-                    image_std: Sequence[float] | float | None = None) -> TokenGrid:
+                    image_std: Sequence[float] | float | None = None,
+                    channel: int | None = None) -> TokenGrid:
     """The token grid of one Qwen-VL item, ``(t, h / merge, w / merge)`` tokens, not yet read.
 
     ``pixel_values``: this item's rows of the processor's flattened patches,
     ``(t * h * w, C * T * P * P)``; ``grid_thw``: its ``(t, h, w)`` patch grid; ``samples`` and
-    ``sample_rows``: columns and rows per token (divided by ``merge`` per patch)."""
+    ``sample_rows``: columns and rows per token (divided by ``merge`` per patch); ``channel``:
+    that colour channel only (None: every channel)."""
     t, h, w = (int(v) for v in grid_thw)
     m, p, tp = merge_size, patch_size, temporal_patch_size
     if h % m or w % m:
@@ -174,7 +176,17 @@ def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], 
     cols = _lattice_slice(p, per_patch(samples, m, p))
     # the sampled pixels, (t, H, W, m, m, C, rows, cols), frame 0 of each temporal patch
     v = as_numpy(pixel_values).reshape(t, h // m, w // m, m, m, channels, tp, p, p)
-    return TokenGrid(v[..., 0, rows, cols], _std(image_std, channels), 5)
+    ch = _channels(channel, channels)
+    return TokenGrid(v[..., ch, 0, rows, cols], _std(image_std, channels)[ch], 5)
+
+
+def _channels(channel: int | None, channels: int) -> slice:
+    """The channel axis' slice: every channel, or ``channel`` alone (a size-1 axis)."""
+    if channel is None:
+        return slice(None)
+    if not 0 <= channel < channels:
+        raise ValueError(f"channel {channel} out of range for {channels} channels")
+    return slice(channel, channel + 1)
 
 
 def _lattice_slice(patch_size: int, samples: int) -> slice:
@@ -192,10 +204,12 @@ def patch_token_grid(pixel_values: Tensor, **kwargs: Any) -> Tensor:
 
 def patch_token_view(pixel_values: Tensor | np.ndarray, *, patch_size: int = 14,
                      samples: int = 4, sample_rows: int = 4,
-                     image_std: Sequence[float] | float | None = None) -> TokenGrid:
+                     image_std: Sequence[float] | float | None = None,
+                     channel: int | None = None) -> TokenGrid:
     """The ``(F, H / P, W / P)`` token grid (not yet read) of ``(C, H, W)`` tiles (a single tile, or
     ``(F, C, H, W)``), one token per ``P x P`` patch (LLaVA's CLIP tower); a remainder
-    narrower than a patch is ignored, as the patch embedding does."""
+    narrower than a patch is ignored, as the patch embedding does; ``channel``: that colour channel
+    only (None: every channel)."""
     x = as_numpy(pixel_values)
     if x.ndim == 3:
         x = x[None]
@@ -209,5 +223,7 @@ def patch_token_view(pixel_values: Tensor | np.ndarray, *, patch_size: int = 14,
     rows = _lattice_slice(p, per_patch(sample_rows, 1, p))
     cols = _lattice_slice(p, per_patch(samples, 1, p))
     # (F, C, gh, P, gw, P) view, sampled rows and columns, tokens first: (F, gh, gw, C, r, k)
-    v = x[:, :, :gh * p, :gw * p].reshape(f, c, gh, p, gw, p)[:, :, :, rows, :, cols]
-    return TokenGrid(v.transpose(0, 2, 4, 1, 3, 5), _std(image_std, c), 3)
+    ch = _channels(channel, c)
+    v = x[:, ch, :gh * p, :gw * p]
+    v = v.reshape(f, v.shape[1], gh, p, gw, p)[:, :, :, rows, :, cols]
+    return TokenGrid(v.transpose(0, 2, 4, 1, 3, 5), _std(image_std, c)[ch], 3)

@@ -60,6 +60,7 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
     if modality not in ("image", "video") or (modality == "video" and kind != "qwen"):
         raise ValueError(f"no {modality!r} token grid for a {kind} processor")
     pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]
+    channel = None if opts.channel < 0 else opts.channel
     if kind == "qwen":
         grids = hf_out[f"{modality}_grid_thw"]
         grids = grids.tolist() if hasattr(grids, "tolist") else grids  # one call, no tensors
@@ -70,14 +71,14 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
                                merge_size=int(image_processor.merge_size),
                                temporal_patch_size=int(image_processor.temporal_patch_size),
                                samples=opts.samples, sample_rows=opts.sample_rows,
-                               image_std=std)
+                               image_std=std, channel=channel)
     tiles = pv[index]
     if kind == "llava_next" and "image_sizes" in hf_out:
         # The processor pads the batch to its largest tile count with zero tiles; keep this
         # image's own (1 base + the any-resolution grid's tiles).
         tiles = tiles[: _next_tiles(hf_out["image_sizes"][index], image_processor)]
     return patch_token_view(tiles, patch_size=patch_size, samples=opts.samples,
-                            sample_rows=opts.sample_rows, image_std=std)
+                            sample_rows=opts.sample_rows, image_std=std, channel=channel)
 
 
 def _next_tiles(image_size: Any, image_processor: Any) -> int:
