@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -189,16 +190,30 @@ class _Plan:
     consts: dict[tuple[int, float], tuple[np.ndarray, ...]] = dataclasses.field(
         default_factory=dict)
     scaled: dict[bytes, np.ndarray] = dataclasses.field(default_factory=dict)
+    local: threading.local = dataclasses.field(default_factory=threading.local)
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of ``shape`` kept for this plan and thread (zeros when first made):
+        fresh memory costs a page fault per 4 KiB, which after the HF processor has freed its
+        arrays is most of a small item's estimate."""
+        store = self.local.__dict__
+        key = (name, shape)
+        if key not in store:
+            store[key] = np.zeros(shape, dtype=np.float32)
+        return store[key]
 
     @functools.cached_property
     def ones(self) -> np.ndarray:
         """``(n, 1)`` ones: a window's sums as one batched product."""
         return np.ones((math.prod(self.tail), 1), dtype=np.float32)
 
-    def stack(self, grid: TokenGrid) -> np.ndarray:
-        """``grid``'s windows, ``(B, D, n)`` float32 (zeros in the padding)."""
+    def stack(self, grid: TokenGrid, fresh: bool = False) -> np.ndarray:
+        """``grid``'s windows, ``(B, D, n)`` float32 (zeros in the padding), in this thread's
+        buffer for the plan (valid until the next call: only the windows' own tokens are
+        written, and :func:`_ranks` leaves the padding zero); ``fresh``: a new array."""
         s = grid.view.shape[3:]
-        x = np.zeros((*self.lead, *s, *self.tail), dtype=np.float32)
+        shape = (*self.lead, *s, *self.tail)
+        x = np.zeros(shape, dtype=np.float32) if fresh else self.buffer("stack", shape)
         lead, ns = len(self.lead), len(s)
         t = [lead + ns + i for i in range(3)]
         order = ([0, t[0], 1, t[1], 2, t[2]] if lead == 3 else [0, *t]) + \
@@ -238,7 +253,8 @@ def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _P
             copies.append(((slice(f0, f0 + fs), slice(h0, h0 + hs), slice(w0, w0 + ws)), None,
                            (j, slice(0, fs), slice(0, hs), slice(0, ws))))
     plan = _Plan(lead, (fw, wh, ww), tuple(copies), None, np.zeros(0), nf * nh * nw, 0)
-    mask = plan.stack(TokenGrid(np.ones((f, h, w, 1), np.float32), np.ones(1, np.float32), 3))
+    mask = plan.stack(TokenGrid(np.ones((f, h, w, 1), np.float32), np.ones(1, np.float32), 3),
+                      fresh=True)
     counts = mask.sum(axis=2, keepdims=True)
     return dataclasses.replace(plan, mask=None if (mask == 1).all() else mask, counts=counts,
                                rows=int(counts.sum()))
@@ -280,7 +296,9 @@ def _ranks(x: np.ndarray, plan: _Plan, opts: AutoOptions,
     per-window rule in float64 on ``B`` values."""
     d = x.shape[1]
     noise, cross, square, floors, top, edge = _consts(plan, d, opts.noise_floor**2)
-    x -= np.matmul(x, plan.ones) / plan.counts  # centred (the sums as a BLAS product)
+    b, n = x.shape[0], x.shape[2]
+    sums = np.matmul(x, plan.ones, out=plan.buffer("sums", (b, d, 1)))  # one BLAS product
+    x -= np.divide(sums, plan.counts, out=sums)  # centred
     unit = 1.0
     if isinstance(factor, float):  # one factor: applied to the moments, not the pixels
         unit = factor * factor
@@ -289,7 +307,11 @@ def _ranks(x: np.ndarray, plan: _Plan, opts: AutoOptions,
     else:
         x *= _scaled_mask(plan, factor)
     t = torch.from_numpy(x)  # torch's batched GEMM: 1.5x numpy's on these small matrices
-    gram = (torch.bmm(t.mT, t) if x.shape[2] <= d else torch.bmm(t, t.mT)).numpy()
+    gram = plan.buffer("gram", (b, min(n, d), min(n, d)))
+    if n <= d:
+        torch.bmm(t.mT, t, out=torch.from_numpy(gram))
+    else:
+        torch.bmm(t, t.mT, out=torch.from_numpy(gram))
     if opts.rule == "participation":
         # (sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2: no eigendecomposition. The floor's
         # noise (std noise_floor in every entry) is removed from both moments in expectation,
