@@ -222,12 +222,13 @@ class _Plan:
         return x.reshape(math.prod(self.lead), math.prod(s), -1)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _Plan:
     """The windows of an ``(F, H, W)`` token grid: ``window x window`` tokens (``0``: the whole
     grid) over ``frames`` consecutive frames, in raster order (frame group, row, column; the
     remainder windows last on each axis); above ``cap`` windows, a lattice of them
-    (:func:`_lattice`)."""
+    (:func:`_lattice`). The 16 latest plans are kept, with their buffers (a few MiB at most
+    each and thread: ``max_windows`` windows of ``D x n`` values and their Grams)."""
     f, h, w = shape
     fw = min(frames, f)
     wh, ww = (h, w) if window == 0 else (min(window, h), min(window, w))
