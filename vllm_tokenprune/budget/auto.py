@@ -3,7 +3,7 @@
 Runs in the API server process, in the multimodal processor, after the HF image processor and
 before the vision encoder: the prompt's placeholder count is fixed when the request is processed
 (``shared/notes/methods.md``, "Keep-count rule"), so the count can depend on the pixels, never on
-the encoder's features. Pure torch; no vLLM import.
+the encoder's features. Torch and numpy; no vLLM import.
 
 The rule (``docs/budgets.md`` has the reasons, the defaults and the measurements):
 

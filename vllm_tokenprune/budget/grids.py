@@ -1,7 +1,7 @@
 """Token grids: one descriptor row per language-model token, read from preprocessed pixels.
 
 Runs in the API server process (the multimodal processor), on the HF image processor's output,
-before the vision encoder. Pure torch; no vLLM import.
+before the vision encoder. Torch and numpy; no vLLM import.
 
 A token's descriptor is a fixed point sample (a regular lattice) of the pixels it covers,
 ``sample_rows x samples`` per token in every channel, converted back to pixel units
