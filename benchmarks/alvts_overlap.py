@@ -92,7 +92,8 @@ def models(quick: bool, cache: Path) -> list[tuple[str, Path, tuple[int, int], i
         from benchmarks.serving.run import PRESETS, ensure_model
 
         mid = ensure_model("mid", cache)
-        name = "mid Qwen2.5-VL (benchmarks/serve.py `mid`: 20 layers, hidden 1024, 16/4 heads)"
+        name = ("mid Qwen2.5-VL (`python -m benchmarks.serving`'s `mid` preset: 20 layers, "
+                "hidden 1024, 16/4 heads)")
         out.append((name, mid, PRESETS["mid"][1], DEFAULTS.first_layer, True))
         out.append((name + ", 1568x1176 images", mid, (1568, 1176), DEFAULTS.first_layer,
                     False))

@@ -1,11 +1,15 @@
 """``auto``'s token grids (:mod:`vllm_tokenprune.budget.grids`) without a processor: the strided
 reads give exactly the sampled pixels (against a plain per-sample reference), and the window
-lattice, which reads only its windows' tokens from the pixels, gives the same rank as the same
-windows cut from the whole grid (Qwen-VL rows with a video's frames and remainder windows;
-LLaVA-NeXT tiles)."""
+lattice, which reads only its windows' tokens from the pixels, gives the same rank (float32
+rounding apart) as the same windows cut from the whole grid (Qwen-VL rows with a video's frames and
+remainder windows; LLaVA-NeXT tiles); the estimator's ranks equal a per-window eigendecomposition;
+one colour channel reads that channel's samples."""
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
 from vllm_tokenprune.budget import (
@@ -16,6 +20,7 @@ from vllm_tokenprune.budget import (
     qwen_token_grid,
     qwen_token_view,
     sample_offsets,
+    window_ranks,
 )
 
 
@@ -43,9 +48,9 @@ def test_qwen_grid_holds_the_sampled_pixels():
                                     ref[ti, hi, wi, dy, dx, ci, ri, ki] = \
                                         pv[row, ci * tp * p * p + r * p + k].float() * (1 / 255)
     std = [0.5, 0.25, 1.0]
-    got = qwen_token_grid(pv, (t, h, w), image_std=1 / 255)
+    got = qwen_token_grid(pv, (t, h, w), samples=8, image_std=1 / 255)
     assert torch.equal(got, ref.view(t, h // m, w // m, -1))
-    scaled = qwen_token_grid(pv.float() / 255, (t, h, w), image_std=std)
+    scaled = qwen_token_grid(pv.float() / 255, (t, h, w), samples=8, image_std=std)
     assert torch.allclose(scaled, (ref * torch.tensor(std).view(c, 1, 1)).view(scaled.shape))
 
 
@@ -70,4 +75,55 @@ def test_lattice_reads_only_its_windows_and_counts_as_the_whole_grid():
             opts = auto_options({"max_windows": cap})
             lazy = estimate_keep(grid, None, opts, video=video)
             whole = estimate_keep(grid.tensor(), None, opts, video=video)
-            assert lazy.rank == whole.rank > 0 and lazy.num_keep == whole.num_keep
+            # the lazy read scales to pixel units after centring, the whole grid before: the
+            # same windows, float32 rounding apart
+            assert lazy.rank == pytest.approx(whole.rank, rel=1e-5) and lazy.rank > 0
+            assert lazy.num_keep == whole.num_keep
+
+
+def _reference_rank(grid: torch.Tensor, window: int) -> float:
+    """Sum over ``window x window`` windows (remainders included) of each window's participation
+    ratio ``(sum l)^2 / sum l^2`` of its centred Gram's eigenvalues, at most ``min(k - 1, D)``:
+    one window at a time, float64, an eigendecomposition (the rule without its noise floor)."""
+    f, h, w, d = grid.shape
+    total = 0.0
+    for fi in range(f):
+        for h0 in range(0, h, window):
+            for w0 in range(0, w, window):
+                x = grid[fi, h0:h0 + window, w0:w0 + window].reshape(-1, d).double()
+                x = x - x.mean(dim=0)
+                lam = torch.linalg.eigvalsh(x.T @ x).clamp_min(0)
+                if lam.sum() > 0:
+                    pr = float(lam.sum() ** 2 / (lam**2).sum())
+                    total += min(pr, max(1, min(x.shape[0] - 1, d)))
+    return total
+
+
+def test_window_ranks_match_a_per_window_reference():
+    # padded remainder windows on both axes, D x D and n x n Grams, a per-channel factor to
+    # pixel units, one channel alone; a second image of the same shape (the estimator reuses
+    # its buffers: nothing of the first may leak into it)
+    pvs = [_pixels(2 * 20 * 26, 3 * 2 * 14 * 14, seed=s) for s in (1, 2)]
+    for pv, opts in itertools.product(pvs, (
+            {"noise_floor": 0.0, "max_windows": 0},  # n = 64 > D = 48: a D x D Gram
+            {"noise_floor": 0.0, "max_windows": 0, "window": 4})):  # n = 16: n x n
+        o = auto_options(opts)
+        for std, channel in (([0.3, 0.2, 0.1], None), (1 / 255, 1)):
+            view = qwen_token_view(pv, (2, 20, 26), samples=o.samples, sample_rows=o.sample_rows,
+                                   image_std=std, channel=channel)
+            rank, windows, computed = window_ranks(view, o)
+            assert windows == computed
+            assert rank == pytest.approx(_reference_rank(view.tensor(), o.window), rel=1e-4)
+
+
+def test_one_channel_is_that_channels_samples():
+    pv = _pixels(4 * 6, 3 * 2 * 14 * 14)
+    full = qwen_token_grid(pv, (1, 4, 6), image_std=[0.3, 0.2, 0.1])
+    for c in range(3):
+        one = qwen_token_grid(pv, (1, 4, 6), image_std=[0.3, 0.2, 0.1], channel=c)
+        # (H, W, m, m, C, rows, cols) per token: channel c of every merged patch
+        ref = full.view(1, 2, 3, 2, 2, 3, -1)[:, :, :, :, :, c].reshape(one.shape)
+        assert torch.equal(one, ref)
+    tiles = _pixels(2, 3, 56, 42).float()
+    ref = patch_token_grid(tiles).view(2, 4, 3, 3, -1)[:, :, :, 2]
+    assert torch.equal(patch_token_grid(tiles, channel=2), ref.reshape(2, 4, 3, -1))

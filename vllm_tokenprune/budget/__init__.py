@@ -1,7 +1,7 @@
 """Visual-token budgets chosen before the vision encoder runs (``prune_ratio: "auto"``).
 
 Runs in the API server process, in the multimodal processor, on the HF image processor's output
-and before the vision encoder (the prompt's placeholder count is fixed there). Pure torch; no
+and before the vision encoder (the prompt's placeholder count is fixed there). Torch and numpy; no
 vLLM import.
 
 Public API::

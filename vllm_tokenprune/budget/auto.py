@@ -3,7 +3,7 @@
 Runs in the API server process, in the multimodal processor, after the HF image processor and
 before the vision encoder: the prompt's placeholder count is fixed when the request is processed
 (``shared/notes/methods.md``, "Keep-count rule"), so the count can depend on the pixels, never on
-the encoder's features. Pure torch; no vLLM import.
+the encoder's features. Torch and numpy; no vLLM import.
 
 The rule (``docs/budgets.md`` has the reasons, the defaults and the measurements):
 
@@ -33,15 +33,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from vllm_tokenprune.budget.grids import TokenGrid
+from vllm_tokenprune.budget.grids import Copy, TokenGrid, as_numpy
 from vllm_tokenprune.scoring._registry import _check_bounds, _coerce, option
 
 __all__ = ["AutoEstimate", "AutoOptions", "auto_options", "estimate_keep", "window_ranks"]
@@ -74,11 +76,13 @@ class AutoOptions:
         8, "window side in LM tokens (0: the whole item is one window)", ge=0, le=1024)
     window_frames: int = option(
         2, "video: consecutive token steps (frames) per window", ge=1, le=64)
-    samples: int = option(8, "pixel columns sampled per token (per patch: samples / merge, "
+    samples: int = option(4, "pixel columns sampled per token (per patch: samples / merge, "
                           "at most patch / 2)", ge=1, le=32)
     sample_rows: int = option(
         4, "pixel rows sampled per token (per patch: sample_rows / merge, at most patch / 2)",
         ge=1, le=32)
+    channel: int = option(
+        -1, "colour channel sampled (0, 1, 2: R, G, B; -1: all three)", ge=-1, le=2)
     max_windows: int = option(
         64, "most windows computed; above it a fixed lattice of windows estimates the sum "
         "(0: every window)", ge=0)
@@ -143,12 +147,6 @@ class AutoEstimate:
         return 1.0 - self.num_keep / self.num_tokens
 
 
-def _spans(size: int, win: int) -> list[tuple[int, int]]:
-    """``(start, length)`` of the windows along one axis: full windows, then the remainder."""
-    spans = [(i, win) for i in range(0, size // win * win, win)]
-    return spans + ([(size // win * win, size % win)] if size % win else [])
-
-
 def _lattice(num: int, cap: int, cols: int) -> list[int]:
     """Indices of about ``cap`` of ``num`` windows in raster order: every ``s``-th, ``s`` the
     smallest stride >= ``num / cap`` coprime with the raster width (a diagonal lattice, no
@@ -161,92 +159,176 @@ def _lattice(num: int, cap: int, cols: int) -> list[int]:
     return list(range(s // 2, num, s))
 
 
+def _blocks(size: int, win: int) -> list[tuple[int, int, int, int]]:
+    """The windows along one axis in blocks read at once: ``(first window, windows, rows each,
+    first row)``: the full windows, then the remainder."""
+    full = size // win
+    out = [(0, full, win, 0)] if full else []
+    return out + ([(full, 1, size % win, full * win)] if size % win else [])
+
+
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """Which grid rows form which window: ``index`` (``B * n_max``; padding reads row 0 and is
-    zeroed by ``mask``, ``B, n_max, 1``), ``counts`` (rows per window), ``k`` (the counts as
-    float64, ``B``), ``spans`` (each window's ``(f0, nf, h0, nh, w0, nw)``) and ``consts``: the
-    per-window constants of the rank rule, by ``(D, noise_floor)``."""
+    """How the windows of an ``(F, H, W)`` token grid are read: into a zero-padded stack of shape
+    ``lead + S + tail`` (``S``: the grid's sample dims; ``tail``: a window's ``(fw, wh, ww)``
+    tokens, innermost, so that each strided copy runs along a row of tokens), reshaped to
+    ``(B, D, n)``: each window's transposed ``n x D`` matrix. ``lead``: ``(nF, nH, nW)`` for
+    every window (one copy per block of whole windows), ``(B,)`` for a lattice (one copy per
+    window); ``copies``: :meth:`~vllm_tokenprune.budget.grids.TokenGrid.fill`, through the
+    stack's transpose :meth:`target`. ``mask`` (``B, 1, n``; None when no window is padded) is
+    1 on a window's own tokens, ``counts`` its tokens (float32, ``B, 1, 1``); ``windows``: all
+    the grid's windows, ``rows``: the rows computed; ``consts``: the rule's per-window
+    constants by ``(D, noise_floor)``; ``scaled``: :func:`_scaled_mask`."""
 
-    index: Tensor
-    mask: Tensor
-    counts: tuple[int, ...]
+    lead: tuple[int, ...]
+    tail: tuple[int, int, int]
+    copies: tuple[Copy, ...]
+    mask: np.ndarray | None
+    counts: np.ndarray
     windows: int
-    k: Tensor
-    spans: tuple[tuple[int, int, int, int, int, int], ...]
-    consts: dict[tuple[int, float], tuple[Tensor, ...]] = dataclasses.field(
+    rows: int
+    consts: dict[tuple[int, float], tuple[np.ndarray, ...]] = dataclasses.field(
         default_factory=dict)
+    scaled: dict[bytes, np.ndarray] = dataclasses.field(default_factory=dict)
+    local: threading.local = dataclasses.field(default_factory=threading.local)
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of ``shape`` kept for this plan and thread (zeros when first made):
+        fresh memory costs a page fault per 4 KiB, which after the HF processor has freed its
+        arrays is most of a small item's estimate."""
+        store = self.local.__dict__
+        key = (name, shape)
+        if key not in store:
+            store[key] = np.zeros(shape, dtype=np.float32)
+        return store[key]
+
+    @functools.cached_property
+    def ones(self) -> np.ndarray:
+        """``(n, 1)`` ones: a window's sums as one batched product."""
+        return np.ones((math.prod(self.tail), 1), dtype=np.float32)
+
+    def stack(self, grid: TokenGrid, fresh: bool = False) -> np.ndarray:
+        """``grid``'s windows, ``(B, D, n)`` float32 (zeros in the padding), in this thread's
+        buffer for the plan (valid until the next call: only the windows' own tokens are
+        written, and :func:`_ranks` leaves the padding zero); ``fresh``: a new array."""
+        s = grid.view.shape[3:]
+        shape = (*self.lead, *s, *self.tail)
+        x = np.zeros(shape, dtype=np.float32) if fresh else self.buffer("stack", shape)
+        lead, ns = len(self.lead), len(s)
+        t = [lead + ns + i for i in range(3)]
+        order = ([0, t[0], 1, t[1], 2, t[2]] if lead == 3 else [0, *t]) + \
+            list(range(lead, lead + ns))
+        grid.fill(x.transpose(order), self.copies)
+        return x.reshape(math.prod(self.lead), math.prod(s), -1)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _Plan:
     """The windows of an ``(F, H, W)`` token grid: ``window x window`` tokens (``0``: the whole
-    grid) over ``frames`` consecutive frames, in raster order (frame group, row, column); above
-    ``cap`` windows, a lattice of them (:func:`_lattice`)."""
+    grid) over ``frames`` consecutive frames, in raster order (frame group, row, column; the
+    remainder windows last on each axis); above ``cap`` windows, a lattice of them
+    (:func:`_lattice`). The 16 latest plans are kept, with their buffers (a few MiB at most
+    each and thread: ``max_windows`` windows of ``D x n`` values and their Grams)."""
     f, h, w = shape
+    fw = min(frames, f)
     wh, ww = (h, w) if window == 0 else (min(window, h), min(window, w))
-    cols = _spans(w, ww)
-    wins = [(f0, nf, h0, nh, w0, nw) for f0, nf in _spans(f, min(frames, f))
-            for h0, nh in _spans(h, wh) for w0, nw in cols]
-    chosen = [wins[i] for i in _lattice(len(wins), cap, len(cols))]
-    n_max = max(nf * nh * nw for _, nf, _, nh, _, nw in chosen)
-    index, mask, counts = [], [], []
-    for f0, nf, h0, nh, w0, nw in chosen:
-        rows = [(fi * h + hi) * w + wi for fi in range(f0, f0 + nf)
-                for hi in range(h0, h0 + nh) for wi in range(w0, w0 + nw)]
-        index += rows + [0] * (n_max - len(rows))
-        mask += [1.0] * len(rows) + [0.0] * (n_max - len(rows))
-        counts.append(len(rows))
-    return _Plan(torch.tensor(index), torch.tensor(mask).view(len(chosen), n_max, 1),
-                 tuple(counts), len(wins), torch.tensor(counts, dtype=torch.float64),
-                 tuple(chosen))
+    nf, nh, nw = -(-f // fw), -(-h // wh), -(-w // ww)
+    chosen = _lattice(nf * nh * nw, cap, nw)
+    copies: list[Copy] = []
+    if len(chosen) == nf * nh * nw:
+        lead: tuple[int, ...] = (nf, nh, nw)
+        for fi, fn, fs, f0 in _blocks(f, fw):
+            for hi, hn, hs, h0 in _blocks(h, wh):
+                for wi, wn, ws, w0 in _blocks(w, ww):
+                    copies.append((
+                        (slice(f0, f0 + fn * fs), slice(h0, h0 + hn * hs),
+                         slice(w0, w0 + wn * ws)), (fn, fs, hn, hs, wn, ws),
+                        (slice(fi, fi + fn), slice(0, fs), slice(hi, hi + hn), slice(0, hs),
+                         slice(wi, wi + wn), slice(0, ws))))
+    else:
+        lead = (len(chosen),)
+        for j, i in enumerate(chosen):
+            fi, rest = divmod(i, nh * nw)
+            f0, h0, w0 = fi * fw, rest // nw * wh, rest % nw * ww
+            fs, hs, ws = min(fw, f - f0), min(wh, h - h0), min(ww, w - w0)
+            copies.append(((slice(f0, f0 + fs), slice(h0, h0 + hs), slice(w0, w0 + ws)), None,
+                           (j, slice(0, fs), slice(0, hs), slice(0, ws))))
+    plan = _Plan(lead, (fw, wh, ww), tuple(copies), None, np.zeros(0), nf * nh * nw, 0)
+    mask = plan.stack(TokenGrid(np.ones((f, h, w, 1), np.float32), np.ones(1, np.float32), 3),
+                      fresh=True)
+    counts = mask.sum(axis=2, keepdims=True)
+    return dataclasses.replace(plan, mask=None if (mask == 1).all() else mask, counts=counts,
+                               rows=int(counts.sum()))
 
 
-def _consts(plan: _Plan, d: int, var: float) -> tuple[Tensor, ...]:
+def _consts(plan: _Plan, d: int, var: float) -> tuple[np.ndarray, ...]:
     """Per window (float64, ``B``): the noise's expected energy ``(k - 1) d var``, its
     Frobenius terms ``2 (d + k) var`` and ``((k - 1) d^2 + (k - 1)^2 d) var^2``, the rounding
-    floor ``1e-10 k d``, the largest rank ``max(1, min(k - 1, d))`` and the counts as float32
-    (``B, 1, 1``)."""
+    floor ``1e-10 k d``, the largest rank ``max(1, min(k - 1, d))`` and the Marchenko-Pastur
+    edge of rule ``energy``."""
     key = (d, var)
     if key not in plan.consts:
-        k = plan.k
+        k = plan.counts.reshape(-1).astype(np.float64)
         plan.consts[key] = (
             (k - 1) * d * var, 2 * (d + k) * var,
             ((k - 1) * d * d + (k - 1) ** 2 * d) * var**2, 1e-10 * k * d,
-            (k - 1).clamp(max=d).clamp(min=1), k.float().view(-1, 1, 1))
+            np.clip(np.minimum(k - 1, d), 1, None),
+            np.maximum(var * (np.sqrt(np.maximum(k - 1, 1)) + math.sqrt(d)) ** 2,
+                       1e-10 * k * d))
     return plan.consts[key]
 
 
-def _ranks(x: Tensor, plan: _Plan, opts: AutoOptions) -> Tensor:
-    """Effective rank of each window (float64, ``B``) of a ``(B, n_max, D)`` stack whose padding
-    rows ``plan.mask`` zeroes. Every window at once: one batched Gram (samples x samples or
-    features x features, whichever is smaller), float32; the per-window rule in float64."""
-    d = x.shape[2]
-    var = opts.noise_floor**2
-    noise, cross, square, floors, top, counts = _consts(plan, d, var)
-    mask = plan.mask.to(x.device)
-    x = x.mul_(mask)
-    x = x.sub_(x.sum(dim=1, keepdim=True).div_(counts.to(x.device))).mul_(mask)  # centred
-    gram = x @ x.transpose(1, 2) if x.shape[1] <= d else x.transpose(1, 2) @ x
+def _scaled_mask(plan: _Plan, factor: np.ndarray) -> np.ndarray:
+    """``plan.mask`` times the per-value factor to pixel units (``B, D, n``; ``1, D, 1`` when no
+    window is padded), cached on the plan by factor."""
+    key = factor.tobytes()
+    if key not in plan.scaled:
+        f = factor.reshape(1, -1, 1)
+        plan.scaled[key] = f if plan.mask is None else plan.mask * f
+    return plan.scaled[key]
+
+
+def _ranks(x: np.ndarray, plan: _Plan, opts: AutoOptions,
+           factor: np.ndarray | float) -> np.ndarray:
+    """Effective rank of each window (float64, ``B``) of a ``(B, D, n)`` float32 stack (each
+    window's transposed matrix) whose padding tokens are zero (``plan.mask``), times ``factor``
+    (per value, or one for all) in pixel units. Centred in place; every window at once: one
+    batched Gram (tokens x tokens or features x features, whichever is smaller), float32; the
+    per-window rule in float64 on ``B`` values."""
+    d = x.shape[1]
+    noise, cross, square, floors, top, edge = _consts(plan, d, opts.noise_floor**2)
+    b, n = x.shape[0], x.shape[2]
+    sums = np.matmul(x, plan.ones, out=plan.buffer("sums", (b, d, 1)))  # one BLAS product
+    x -= np.divide(sums, plan.counts, out=sums)  # centred
+    unit = 1.0
+    if isinstance(factor, float):  # one factor: applied to the moments, not the pixels
+        unit = factor * factor
+        if plan.mask is not None:
+            x *= plan.mask  # padding back to zero
+    else:
+        x *= _scaled_mask(plan, factor)
+    t = torch.from_numpy(x)  # torch's batched GEMM: 1.5x numpy's on these small matrices
+    gram = plan.buffer("gram", (b, min(n, d), min(n, d)))
+    if n <= d:
+        torch.bmm(t.mT, t, out=torch.from_numpy(gram))
+    else:
+        torch.bmm(t, t.mT, out=torch.from_numpy(gram))
     if opts.rule == "participation":
         # (sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2: no eigendecomposition. The floor's
         # noise (std noise_floor in every entry) is removed from both moments in expectation,
         # cross terms with the signal included; a centred window's rank is at most n - 1.
-        moments = torch.stack((gram.diagonal(dim1=1, dim2=2).sum(dim=1),  # trace = sum lambda
-                               torch.linalg.vector_norm(gram, dim=(1, 2))))
-        energy, fro = moments.cpu().double().unbind()
-        fro = fro.square()
+        flat = gram.reshape(len(gram), 1, -1)
+        energy = np.trace(gram, axis1=1, axis2=2).astype(np.float64) * unit  # = sum lambda
         signal = energy - noise
-        fro = fro - cross * signal - square
-        pr = torch.where(fro > 0, signal.square() / fro, float(d))
-        return torch.where(signal > floors, torch.minimum(pr, top), 0.0)
-    lam = torch.linalg.eigvalsh(gram.double()).flip(-1)  # descending
-    edge = torch.tensor([max(var * (math.sqrt(max(k - 1, 1)) + math.sqrt(d)) ** 2, 1e-10 * k * d)
-                         for k in plan.counts], dtype=torch.float64)
-    sig = torch.where(lam > edge.to(lam.device)[:, None], lam, torch.zeros_like(lam))
-    total = sig.sum(dim=-1, keepdim=True)
-    r = (torch.cumsum(sig, dim=-1) < opts.energy * total).sum(dim=-1) + 1
-    return torch.where(total.squeeze(-1) > 0, r, torch.zeros_like(r)).double().cpu()
+        fro = (np.matmul(flat, flat.transpose(0, 2, 1)).reshape(-1).astype(np.float64)
+               * (unit * unit) - cross * signal - square)
+        pr = signal * signal / np.where(fro > 0, fro, 1.0)
+        return np.where(signal > floors, np.minimum(np.where(fro > 0, pr, d), top), 0.0)
+    lam = np.linalg.eigvalsh(gram.astype(np.float64))[:, ::-1] * unit  # descending
+    sig = np.where(lam > edge[:, None], lam, 0.0)
+    total = sig.sum(axis=-1)
+    r = (np.cumsum(sig, axis=-1) < opts.energy * total[:, None]).sum(axis=-1) + 1
+    return np.where(total > 0, r, 0).astype(np.float64)
 
 
 def window_ranks(grid: Tensor | TokenGrid, opts: AutoOptions, *,
@@ -258,24 +340,18 @@ def window_ranks(grid: Tensor | TokenGrid, opts: AutoOptions, *,
     rows (all rows / rows computed). ``video``: the frames are consecutive in time,
     ``window_frames`` of them share a window (otherwise, as LLaVA-NeXT's tiles, every frame is
     windowed alone)."""
-    if isinstance(grid, TokenGrid):
-        f, h, w, d = grid.shape
-    elif grid.dim() != 4 or grid.numel() == 0:
-        raise ValueError(f"grid must be a non-empty (F, H, W, D) tensor, got {tuple(grid.shape)}")
-    else:
-        f, h, w, d = grid.shape
+    if not isinstance(grid, TokenGrid):
+        if grid.dim() != 4 or grid.numel() == 0:
+            raise ValueError(
+                f"grid must be a non-empty (F, H, W, D) tensor, got {tuple(grid.shape)}")
+        grid = TokenGrid(as_numpy(grid), np.ones(1, np.float32), 3)
+    f, h, w, d = grid.shape
     if f * h * w * d == 0:
         raise ValueError(f"grid must be non-empty, got {(f, h, w, d)}")
     plan = _plan((f, h, w), opts.window, opts.window_frames if video else 1, opts.max_windows)
-    if isinstance(grid, TokenGrid) and len(plan.counts) < plan.windows:
-        # a lattice: read only its windows' tokens, straight from the pixels
-        x = grid.windows(plan.spans, plan.mask.shape[1])
-    else:
-        if isinstance(grid, TokenGrid):
-            grid = grid.tensor()
-        x = grid.reshape(f * h * w, d).float().index_select(0, plan.index.to(grid.device))
-    ranks = _ranks(x.view(len(plan.counts), -1, d), plan, opts)
-    return float(ranks.sum()) * (f * h * w) / sum(plan.counts), plan.windows, len(plan.counts)
+    factor = grid.factor if grid.uniform is None else grid.uniform
+    ranks = _ranks(plan.stack(grid), plan, opts, factor)
+    return float(ranks.sum()) * (f * h * w) / plan.rows, plan.windows, len(plan.counts)
 
 
 def estimate_keep(grid: Tensor | TokenGrid, num_tokens: int | None = None,

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from vllm_tokenprune.budget.auto import AutoEstimate, AutoOptions, auto_options, estimate_keep
-from vllm_tokenprune.budget.grids import TokenGrid, patch_token_view, qwen_token_view
+from vllm_tokenprune.budget.grids import TokenGrid, as_numpy, patch_token_view, qwen_token_view
 
 __all__ = ["estimate_image", "pixel_scale", "processor_kind", "token_grid"]
 
@@ -60,23 +60,25 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
     if modality not in ("image", "video") or (modality == "video" and kind != "qwen"):
         raise ValueError(f"no {modality!r} token grid for a {kind} processor")
     pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]
+    channel = None if opts.channel < 0 else opts.channel
     if kind == "qwen":
         grids = hf_out[f"{modality}_grid_thw"]
-        start = int(sum(int(g.prod()) for g in grids[:index]))
+        grids = grids.tolist() if hasattr(grids, "tolist") else grids  # one call, no tensors
+        start = sum(t * h * w for t, h, w in grids[:index])
         thw = [int(v) for v in grids[index]]
-        rows = pv[start:start + thw[0] * thw[1] * thw[2]]
+        rows = as_numpy(pv)[start:start + thw[0] * thw[1] * thw[2]]
         return qwen_token_view(rows, thw, patch_size=int(image_processor.patch_size),
                                merge_size=int(image_processor.merge_size),
                                temporal_patch_size=int(image_processor.temporal_patch_size),
                                samples=opts.samples, sample_rows=opts.sample_rows,
-                               image_std=std)
+                               image_std=std, channel=channel)
     tiles = pv[index]
     if kind == "llava_next" and "image_sizes" in hf_out:
         # The processor pads the batch to its largest tile count with zero tiles; keep this
         # image's own (1 base + the any-resolution grid's tiles).
         tiles = tiles[: _next_tiles(hf_out["image_sizes"][index], image_processor)]
     return patch_token_view(tiles, patch_size=patch_size, samples=opts.samples,
-                            sample_rows=opts.sample_rows, image_std=std)
+                            sample_rows=opts.sample_rows, image_std=std, channel=channel)
 
 
 def _next_tiles(image_size: Any, image_processor: Any) -> int:
