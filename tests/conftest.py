@@ -28,8 +28,8 @@ SLOW_FILES = frozenset({"test_profile_run.py", "test_encoder_staging.py",
 #: fixture) runs in the same pytest-xdist worker, so each starts once per session.
 SESSION_SERVERS = ("tp_server", "plain_server", "hard_server")
 
-#: Files run first under pytest-xdist, longest first (seconds on the 2-core machine, from a
-#: ``--durations`` run; docs/testing.md): a long file that starts last would leave the other
+#: Files run first under pytest-xdist, longest first (as a ``--durations`` run of the whole suite
+#: on the 2-core machine ordered them): a long file that starts last would leave the other
 #: worker idle at the end. Files not named here follow in collection order.
 LONG_FILES = (
     "test_alvts_server.py", "test_hardening_server.py", "test_llava_server.py",
@@ -157,12 +157,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         _check_groups(items, groups)
         rank = {name: i for i, name in enumerate(LONG_FILES)}
         first: dict[str, int] = {}
+        group = {name: groups.get(name, name) for name in {item.path.name for item in items}}
         for item in items:
-            group = groups.get(item.path.name, item.path.name)
-            first[group] = min(first.get(group, len(rank)), rank.get(item.path.name, len(rank)))
-        order = {id(item): (first[groups.get(item.path.name, item.path.name)], i)
-                 for i, item in enumerate(items)}
-        items.sort(key=lambda item: order[id(item)])
+            name = item.path.name
+            first[group[name]] = min(first.get(group[name], len(rank)), rank.get(name, len(rank)))
+        items.sort(key=lambda item: first[group[item.path.name]])  # stable: file order kept
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return

@@ -442,6 +442,14 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     base = next((r for r in lat if r["config"] == "unpruned" and r.get("n")), None)
     methods = sorted({r["method"] for r in lat if r.get("method")})
 
+    def save(fig: Any, ax: Any, name: str) -> None:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        files.append(out_dir / name)
+
     def series(rows: list[dict[str, Any]], key: str, b: dict[str, Any] | None,
                m: str) -> tuple[list[float], list[float]]:
         pts = [(r["ratio"], r[key]) for r in rows if r.get("method") == m and r.get(key)]
@@ -468,13 +476,7 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xlabel("prune_ratio")
     ax.set_ylabel("TTFT p50 (ms), one request at a time")
     ax.set_title("Time to first token vs prune ratio")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "bench_ttft.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    files.append(path)
+    save(fig, ax, "bench_ttft.png")
 
     tp = summary["throughput"]
     if tp:
@@ -488,13 +490,7 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         a = summary.get("args", {})
         ax.set_title(f"Request throughput vs prune ratio (concurrency {a.get('concurrency')}, "
                      f"{a.get('output_len')} output tokens)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "bench_throughput.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(path)
+        save(fig, ax, "bench_throughput.png")
     return files
 
 
