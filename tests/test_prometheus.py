@@ -14,6 +14,14 @@ the same request at ``prune_ratio`` 0, and checks through Prometheus's HTTP API 
 
 It also renders the dashboard's panels from this Prometheus (``scripts/plot_dashboard.py``);
 ``TOKENPRUNE_UPDATE_DOCS=1`` writes the picture to ``docs/dashboard.png``.
+
+The same server serves the suite's ``alvts`` video test (it has the flags ``alvts`` needs and a
+step budget that holds vLLM's largest Qwen video item, which tests/test_alvts_server.py's
+servers do not: docs/alvts.md): a video routed at ``video_prune_ratio`` keeps
+``usage.prompt_tokens``, reports its routing in ``token_prune``, counts its skipped
+token-layers with ``modality="video"`` and gives the next-token logprobs of transformers' model
+routed by :mod:`vllm_tokenprune.alvts.reference`. It needs no Prometheus (the ``served``
+fixture); its requests are booked in the module's ledger like every other.
 """
 
 from __future__ import annotations
@@ -42,7 +50,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from scripts import plot_dashboard as pd
 from tests.conftest import QWEN25_ARCH
 from vllm_tokenprune import num_kept
-from vllm_tokenprune.testing.media import chat_messages, make_image, qwen_image_tokens
+from vllm_tokenprune.response import FIELD
+from vllm_tokenprune.testing.media import (
+    chat_messages,
+    make_image,
+    make_video,
+    media_messages,
+    qwen_image_tokens,
+    qwen_video_tokens,
+)
 from vllm_tokenprune.testing.server import VLLMServer, free_port, token_prune_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +82,13 @@ PROMPT = "Describe this image."
 SCRAPE_S = 1.0
 ROUNDS = 3
 SHIPPED_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+#: The alvts video test: the ratio its video is routed at (the request's image ratio is 0).
+VIDEO_RATIO = 0.75
+#: Both sides float32 on CPU (tests/test_alvts_server.py's tolerance, measured ~1e-6).
+LOGPROB_TOL = 1e-4
+#: The unrouted reference (the control) must differ from the server by more than this many
+#: tolerances on the compared token ids.
+CONTROL_FACTOR = 10
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -143,55 +166,71 @@ class Ledger:
 
 
 @dataclass
-class Stack:
+class Served:
+    """The module's vLLM server and the ledger of every request sent to it."""
+
     server: VLLMServer
-    prom: pd.Prometheus
-    prom_process: PrometheusProcess
-    promtool: str
     model_dir: Path
     metrics_dir: Path
-    started: float
     ledger: Ledger = field(default_factory=Ledger)
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    prom_bin, promtool = prometheus_binaries()
-    work = tmp_path_factory.mktemp("prometheus")
+@dataclass(kw_only=True)
+class Stack(Served):
+    """The server with the Prometheus that scrapes it."""
+
+    prom: pd.Prometheus
+    prom_process: PrometheusProcess
+    promtool: str
+    started: float
+
+
+def _logs() -> Path:
     logs = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
     logs.mkdir(parents=True, exist_ok=True)
-    vllm_port = free_port()
-    config = work / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config_for(vllm_port), sort_keys=False))
-    check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
-                           text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
-    prom = PrometheusProcess(prom_bin, config, work / "data", logs / "prometheus.log")
-    metrics_dir = work / "worker-metrics"
-    metrics_dir.mkdir()
+    return logs
+
+
+@pytest.fixture(scope="module")
+def served(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    metrics_dir = tmp_path_factory.mktemp("worker-metrics")
     overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=0.5,
                                       allowed_methods=[*METHODS, LAYERWISE],
                                       options={LAYERWISE: {"first_layer": 0}})
+    server = VLLMServer(
+        tiny_qwen_dir,
+        [*SERVER_ARGS, "--served-model-name", MODEL_NAME, "--hf-overrides", overrides],
+        log_path=_logs() / "prometheus_qwen.log",
+        env={"VLLM_TOKENPRUNE_METRICS_DIR": str(metrics_dir)},
+    )
     try:
-        server = VLLMServer(
-            tiny_qwen_dir,
-            [*SERVER_ARGS, "--served-model-name", MODEL_NAME, "--hf-overrides", overrides],
-            port=vllm_port, log_path=logs / "prometheus_qwen.log",
-            env={"VLLM_TOKENPRUNE_METRICS_DIR": str(metrics_dir)},
-        )
-    except BaseException:
-        prom.stop()
-        raise
-    st = Stack(server, pd.Prometheus(prom.url), prom, promtool, tiny_qwen_dir, metrics_dir,
-               started=time.time())
-    try:
-        yield st
+        yield Served(server, tiny_qwen_dir, metrics_dir)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A Prometheus scraping :func:`served`'s server (its counters are cumulative: what the
+    server counted before Prometheus started is in its first scrape)."""
+    prom_bin, promtool = prometheus_binaries()
+    work = tmp_path_factory.mktemp("prometheus")
+    config = work / "prometheus.yml"
+    config.write_text(yaml.safe_dump(scrape_config_for(served.server.port), sort_keys=False))
+    check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    prom = PrometheusProcess(prom_bin, config, work / "data", _logs() / "prometheus.log")
+    try:
+        yield Stack(server=served.server, model_dir=served.model_dir,
+                    metrics_dir=served.metrics_dir, ledger=served.ledger,
+                    prom=pd.Prometheus(prom.url), prom_process=prom, promtool=promtool,
+                    started=time.time())
+    finally:
         prom.stop()
 
 
-def chat(st: Stack, image: Any, ratio: float, method: str) -> int:
+def chat(st: Served, image: Any, ratio: float, method: str) -> int:
     """One chat request; returns usage.prompt_tokens."""
     r = requests.post(st.server.base_url + "/v1/chat/completions", timeout=300, json={
         "model": MODEL_NAME, "messages": chat_messages([image], PROMPT), "max_tokens": 4,
@@ -201,7 +240,7 @@ def chat(st: Stack, image: Any, ratio: float, method: str) -> int:
     return int(r.json()["usage"]["prompt_tokens"])
 
 
-def send_pair(st: Stack, image: Any, method: str, ratios: tuple[float, ...]) -> None:
+def send_pair(st: Served, image: Any, method: str, ratios: tuple[float, ...]) -> None:
     """The request at ratio 0, then the same request at each ratio; book the savings."""
     tokens = qwen_image_tokens(st.model_dir, image)
     unpruned = chat(st, image, 0.0, method)
@@ -219,7 +258,7 @@ def send_pair(st: Stack, image: Any, method: str, ratios: tuple[float, ...]) -> 
             st.ledger.saved_by_count[method] += by_count
 
 
-def send_routed(st: Stack, image: Any, ratio: float) -> None:
+def send_routed(st: Served, image: Any, ratio: float) -> None:
     """One alvts request: the prompt keeps every visual token; book the skipped layers."""
     tokens = qwen_image_tokens(st.model_dir, image)
     unpruned = chat(st, image, 0.0, "lrcp")
@@ -233,7 +272,7 @@ def send_routed(st: Stack, image: Any, ratio: float) -> None:
         st.ledger.skipped_layers += (tokens - num_kept(tokens, ratio)) * ROUTED_LAYERS
 
 
-def scrape(st: Stack) -> dict[str, list[Any]]:
+def scrape(st: Served) -> dict[str, list[Any]]:
     """The API server's /metrics, parsed by prometheus_client's own parser: name -> samples."""
     text = requests.get(st.server.base_url + "/metrics", timeout=30).text
     samples: dict[str, list[Any]] = defaultdict(list)
@@ -297,9 +336,10 @@ def dashboard_variables(st: Stack, window: float, **overrides: str) -> dict[str,
 # --------------------------------------------------------------------------- tests
 
 
-def test_scorer_seconds_from_the_worker_reach_the_api_server_metrics(stack: Stack):
+def test_scorer_seconds_from_the_worker_reach_the_api_server_metrics(served: Served):
     """The scorer runs in the worker process; its histogram is on the API server's /metrics,
     grows by one call per pruned image and not at all for unpruned requests."""
+    stack = served
     name = "tokenprune_scorer_seconds_count"
     before = total(scrape(stack), name, model_name=MODEL_NAME)
     send_pair(stack, make_image(308, 224, seed=900), "lrcp", ())  # ratio 0 only
@@ -318,6 +358,81 @@ def test_scorer_seconds_from_the_worker_reach_the_api_server_metrics(stack: Stac
     assert api_server not in pids
     for pid in pids:  # a live process of the server's session (VLLMServer starts one)
         assert os.getsid(pid) == api_server
+
+
+def video_chat(st: Served, video: bytes, **extra: Any) -> dict[str, Any]:
+    """One chat request with a video and the top-5 next-token logprobs; returns the body."""
+    r = requests.post(st.server.base_url + "/v1/chat/completions", timeout=300, json={
+        "model": MODEL_NAME, "messages": media_messages([video], "Describe this video."),
+        "max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": 5,
+        "return_tokens_as_token_ids": True, **extra,
+    })
+    assert r.status_code == 200, r.text
+    with st.ledger.lock:
+        st.ledger.requests += 1
+        st.ledger.saved_by_usage[extra["prune_method"]] += 0  # nothing dropped (below)
+        st.ledger.saved_by_count[extra["prune_method"]] += 0
+    return r.json()
+
+
+def top5(body: dict[str, Any]) -> dict[int, float]:
+    entries = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    return {int(e["token"].removeprefix("token_id:")): e["logprob"] for e in entries}
+
+
+def test_alvts_routes_a_video_as_the_reference_does(served: Served):
+    """``alvts`` on a video item, served: every token stays in the prompt, the response and
+    the skipped-token-layers counter (``modality="video"``) say the item was routed at the
+    request's ``video_prune_ratio`` (its ``prune_ratio``, for images, is 0), and the next-token
+    logprobs are transformers' model routed by the reference at that ratio (on the reference's
+    top 5), where the unrouted model differs by far more than the tolerance."""
+    import torch
+
+    from vllm_tokenprune.alvts import AlvtsOptions
+    from vllm_tokenprune.alvts.reference import routed
+    from vllm_tokenprune.preview._extract import prepare
+
+    video = make_video(168, 112, 6, fps=2.0, seed=5)  # 3 frame groups of 4 x 6 merged patches
+    n = qwen_video_tokens(served.model_dir, video)
+    k = num_kept(n, VIDEO_RATIO)
+    assert (n, k) == (72, 18)
+    metric = "tokenprune_skipped_visual_token_layers_total"
+    before = scrape(served)
+    unpruned = video_chat(served, video, prune_method="lrcp", prune_ratio=0.0)
+    body = video_chat(served, video, prune_method=LAYERWISE, prune_ratio=0.0,
+                      video_prune_ratio=VIDEO_RATIO)
+    skipped = (n - k) * ROUTED_LAYERS
+    with served.ledger.lock:
+        served.ledger.skipped_layers += skipped
+    after = scrape(served)
+    # nothing dropped at the input; the response says the video was routed at its ratio
+    assert body["usage"]["prompt_tokens"] == unpruned["usage"]["prompt_tokens"]
+    details = body[FIELD]
+    assert details["items"] == [{"modality": "video", "index": 0, "tokens": n, "kept": n,
+                                 "why": "ratio", "routed_per_layer": k,
+                                 "routed_layers": ROUTED_LAYERS}]
+    assert details["skipped_token_layers"] == skipped
+    # the worker counted the video's skipped token-layers, as a video's, and nothing else
+    for modality, want in (("video", skipped), ("image", 0)):
+        labels = {"model_name": MODEL_NAME, "method": LAYERWISE, "modality": modality}
+        assert total(after, metric, **labels) - total(before, metric, **labels) == want
+    # transformers' model routed by the reference: same selector, layers and skipped tokens
+    prep = prepare(str(served.model_dir), [video], "Describe this video.")
+    ids = prep.inputs["input_ids"]
+    assert body["usage"]["prompt_tokens"] == ids.shape[1]
+    with torch.no_grad():
+        with routed(prep.model, ids, VIDEO_RATIO, AlvtsOptions(first_layer=0)) as log:
+            ref = prep.model(**prep.inputs).logits[0, -1].float().log_softmax(-1)
+        unrouted = prep.model(**prep.inputs).logits[0, -1].float().log_softmax(-1)
+    assert [e - s for s, e in log.spans] == [n]  # the video is the reference's one item
+    assert log.skipped_token_layers() == skipped
+    got = top5(body)
+    ref_ids = [int(t) for t in ref.topk(5).indices]
+    assert sorted(got) == sorted(ref_ids)
+    err = max(abs(lp - float(ref[t])) for t, lp in got.items())
+    assert err <= LOGPROB_TOL, err
+    control = max(abs(got[t] - float(unrouted[t])) for t in ref_ids)
+    assert control > CONTROL_FACTOR * LOGPROB_TOL, control
 
 
 def test_every_dashboard_expression_returns_data(stack: Stack, traffic: tuple[float, float]):
