@@ -59,7 +59,9 @@ BLOCK = 32
 #: A token budget per step that holds the largest item (vLLM refuses to start otherwise under
 #: --disable-chunked-mm-input) but not a prompt with two images: such prompts are split
 #: across prefill steps. Qwen's largest item is capped at 64 tokens (max_pixels) for that; the
-#: test images (48 tokens) are below the cap, so the processor does not resize them; no video.
+#: test images (48 tokens) are below the cap, so the processor does not resize them; no video
+#: (vLLM's largest Qwen video item would need a budget of 448: the ``alvts`` video test runs on
+#: tests/test_prometheus.py's server, docs/alvts.md).
 BUDGET = "100"
 QWEN_CAP = ["--mm-processor-kwargs", '{"max_pixels": 50176}',
             "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
