@@ -58,7 +58,6 @@ from vllm_tokenprune.testing.media import (
     make_video,
     media_messages,
     qwen_image_tokens,
-    qwen_video_tokens,
 )
 from vllm_tokenprune.testing.server import VLLMServer, free_port, token_prune_overrides
 
@@ -394,20 +393,28 @@ def test_alvts_routes_a_video_as_the_reference_does(served: Served):
     from vllm_tokenprune.preview._extract import prepare
 
     video = make_video(168, 112, 6, fps=2.0, seed=5)  # 3 frame groups of 4 x 6 merged patches
-    n = qwen_video_tokens(served.model_dir, video)
+    # transformers' model routed by the reference (same selector, layers and skipped tokens)
+    # and unrouted (the control)
+    prep = prepare(str(served.model_dir), [video], "Describe this video.")
+    ids = prep.inputs["input_ids"]
+    with torch.no_grad():
+        with routed(prep.model, ids, VIDEO_RATIO, AlvtsOptions(first_layer=0)) as log:
+            ref = prep.model(**prep.inputs).logits[0, -1].float().log_softmax(-1)
+        unrouted = prep.model(**prep.inputs).logits[0, -1].float().log_softmax(-1)
+    (n,) = [e - s for s, e in log.spans]  # the video is the reference's one item
     k = num_kept(n, VIDEO_RATIO)
-    assert (n, k) == (72, 18)
+    skipped = (n - k) * ROUTED_LAYERS
+    assert (n, k) == (72, 18) and log.skipped_token_layers() == skipped
     metric = "tokenprune_skipped_visual_token_layers_total"
     before = scrape(served)
     unpruned = video_chat(served, video, prune_method="lrcp", prune_ratio=0.0)
     body = video_chat(served, video, prune_method=LAYERWISE, prune_ratio=0.0,
                       video_prune_ratio=VIDEO_RATIO)
-    skipped = (n - k) * ROUTED_LAYERS
     with served.ledger.lock:
         served.ledger.skipped_layers += skipped
     after = scrape(served)
     # nothing dropped at the input; the response says the video was routed at its ratio
-    assert body["usage"]["prompt_tokens"] == unpruned["usage"]["prompt_tokens"]
+    assert body["usage"]["prompt_tokens"] == unpruned["usage"]["prompt_tokens"] == ids.shape[1]
     details = body[FIELD]
     assert details["items"] == [{"modality": "video", "index": 0, "tokens": n, "kept": n,
                                  "why": "ratio", "routed_per_layer": k,
@@ -417,16 +424,7 @@ def test_alvts_routes_a_video_as_the_reference_does(served: Served):
     for modality, want in (("video", skipped), ("image", 0)):
         labels = {"model_name": MODEL_NAME, "method": LAYERWISE, "modality": modality}
         assert total(after, metric, **labels) - total(before, metric, **labels) == want
-    # transformers' model routed by the reference: same selector, layers and skipped tokens
-    prep = prepare(str(served.model_dir), [video], "Describe this video.")
-    ids = prep.inputs["input_ids"]
-    assert body["usage"]["prompt_tokens"] == ids.shape[1]
-    with torch.no_grad():
-        with routed(prep.model, ids, VIDEO_RATIO, AlvtsOptions(first_layer=0)) as log:
-            ref = prep.model(**prep.inputs).logits[0, -1].float().log_softmax(-1)
-        unrouted = prep.model(**prep.inputs).logits[0, -1].float().log_softmax(-1)
-    assert [e - s for s, e in log.spans] == [n]  # the video is the reference's one item
-    assert log.skipped_token_layers() == skipped
+    # the server's next-token logprobs are the routed reference's
     got = top5(body)
     ref_ids = [int(t) for t in ref.topk(5).indices]
     assert sorted(got) == sorted(ref_ids)
