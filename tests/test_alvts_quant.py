@@ -20,6 +20,10 @@ import torch
 from tests._inproc import Built, vllm_inproc  # noqa: F401
 from vllm_tokenprune.alvts.model import AlvtsRuntime, RoutedItem, Step, _routed_tail
 
+#: Builds models through vLLM's loader in the test process, as tests/conftest.py's SLOW_FILES
+#: (docs/testing.md, "The fast loop").
+pytestmark = pytest.mark.slow
+
 TOKEN_PRUNE = {"method": "alvts", "prune_ratio": 0.5, "options": {"alvts": {"first_layer": 0}}}
 ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "max_num_batched_tokens": 2048,
           "disable_chunked_mm_input": True,

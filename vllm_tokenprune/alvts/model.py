@@ -18,7 +18,10 @@ that serve ``alvts`` (before :class:`~vllm_tokenprune.models.model_hooks.TokenPr
   to the paged cache from the hidden state it entered with) and the post-attention norm + MLP on
   the rows that go through; a skipped row leaves the layer with the stream it entered with.
   Under torch.compile that tail is the opaque custom op of :mod:`.compiled` (vLLM's default
-  compilation and CUDA graphs serve ``alvts``).
+  compilation and CUDA graphs serve ``alvts``);
+* the selector's factors are built once the weights are loaded, from the full-precision
+  query/key weights (under vLLM's online FP8, copies taken before each layer is quantized:
+  :mod:`.quant`).
 """
 
 from __future__ import annotations
