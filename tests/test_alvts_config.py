@@ -106,43 +106,71 @@ def test_a_server_with_the_needed_flags_starts() -> None:
                            "TokenPruneQwen2_5_VLForConditionalGeneration", True)
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "flag"])
+#: Refused quantizations: (checkpoint quantization_config, engine args, name in the message).
+REFUSED_QUANT = {
+    "checkpoint": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, {}, "fp8"),
+    "checkpoint+flag": ({"quant_method": "fp8", "activation_scheme": "dynamic"},
+                        {"quantization": "fp8"}, "fp8"),
+    "mxfp8": (None, {"quantization": "mxfp8"}, "mxfp8"),
+    "fp8 flag, mxfp4 linear": (None, {"quantization": "fp8_per_channel",
+                                      "quantization_config": {"linear": "mxfp4"}},
+                               "fp8_per_channel"),
+}
+#: vLLM's online FP8 of an unquantized checkpoint (served; tests/test_alvts_quant.py loads one).
+SERVED_QUANT = {
+    "fp8 (deprecated: fp8_per_tensor)": {"quantization": "fp8"},
+    **{q: {"quantization": q} for q in ("fp8_per_tensor", "fp8_per_block", "fp8_per_channel")},
+    "online fp8_per_block": {"quantization": "online",
+                             "quantization_config": {"linear": "fp8_per_block"}},
+}
+
+
+def _quant_engine_config(model: Any, **extra: Any) -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model), enforce_eager=True, max_model_len=2048,
+                      disable_chunked_mm_input=True,
+                      scheduler_cls="vllm_tokenprune.alvts.scheduler.WholeMediaScheduler",
+                      **extra).create_engine_config()
+
+
+@pytest.mark.parametrize("case", list(REFUSED_QUANT))
 def test_a_quantized_server_is_refused_with_a_real_vllm_config(tiny_qwen_dir, tmp_path,
-                                                               where: str) -> None:
-    """vLLM's own config objects: a checkpoint whose config.json carries a quantization_config
-    (which never passes through --quantization) and --quantization fp8 are both refused,
-    naming the flag and the reason; the same checkpoint unquantized starts."""
+                                                               case: str) -> None:
+    """vLLM's own config objects: a pre-quantized checkpoint (its config.json carries a
+    quantization_config, which never passes through --quantization; with or without the
+    flag) and online quantization to anything but FP8 are refused, naming the flags and the
+    reason; the same checkpoint unquantized starts."""
     import json
     import shutil
 
-    from vllm.engine.arg_utils import EngineArgs
-
+    checkpoint, args, name = REFUSED_QUANT[case]
     model = tmp_path / "model"
     shutil.copytree(tiny_qwen_dir, model)
-    args: dict[str, Any] = {}
-    if where == "checkpoint":
+    if checkpoint is not None:
         config = json.loads((model / "config.json").read_text())
-        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        config["quantization_config"] = checkpoint
         (model / "config.json").write_text(json.dumps(config))
-    else:
-        args["quantization"] = "fp8"
 
-    def engine_config(**extra: Any) -> Any:
-        return EngineArgs(model=str(model), enforce_eager=True, max_model_len=2048,
-                          disable_chunked_mm_input=True,
-                          scheduler_cls="vllm_tokenprune.alvts.scheduler.WholeMediaScheduler",
-                          **extra).create_engine_config()
-
-    cfg = engine_config(**args)
-    assert cfg.model_config.quantization == "fp8"
+    cfg = _quant_engine_config(model, **args)
+    assert cfg.model_config.quantization == name
     with pytest.raises(ValueError, match="quantized") as e:
         check_alvts_server(cfg, "TokenPruneQwen2_5_VLForConditionalGeneration", True)
-    assert "--quantization" in str(e.value) and "quantization_config" in str(e.value)
-    if where == "checkpoint":  # the control: the same model, unquantized, starts
+    message = str(e.value)
+    assert "--quantization" in message and "quantization_config" in message
+    assert f"quantized ({name}:" in message and "fp8_per_channel (online FP8)" in message
+    if checkpoint is not None:  # the control: the same model, unquantized, starts
         shutil.rmtree(model)
         shutil.copytree(tiny_qwen_dir, model)
-        check_alvts_server(engine_config(), "TokenPruneQwen2_5_VLForConditionalGeneration",
-                           True)
+        check_alvts_server(_quant_engine_config(model),
+                           "TokenPruneQwen2_5_VLForConditionalGeneration", True)
+
+
+@pytest.mark.parametrize("case", list(SERVED_QUANT))
+def test_online_fp8_of_an_unquantized_checkpoint_is_served(tiny_qwen_dir, case: str) -> None:
+    cfg = _quant_engine_config(tiny_qwen_dir, **SERVED_QUANT[case])
+    assert cfg.quant_config is not None
+    check_alvts_server(cfg, "TokenPruneQwen2_5_VLForConditionalGeneration", True)
 
 
 def _flags() -> list[tuple[dict[str, Any], str]]:

@@ -58,6 +58,7 @@ PROCESS: dict[str, str] = {
     "vllm_tokenprune.metrics.worker": "worker",
     "vllm_tokenprune.alvts.model": "worker",
     "vllm_tokenprune.alvts.compiled": "worker",
+    "vllm_tokenprune.alvts.quant": "worker",
     "vllm_tokenprune.alvts.scheduler": "engine",
     "vllm_tokenprune.models": "family",
     "vllm_tokenprune.preview": "tool",

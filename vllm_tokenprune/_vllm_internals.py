@@ -568,6 +568,58 @@ INTERNALS: tuple[Internal, ...] = (
              "model.load_weights runs before process_weights_after_loading, which on CPU "
              "repacks linear weights and may drop layer.weight: the factors are built there",
              "stays", _uses("load_weights", "process_weights_after_loading")),
+    Internal("vllm.model_executor.model_loader.utils:process_weights_after_loading",
+             "loader contract", "alvts/model.py (process_weights_after_loading)",
+             "after every layer's quant_method.process_weights_after_loading, the model's own "
+             "process_weights_after_loading() runs, under every loader (the dummy one, which "
+             "never calls model.load_weights, included): online FP8 builds the factors there",
+             "stays", _uses("process_weights_after_loading")),
+    *(Internal(target, "loader contract", "alvts/quant.py (capture_before_quantization)",
+               "online quantization quantizes a linear layer as soon as its weights are "
+               f"loaded ({where}), by calling its quant_method.process_weights_after_loading"
+               "(layer) with the full-precision weight materialized on the layer: the wrapper "
+               "copies the routed layers' q/k rows there, before quantizing",
+               "vLLM offers a hook before online quantization", _uses(*names))
+      for target, where, names in (
+          ("vllm.model_executor.model_loader.reload.layerwise:_layerwise_process",
+           "inside model.load_weights, from the wrapped weight loader",
+           ("materialize_layer", "process_weights_after_loading")),
+          ("vllm.model_executor.model_loader.dummy_loader:DummyModelLoader."
+           "_process_online_quant_layer", "the dummy loader",
+           ("materialize_layer", "process_weights_after_loading")))),
+    Internal("vllm.model_executor.layers.quantization.online.base:OnlineQuantizationConfig",
+             "class", "alvts/quant.py (quantization_refusal)",
+             "vllm_config.quant_config of online quantization of a full-precision checkpoint "
+             "(a pre-quantized checkpoint's is its own class, online quantization composed on "
+             "it too): alvts serves it when every linear layer it quantizes is FP8 (its args)",
+             "stays"),
+    Internal("vllm.model_executor.layers.quantization.online.base:OnlineQuantizationConfig."
+             "__init__", "attributes", "alvts/quant.py (quantization_refusal)",
+             "the resolved QuantizationConfigArgs live in .args", "stays", _uses("args")),
+    Internal("vllm.config.quantization:QuantizationConfigArgs", "dataclass",
+             "alvts/quant.py (_fp8_only)",
+             "linear (a QuantSpec whose weight is a QuantKey) and targets (pattern -> online "
+             "shorthand) say what online quantization does to linear layers", "stays",
+             _has_field("linear", "targets")),
+    *(Internal(f"vllm.model_executor.layers.quantization.utils.quant_utils:{key}", "object",
+               "alvts/quant.py (_fp8_only)",
+               "the weight keys of online FP8 (fp8_per_tensor / fp8_per_block / "
+               "fp8_per_channel), the formats alvts serves", "stays")
+      for key in ("kFp8StaticTensorSym", "kFp8Static128BlockSym", "kFp8StaticChannelSym")),
+    *(Internal(f"vllm.model_executor.layers.quantization.online.fp8:{cls}", "class",
+               "alvts/quant.py (check_layer_quantization)",
+               "a routed qkv_proj quantized by an online FP8 method (without a "
+               "requantization_source: full-precision checkpoint weights) gets its method's "
+               "process_weights_after_loading wrapped, per instance; any other quantized "
+               "qkv_proj stops the model build", "stays",
+               _subclass_of("vllm.model_executor.layers.quantization.online.fp8:"
+                            "OnlineLinearBase"))
+      for cls in ("Fp8PerTensorOnlineLinearMethod", "Fp8PerBlockOnlineLinearMethod",
+                  "Fp8PtpcOnlineLinearMethod")),
+    Internal("vllm.model_executor.layers.linear:UnquantizedLinearMethod", "class",
+             "alvts/quant.py (check_layer_quantization)",
+             "a routed qkv_proj left unquantized (no quantization, or one that skips it): "
+             "its factors are read from its weight at the end of load_weights", "stays"),
     Internal(f"{_V1}._preprocess", "runner contract (V1)", "alvts/model.py",
              "embed_input_ids(ids, multimodal_embeddings=, is_multimodal=) runs on the step's "
              "rows right before the forward: the step's routed items are recorded there",

@@ -18,7 +18,10 @@ that serve ``alvts`` (before :class:`~vllm_tokenprune.models.model_hooks.TokenPr
   to the paged cache from the hidden state it entered with) and the post-attention norm + MLP on
   the rows that go through; a skipped row leaves the layer with the stream it entered with.
   Under torch.compile that tail is the opaque custom op of :mod:`.compiled` (vLLM's default
-  compilation and CUDA graphs serve ``alvts``).
+  compilation and CUDA graphs serve ``alvts``);
+* the selector's factors are built once the weights are loaded, from the full-precision
+  query/key weights (under vLLM's online FP8, copies taken before each layer is quantized:
+  :mod:`.quant`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ from vllm_tokenprune.alvts.compiled import (
     configure_compilation,
     layer_tail_op,
     register_layer,
+)
+from vllm_tokenprune.alvts.quant import (
+    capture_before_quantization,
+    check_layer_quantization,
+    quantization_refusal,
 )
 from vllm_tokenprune.alvts.scheduler import WholeMediaMixin, scheduler_cls_name
 from vllm_tokenprune.config import TokenPruneConfig, config_from_hf_config
@@ -89,6 +97,11 @@ class AlvtsRuntime:
         self.options = options
         self.router: AlvtsRouter | None = None
         self.step: Step | None = None
+        #: Routed layers whose ``qkv_proj`` vLLM quantizes online (:mod:`.quant`).
+        self.online_quantized: set[int] = set()
+        #: Routed layer -> its full-precision (query rows, key rows[, query bias]), copied
+        #: right before vLLM quantized the layer; dropped once the factors are built.
+        self.full_precision: dict[int, tuple[Tensor, ...]] = {}
 
     def skipped_rows(self, layer: int, stream: Tensor) -> Tensor | None:
         """Rows (of the flattened batch, on ``stream``'s device, ascending per item) that skip
@@ -156,21 +169,32 @@ def _routed_tail(self: Any, hidden_states: Tensor, residual: Tensor) -> tuple[Te
     return out, residual
 
 
-def shard_factors(attn: Any, norm: Any, options: AlvtsOptions) -> QKFactors:
+def shard_factors(attn: Any, norm: Any, options: AlvtsOptions,
+                  weights: tuple[Tensor, ...] | None = None) -> QKFactors:
     """One routed layer's factors from its attention module (vLLM's ``Qwen2Attention`` /
     ``LlamaAttention``) and input norm, on this tensor-parallel rank: ``qkv_proj`` is vLLM's
     ``QKVParallelLinear``, whose weight holds this rank's query heads then its KV heads
     (``q_size`` / ``kv_size`` rows, per rank), so the factors are those of the rank's KV groups.
     The rank of the subspace is the full model's (``auto_rank`` over every KV head), the same
-    on every shard; :func:`vllm_tokenprune.alvts.importance` then sums the ranks' scores."""
-    weight = attn.qkv_proj.weight
-    bias = getattr(attn.qkv_proj, "bias", None)
-    q, k = attn.q_size, attn.kv_size
+    on every shard; :func:`vllm_tokenprune.alvts.importance` then sums the ranks' scores.
+    ``weights``: the rank's (query rows, key rows[, query bias]) in full precision, copied
+    before vLLM quantized ``qkv_proj`` (:mod:`.quant`); None: read from ``qkv_proj``, which
+    must then hold them unquantized."""
+    if weights is None:
+        weight = attn.qkv_proj.weight
+        if not weight.is_floating_point() or weight.element_size() < 2:
+            raise RuntimeError(
+                f"vllm-tokenprune: alvts: qkv_proj holds {weight.dtype} weights and no "
+                "full-precision copy was taken before they were quantized")
+        bias = getattr(attn.qkv_proj, "bias", None)
+        q, k = attn.q_size, attn.kv_size
+        weights = (weight[:q], weight[q:q + k], *(() if bias is None else (bias[:q],)))
+    q_weight, k_weight, *q_bias = weights
     rank = options.rank if options.rank is not None else auto_rank(
-        int(weight.shape[1]), int(attn.total_num_kv_heads), int(attn.head_dim))
+        int(q_weight.shape[1]), int(attn.total_num_kv_heads), int(attn.head_dim))
     return layer_factors(
-        weight[:q], weight[q:q + k], num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
-        rank=rank, q_bias=None if bias is None else bias[:q], norm_weight=norm.weight,
+        q_weight, k_weight, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+        rank=rank, q_bias=q_bias[0] if q_bias else None, norm_weight=norm.weight,
         eps=float(norm.variance_epsilon))
 
 
@@ -270,12 +294,9 @@ def check_alvts_server(vllm_config: Any, arch: str, supported: bool) -> None:
             refuse(f"scores each KV group on the rank that holds it, and {kv} KV heads cannot "
                    f"be split over {tp} ranks without replicating them: start the server with "
                    f"a --tensor-parallel-size that divides {kv} (or data parallelism)")
-    quant = getattr(vllm_config.model_config, "quantization", None)
-    if quant is not None or getattr(vllm_config, "quant_config", None) is not None:
-        refuse(f"builds its selector from the unquantized query/key weights, and this server "
-               f"is quantized ({quant or 'a quantization config'}: set by --quantization or by "
-               f"the checkpoint's quantization_config in config.json): serve an unquantized "
-               f"checkpoint without --quantization")
+    quantized = quantization_refusal(vllm_config)
+    if quantized is not None:
+        refuse(quantized)
     # An item larger than --max-num-batched-tokens could never be scheduled whole: vLLM's
     # encoder cache manager refuses that start-up itself under --disable-chunked-mm-input.
 
@@ -320,6 +341,9 @@ class AlvtsModelMixin:
             if i < options.first_layer:
                 continue
             _check_layer(type(layer))
+            if check_layer_quantization(layer.self_attn.qkv_proj, i):
+                capture_before_quantization(layer.self_attn, i, runtime.full_precision)
+                runtime.online_quantized.add(i)
             layer.__class__ = _routed_class(type(layer))
             layer._tp_alvts_runtime = runtime
             layer._tp_alvts_layer = i
@@ -335,21 +359,42 @@ class AlvtsModelMixin:
         return lm.model.layers
 
     def load_weights(self, weights: Any) -> Any:
+        """Unquantized: the factors are built from ``qkv_proj``'s weights here, before vLLM's
+        per-layer processing (on CPU it repacks linear weights and may drop them)."""
         loaded = super().load_weights(weights)  # type: ignore[misc]
-        if self._tp_alvts is not None:
+        if self._tp_alvts is not None and not self._tp_alvts.online_quantized:
             self._tp_alvts_build()
         return loaded
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, after every layer's own processing (every loader, the
+        dummy one included): online-quantized, the factors are built here from the
+        full-precision copies taken as each layer was quantized, the input norms loaded."""
+        parent = getattr(super(), "process_weights_after_loading", None)
+        if parent is not None:
+            parent()
+        if self._tp_alvts is not None and self._tp_alvts.online_quantized:
+            self._tp_alvts_build()
 
     @torch.no_grad()
     def _tp_alvts_build(self) -> None:
         """Each routed layer's query-key factors, from its fused ``qkv_proj`` weights (this
-        rank's heads; the score is all-reduced over the tensor-parallel group)."""
+        rank's heads; the score is all-reduced over the tensor-parallel group), or from their
+        full-precision copies taken before online quantization (then dropped)."""
         runtime = self._tp_alvts
         assert runtime is not None
-        factors = {i: shard_factors(layer.self_attn, layer.input_layernorm, runtime.options)
+        saved = runtime.full_precision
+        missing = sorted(runtime.online_quantized - set(saved))
+        if missing:
+            raise RuntimeError(
+                f"vllm-tokenprune: alvts: decoder layers {missing} were quantized before their "
+                "full-precision query/key weights could be copied")
+        factors = {i: shard_factors(layer.self_attn, layer.input_layernorm, runtime.options,
+                                    saved.get(i))
                    for i, layer in enumerate(self._tp_alvts_layers())
                    if i >= runtime.options.first_layer}
         runtime.router = AlvtsRouter(factors, runtime.options, reduce=tensor_parallel_reduce())
+        saved.clear()
 
     # -- rows
     def _tp_layer_rows(self, emb: Tensor, p: ItemParams, through: Tensor | None = None,
