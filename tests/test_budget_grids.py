@@ -3,7 +3,8 @@ reads give exactly the sampled pixels (against a plain per-sample reference), an
 lattice, which reads only its windows' tokens from the pixels, gives the same rank (float32
 rounding apart) as the same windows cut from the whole grid (Qwen-VL rows with a video's frames and
 remainder windows; LLaVA-NeXT tiles); the estimator's ranks equal a per-window eigendecomposition;
-one colour channel reads that channel's samples."""
+one colour channel reads that channel's samples, and the mosaic (``auto``'s default) one channel
+per sample row of a patch (Qwen-VL) or per sample (LLaVA)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def test_window_ranks_match_a_per_window_reference():
             {"noise_floor": 0.0, "max_windows": 0},  # n = 64 > D = 48: a D x D Gram
             {"noise_floor": 0.0, "max_windows": 0, "window": 4})):  # n = 16: n x n
         o = auto_options(opts)
-        for std, channel in (([0.3, 0.2, 0.1], None), (1 / 255, 1)):
+        for std, channel in (([0.3, 0.2, 0.1], None), (1 / 255, 1), ([0.3, 0.2, 0.1], -2)):
             view = qwen_token_view(pv, (2, 20, 26), samples=o.samples, sample_rows=o.sample_rows,
                                    image_std=std, channel=channel)
             rank, windows, computed = window_ranks(view, o)
@@ -127,3 +128,32 @@ def test_one_channel_is_that_channels_samples():
     tiles = _pixels(2, 3, 56, 42).float()
     ref = patch_token_grid(tiles).view(2, 4, 3, 3, -1)[:, :, :, 2]
     assert torch.equal(patch_token_grid(tiles, channel=2), ref.reshape(2, 4, 3, -1))
+
+
+#: LLaVA's mosaic, written out: (sample row parity, column parity) -> channel (R 0, G 1, B 2).
+BAYER = {(0, 0): 1, (0, 1): 0, (1, 0): 2, (1, 1): 1}
+
+
+def test_mosaic_reads_one_channel_per_patch_or_sample():
+    std = [0.5, 0.25, 1.0]
+    # Qwen-VL: in each patch of a token's 2 x 2 merge block, the first sample row green, the
+    # second red (patches on the block's diagonal) or blue (off it)
+    pv = _pixels(2 * 6 * 8, 3 * 2 * 14 * 14)
+    full = qwen_token_grid(pv, (2, 6, 8), image_std=std)  # (..., m, m, C, rows, cols) per token
+    got = qwen_token_grid(pv, (2, 6, 8), image_std=std, channel=-2)
+    x = full.view(2, 3, 4, 2, 2, 3, 2, 2)
+    chroma = {(0, 0): 0, (0, 1): 2, (1, 0): 2, (1, 1): 0}
+    ref = torch.stack([x[:, :, :, dy, dx, 1 if r == 0 else chroma[dy, dx], r]
+                       for dy in range(2) for dx in range(2) for r in range(2)], dim=3)
+    assert got.shape == (2, 3, 4, 16) and torch.equal(got, ref.reshape(got.shape))
+    # LLaVA: one patch per token, the pattern over the token's 4 x 4 samples
+    tiles = _pixels(2, 3, 56, 42).float()
+    full = patch_token_grid(tiles, image_std=std).view(2, 4, 3, 3, 4, 4)
+    ref = torch.stack([full[:, :, :, BAYER[r % 2, k % 2], r, k] for r in range(4)
+                       for k in range(4)], dim=3)
+    assert torch.equal(patch_token_grid(tiles, image_std=std, channel=-2), ref)
+    # auto's default; the lazy read (per-value factors after centring) = the grid read whole
+    assert auto_options().channel == -2
+    mosaic = qwen_token_view(pv, (2, 6, 8), image_std=std, channel=-2)
+    assert window_ranks(mosaic, auto_options())[0] == pytest.approx(
+        window_ranks(mosaic.tensor(), auto_options())[0], rel=1e-5)

@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from vllm_tokenprune.budget.grids import Copy, TokenGrid, as_numpy
+from vllm_tokenprune.budget.grids import MOSAIC, TokenGrid, dense_grid
 from vllm_tokenprune.scoring._registry import _check_bounds, _coerce, option
 
 __all__ = ["AutoEstimate", "AutoOptions", "auto_options", "estimate_keep", "window_ranks"]
@@ -82,7 +81,8 @@ class AutoOptions:
         4, "pixel rows sampled per token (per patch: sample_rows / merge, at most patch / 2)",
         ge=1, le=32)
     channel: int = option(
-        -1, "colour channel sampled (0, 1, 2: R, G, B; -1: all three)", ge=-1, le=2)
+        MOSAIC, "colour channels sampled: -2 a mosaic (one channel per sample: a third of the "
+        "reads); -1 all three; 0, 1, 2: R, G or B alone", ge=-2, le=2)
     max_windows: int = option(
         64, "most windows computed; above it a fixed lattice of windows estimates the sum "
         "(0: every window)", ge=0)
@@ -167,18 +167,24 @@ def _blocks(size: int, win: int) -> list[tuple[int, int, int, int]]:
     return out + ([(full, 1, size % win, full * win)] if size % win else [])
 
 
+#: One copy of a plan: the grid's ``(F, H, W)`` slices, how the block splits into ``(windows,
+#: rows)`` per axis (None: one window, no split) and where it goes in the stack.
+Copy = tuple[tuple[slice, slice, slice], "tuple[int, ...] | None", tuple[Any, ...]]
+
+
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """How the windows of an ``(F, H, W)`` token grid are read: into a zero-padded stack of shape
-    ``lead + S + tail`` (``S``: the grid's sample dims; ``tail``: a window's ``(fw, wh, ww)``
-    tokens, innermost, so that each strided copy runs along a row of tokens), reshaped to
-    ``(B, D, n)``: each window's transposed ``n x D`` matrix. ``lead``: ``(nF, nH, nW)`` for
-    every window (one copy per block of whole windows), ``(B,)`` for a lattice (one copy per
-    window); ``copies``: :meth:`~vllm_tokenprune.budget.grids.TokenGrid.fill`, through the
-    stack's transpose :meth:`target`. ``mask`` (``B, 1, n``; None when no window is padded) is
-    1 on a window's own tokens, ``counts`` its tokens (float32, ``B, 1, 1``); ``windows``: all
-    the grid's windows, ``rows``: the rows computed; ``consts``: the rule's per-window
-    constants by ``(D, noise_floor)``; ``scaled``: :func:`_scaled_mask`."""
+    """How the windows of an ``(F, H, W)`` token grid are read: each window's transposed
+    ``n x D`` matrix, ``(B, D, n)``, gathered from the pixels in one ``numpy.take`` through
+    offsets arranged once per grid layout (:meth:`offsets`). The arrangement: a zero-padded
+    stack of shape ``lead + (D,) + tail`` (``tail``: a window's ``(fw, wh, ww)`` tokens,
+    innermost), reshaped to ``(B, D, n)``; ``lead``: ``(nF, nH, nW)`` for every window (one copy
+    per block of whole windows), ``(B,)`` for a lattice (one copy per window); ``copies``: what
+    :func:`_arrange` copies. ``mask`` (``B, 1, n``; None when no window is padded) is 1 on a
+    window's own tokens, ``counts`` its tokens (float32, ``B, 1, 1``); ``windows``: all the
+    grid's windows, ``rows``: the rows computed; ``consts``: the rule's per-window constants by
+    ``(D, noise_floor)``; ``scaled``: :func:`_scaled_mask`; ``index``: the gather offsets by grid
+    key."""
 
     lead: tuple[int, ...]
     tail: tuple[int, int, int]
@@ -190,36 +196,52 @@ class _Plan:
     consts: dict[tuple[int, float], tuple[np.ndarray, ...]] = dataclasses.field(
         default_factory=dict)
     scaled: dict[bytes, np.ndarray] = dataclasses.field(default_factory=dict)
+    index: dict[tuple[Any, ...], np.ndarray] = dataclasses.field(default_factory=dict)
     local: threading.local = dataclasses.field(default_factory=threading.local)
 
-    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of ``shape`` kept for this plan and thread (zeros when first made):
-        fresh memory costs a page fault per 4 KiB, which after the HF processor has freed its
-        arrays is most of a small item's estimate."""
+    def arrange(self, grid: np.ndarray) -> np.ndarray:
+        """An ``(F, H, W, D)`` array's windows as a new ``(B, D, n)`` array of its dtype, zeros
+        in the padding."""
+        d = grid.shape[3]
+        x = np.zeros((*self.lead, d, *self.tail), dtype=grid.dtype)
+        lead = len(self.lead)
+        t = [lead + 1 + i for i in range(3)]
+        order = ([0, t[0], 1, t[1], 2, t[2]] if lead == 3 else [0, *t]) + [lead]
+        _arrange(grid, x.transpose(order), self.copies)
+        return x.reshape(math.prod(self.lead), d, -1)
+
+    def offsets(self, grid: TokenGrid) -> np.ndarray:
+        """The gather offsets of ``grid``'s windows (``B, D, n``; 0 in the padding), made once
+        per grid layout (``grid.key``) and kept with the plan."""
+        if grid.key not in self.index:
+            if len(self.index) >= 8:
+                self.index.clear()
+            self.index[grid.key] = self.arrange(grid.index)
+        return self.index[grid.key]
+
+    def stack(self, grid: TokenGrid) -> np.ndarray:
+        """``grid``'s windows, ``(B, D, n)`` float32, in this thread's buffer for the plan and
+        grid layout (valid until the next call). The padding holds the value at offset 0:
+        :func:`_ranks` masks it."""
         store = self.local.__dict__
-        key = (name, shape)
-        if key not in store:
-            store[key] = np.zeros(shape, dtype=np.float32)
-        return store[key]
+        entry = store.get(grid.key)
+        if entry is None:
+            index = self.offsets(grid)
+            entry = store[grid.key] = (
+                index, np.zeros(index.shape, np.float32),
+                None if grid.source.dtype == np.float32
+                else np.zeros(index.shape, grid.source.dtype))
+        index, x, scratch = entry
+        return grid.take(index, x, scratch)
 
-    @functools.cached_property
-    def ones(self) -> np.ndarray:
-        """``(n, 1)`` ones: a window's sums as one batched product."""
-        return np.ones((math.prod(self.tail), 1), dtype=np.float32)
 
-    def stack(self, grid: TokenGrid, fresh: bool = False) -> np.ndarray:
-        """``grid``'s windows, ``(B, D, n)`` float32 (zeros in the padding), in this thread's
-        buffer for the plan (valid until the next call: only the windows' own tokens are
-        written, and :func:`_ranks` leaves the padding zero); ``fresh``: a new array."""
-        s = grid.view.shape[3:]
-        shape = (*self.lead, *s, *self.tail)
-        x = np.zeros(shape, dtype=np.float32) if fresh else self.buffer("stack", shape)
-        lead, ns = len(self.lead), len(s)
-        t = [lead + ns + i for i in range(3)]
-        order = ([0, t[0], 1, t[1], 2, t[2]] if lead == 3 else [0, *t]) + \
-            list(range(lead, lead + ns))
-        grid.fill(x.transpose(order), self.copies)
-        return x.reshape(math.prod(self.lead), math.prod(s), -1)
+def _arrange(src: np.ndarray, out: np.ndarray, copies: tuple[Copy, ...]) -> None:
+    """Copy ``src`` ``(F, H, W, D)`` into ``out`` (the stack's transpose) as the plan's copies
+    say: each copy one block of the grid (all the full windows of a block at once)."""
+    s = src.shape[3:]
+    for (fs, hs, ws), split, dst in copies:
+        block = src[fs, hs, ws]
+        out[dst] = block if split is None else block.reshape(split + s)
 
 
 @functools.lru_cache(maxsize=16)
@@ -254,27 +276,26 @@ def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _P
             copies.append(((slice(f0, f0 + fs), slice(h0, h0 + hs), slice(w0, w0 + ws)), None,
                            (j, slice(0, fs), slice(0, hs), slice(0, ws))))
     plan = _Plan(lead, (fw, wh, ww), tuple(copies), None, np.zeros(0), nf * nh * nw, 0)
-    mask = plan.stack(TokenGrid(np.ones((f, h, w, 1), np.float32), np.ones(1, np.float32), 3),
-                      fresh=True)
+    mask = plan.arrange(np.ones((f, h, w, 1), np.float32))
     counts = mask.sum(axis=2, keepdims=True)
     return dataclasses.replace(plan, mask=None if (mask == 1).all() else mask, counts=counts,
                                rows=int(counts.sum()))
 
 
-def _consts(plan: _Plan, d: int, var: float) -> tuple[np.ndarray, ...]:
-    """Per window (float64, ``B``): the noise's expected energy ``(k - 1) d var``, its
+def _consts(plan: _Plan, d: int, var: float) -> tuple[list[tuple[float, ...]], np.ndarray]:
+    """Per window, as Python floats: the noise's expected energy ``(k - 1) d var``, its
     Frobenius terms ``2 (d + k) var`` and ``((k - 1) d^2 + (k - 1)^2 d) var^2``, the rounding
-    floor ``1e-10 k d``, the largest rank ``max(1, min(k - 1, d))`` and the Marchenko-Pastur
-    edge of rule ``energy``."""
+    floor ``1e-10 k d`` and the largest rank ``max(1, min(k - 1, d))``; and (float64, ``B``) the
+    Marchenko-Pastur edge of rule ``energy``."""
     key = (d, var)
     if key not in plan.consts:
         k = plan.counts.reshape(-1).astype(np.float64)
-        plan.consts[key] = (
-            (k - 1) * d * var, 2 * (d + k) * var,
-            ((k - 1) * d * d + (k - 1) ** 2 * d) * var**2, 1e-10 * k * d,
-            np.clip(np.minimum(k - 1, d), 1, None),
-            np.maximum(var * (np.sqrt(np.maximum(k - 1, 1)) + math.sqrt(d)) ** 2,
-                       1e-10 * k * d))
+        rows = np.stack([(k - 1) * d * var, 2 * (d + k) * var,
+                         ((k - 1) * d * d + (k - 1) ** 2 * d) * var**2, 1e-10 * k * d,
+                         np.clip(np.minimum(k - 1, d), 1, None)], axis=1)
+        edge = np.maximum(var * (np.sqrt(np.maximum(k - 1, 1)) + math.sqrt(d)) ** 2,
+                          1e-10 * k * d)
+        plan.consts[key] = ([tuple(r) for r in rows.tolist()], edge)
     return plan.consts[key]
 
 
@@ -288,47 +309,55 @@ def _scaled_mask(plan: _Plan, factor: np.ndarray) -> np.ndarray:
     return plan.scaled[key]
 
 
-def _ranks(x: np.ndarray, plan: _Plan, opts: AutoOptions,
-           factor: np.ndarray | float) -> np.ndarray:
-    """Effective rank of each window (float64, ``B``) of a ``(B, D, n)`` float32 stack (each
-    window's transposed matrix) whose padding tokens are zero (``plan.mask``), times ``factor``
-    (per value, or one for all) in pixel units. Centred in place; every window at once: one
-    batched Gram (tokens x tokens or features x features, whichever is smaller), float32; the
-    per-window rule in float64 on ``B`` values."""
-    d = x.shape[1]
-    noise, cross, square, floors, top, edge = _consts(plan, d, opts.noise_floor**2)
-    b, n = x.shape[0], x.shape[2]
-    sums = np.matmul(x, plan.ones, out=plan.buffer("sums", (b, d, 1)))  # one BLAS product
+@functools.lru_cache(maxsize=8)
+def _diagonal(d: int) -> np.ndarray:
+    """``(d * d, 1)``: a flattened ``d x d`` matrix's trace as a product."""
+    return np.eye(d, dtype=np.float32).reshape(-1, 1)
+
+
+def _ranks(x: np.ndarray, plan: _Plan, opts: AutoOptions, factor: np.ndarray | float) -> float:
+    """The summed effective rank of the windows of a ``(B, D, n)`` float32 stack (each window's
+    transposed matrix; its padding tokens, where ``plan.mask`` is 0, are ignored), times
+    ``factor`` (per value, or one for all) in pixel units. Centred in place; every window at
+    once: one batched Gram (tokens x tokens or features x features, whichever is smaller),
+    float32; the per-window rule in float64. Numpy, not torch, and the participation rule on
+    Python floats: these few calls run cold after the processor, where each torch dispatch or
+    small numpy call costs several microseconds."""
+    d, n = x.shape[1], x.shape[2]
+    consts, edge = _consts(plan, d, opts.noise_floor**2)
+    if plan.mask is None:
+        sums = x.sum(axis=2, keepdims=True)
+    else:  # the padding's values left out: the sums as one product with the mask
+        sums = np.matmul(x, plan.mask.transpose(0, 2, 1))
     x -= np.divide(sums, plan.counts, out=sums)  # centred
     unit = 1.0
     if isinstance(factor, float):  # one factor: applied to the moments, not the pixels
         unit = factor * factor
         if plan.mask is not None:
-            x *= plan.mask  # padding back to zero
+            x *= plan.mask  # padding to zero
     else:
-        x *= _scaled_mask(plan, factor)
-    t = torch.from_numpy(x)  # torch's batched GEMM: 1.5x numpy's on these small matrices
-    gram = plan.buffer("gram", (b, min(n, d), min(n, d)))
-    if n <= d:
-        torch.bmm(t.mT, t, out=torch.from_numpy(gram))
-    else:
-        torch.bmm(t, t.mT, out=torch.from_numpy(gram))
+        x *= _scaled_mask(plan, factor)  # padding to zero, values to pixel units
+    gram = np.matmul(x, x.transpose(0, 2, 1)) if d <= n else np.matmul(x.transpose(0, 2, 1), x)
     if opts.rule == "participation":
         # (sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2: no eigendecomposition. The floor's
         # noise (std noise_floor in every entry) is removed from both moments in expectation,
         # cross terms with the signal included; a centred window's rank is at most n - 1.
         flat = gram.reshape(len(gram), 1, -1)
-        energy = np.trace(gram, axis1=1, axis2=2).astype(np.float64) * unit  # = sum lambda
-        signal = energy - noise
-        fro = (np.matmul(flat, flat.transpose(0, 2, 1)).reshape(-1).astype(np.float64)
-               * (unit * unit) - cross * signal - square)
-        pr = signal * signal / np.where(fro > 0, fro, 1.0)
-        return np.where(signal > floors, np.minimum(np.where(fro > 0, pr, d), top), 0.0)
+        # trace(G) = sum lambda, ||G||_F^2 = sum lambda^2: products again (matmul is warm)
+        traces = np.matmul(flat, _diagonal(gram.shape[1])).reshape(-1).tolist()
+        squares = np.matmul(flat, flat.transpose(0, 2, 1)).reshape(-1).tolist()
+        total = 0.0
+        for tr, sq, (noise, cross, square, floor, top) in zip(traces, squares, consts, strict=True):
+            signal = tr * unit - noise
+            if signal > floor:
+                fro = sq * unit * unit - cross * signal - square
+                total += min(signal * signal / fro if fro > 0 else d, top)
+        return total
     lam = np.linalg.eigvalsh(gram.astype(np.float64))[:, ::-1] * unit  # descending
     sig = np.where(lam > edge[:, None], lam, 0.0)
-    total = sig.sum(axis=-1)
-    r = (np.cumsum(sig, axis=-1) < opts.energy * total[:, None]).sum(axis=-1) + 1
-    return np.where(total > 0, r, 0).astype(np.float64)
+    energy = sig.sum(axis=-1)
+    r = (np.cumsum(sig, axis=-1) < opts.energy * energy[:, None]).sum(axis=-1) + 1
+    return float(np.where(energy > 0, r, 0).sum())
 
 
 def window_ranks(grid: Tensor | TokenGrid, opts: AutoOptions, *,
@@ -344,14 +373,14 @@ def window_ranks(grid: Tensor | TokenGrid, opts: AutoOptions, *,
         if grid.dim() != 4 or grid.numel() == 0:
             raise ValueError(
                 f"grid must be a non-empty (F, H, W, D) tensor, got {tuple(grid.shape)}")
-        grid = TokenGrid(as_numpy(grid), np.ones(1, np.float32), 3)
+        grid = dense_grid(grid)
     f, h, w, d = grid.shape
     if f * h * w * d == 0:
         raise ValueError(f"grid must be non-empty, got {(f, h, w, d)}")
     plan = _plan((f, h, w), opts.window, opts.window_frames if video else 1, opts.max_windows)
     factor = grid.factor if grid.uniform is None else grid.uniform
-    ranks = _ranks(plan.stack(grid), plan, opts, factor)
-    return float(ranks.sum()) * (f * h * w) / plan.rows, plan.windows, len(plan.counts)
+    total = _ranks(plan.stack(grid), plan, opts, factor)
+    return total * (f * h * w) / plan.rows, plan.windows, len(plan.counts)
 
 
 def estimate_keep(grid: Tensor | TokenGrid, num_tokens: int | None = None,

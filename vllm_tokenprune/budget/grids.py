@@ -4,42 +4,45 @@ Runs in the API server process (the multimodal processor), on the HF image proce
 before the vision encoder. Torch and numpy; no vLLM import.
 
 A token's descriptor is a fixed point sample (a regular lattice) of the pixels it covers,
-``sample_rows x samples`` per token in every channel, converted back to pixel units
-(``x * image_std``, so ``[0, 1]`` brightness steps; the per-channel mean does not matter, the
-estimator centres). Point samples, not averages: the gather reads only the sampled pixels, and it
-keeps the pixel noise at its real level, so the noise floor of
-:class:`~vllm_tokenprune.budget.auto.AutoOptions` is in plain pixel units whatever the lattice.
-Per patch: ``samples / merge`` columns and ``sample_rows / merge`` rows, each at most ``patch /
-2`` (a stride of at least 2 pixels), centred in the patch. Qwen-VL (14-pixel patches, 2x2 merge),
-defaults 4 x 4 per token: 2 columns x 2 rows per patch, ``D = 48``; LLaVA (a 14-pixel patch is a
-token): 4 x 4, ``D = 48``. The estimator's cost grows with ``D`` (the read, and the Gram
-``D^2 n`` per window); ``docs/budgets.md`` has what fewer or more samples change.
+``sample_rows x samples`` per token, converted back to pixel units (``x * image_std``, so
+``[0, 1]`` brightness steps; the per-channel mean does not matter, the estimator centres). Point
+samples, not averages: the read touches only the sampled pixels, and it keeps the pixel noise at
+its real level, so the noise floor of :class:`~vllm_tokenprune.budget.auto.AutoOptions` is in
+plain pixel units whatever the lattice. Per patch: ``samples / merge`` columns and
+``sample_rows / merge`` rows, each at most ``patch / 2`` (a stride of at least 2 pixels),
+centred in the patch.
+
+Colour (``channel``): every channel (``D`` = samples x 3), one channel, or ``MOSAIC`` (the
+default of ``auto``): one channel per sample, so that a token's descriptor still sees colour edges
+while reading a third of the values. Where tokens merge patches (Qwen-VL), the mosaic reads a
+patch's first sample row in green and its second in red (the merge block's diagonal patches) or
+blue (the other two): each sampled row of a patch is one cache line of the processor's
+patch-major rows, two per patch instead of six. Where a token is one patch (LLaVA), the samples
+follow a Bayer pattern (G R / B G by sample row and column). Qwen-VL's defaults (4 x 4 per token,
+2 x 2 per patch): ``D = 16`` in mosaic, 48 with every channel. ``docs/budgets.md`` has what the
+mosaic changes in the counts and the cost.
 
 Layouts:
 
-* Qwen2-VL / Qwen2.5-VL / Qwen3-VL (:func:`qwen_token_grid`): ``pixel_values`` is
+* Qwen2-VL / Qwen2.5-VL / Qwen3-VL (:func:`qwen_token_view`): ``pixel_values`` is
   ``(t * h * w, C * T * P * P)`` for an item of patch grid ``(t, h, w)``; the HF processor orders
   the rows so that each ``merge x merge`` block of patches (one LM token) is contiguous. Only the
   first of the ``T`` frames of a temporal patch is read (for an image both are the same frame).
-* LLaVA-1.5 / LLaVA-NeXT (:func:`patch_token_grid`): ``(C, H, W)`` tiles, one LM token per
+* LLaVA-1.5 / LLaVA-NeXT (:func:`patch_token_view`): ``(C, H, W)`` tiles, one LM token per
   ``P x P`` patch (NeXT: the base image and every any-resolution tile, one frame each).
 
-The ``*_view`` functions return a :class:`TokenGrid`: the sampled pixels as a strided numpy view
-of the processor's tensor (no copy, whatever its dtype: vLLM's Qwen-VL pixels are uint8), nothing
-read yet: :func:`~vllm_tokenprune.budget.auto.estimate_keep` copies the sampled pixels of the
-windows it computes straight into its window stack (:meth:`TokenGrid.fill`), converting to float32
-on the way; ``TokenGrid.tensor()`` and the ``*_grid`` functions read it all.
-Numpy, not torch, for these small strided reads: one numpy call costs a few microseconds, one
+The ``*_view`` functions return a :class:`TokenGrid`: the processor's pixels as a flat array (no
+copy, whatever their dtype: vLLM's Qwen-VL pixels are uint8) and the ``(F, H, W, D)`` offsets of
+the sampled values in it (computed once per shape and options, then cached), nothing read yet:
+:func:`~vllm_tokenprune.budget.auto.estimate_keep` gathers the windows it computes in one
+``numpy.take`` (:meth:`TokenGrid.take`); ``TokenGrid.tensor()`` and the ``*_grid`` functions read
+it all. Numpy, not torch, for these small reads: one numpy call costs a few microseconds, one
 eager torch call 10-20 (``docs/budgets.md``, "Cost").
-
-The result is ``(F, H, W, D)`` float32: ``F`` frames (video token steps, or tiles), the ``H x W``
-token grid, ``D`` samples per token.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +51,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TokenGrid", "as_numpy", "patch_token_grid", "patch_token_view", "per_patch",
-           "qwen_token_grid", "qwen_token_view", "sample_offsets"]
+__all__ = ["MOSAIC", "TokenGrid", "as_numpy", "dense_grid", "patch_token_grid",
+           "patch_token_view", "per_patch", "qwen_token_grid", "qwen_token_view",
+           "sample_offsets"]
+
+#: ``channel`` value: one colour channel per sample (module docstring).
+MOSAIC = -2
+
+#: The Bayer cell (LLaVA's mosaic): channel by (row parity, column parity): G R / B G.
+_BAYER = ((1, 0), (2, 1))
 
 
 def sample_offsets(patch_size: int, samples: int) -> list[int]:
@@ -80,70 +90,140 @@ def as_numpy(x: Tensor | np.ndarray) -> np.ndarray:
     return x.numpy()
 
 
-def _std(image_std: Sequence[float] | float | None, channels: int) -> np.ndarray:
+def _std(image_std: Sequence[float] | float | None, channels: int) -> tuple[float, ...]:
     if image_std is None:
-        return np.ones(channels, dtype=np.float32)
+        return (1.0,) * channels
     if isinstance(image_std, (int, float)):
-        return np.full(channels, image_std, dtype=np.float32)
-    std = np.asarray(list(image_std), dtype=np.float32)
-    if std.size != channels:
-        raise ValueError(f"image_std has {std.size} values for {channels} channels")
+        return (float(image_std),) * channels
+    std = tuple(float(v) for v in image_std)
+    if len(std) != channels:
+        raise ValueError(f"image_std has {len(std)} values for {channels} channels")
     return std
 
 
-#: One copy into a window stack: the grid's ``(F, H, W)`` slices, how the source splits into
-#: ``(windows, rows)`` per axis (None: one window, no split) and where it goes in the stack.
-Copy = tuple[tuple[slice, slice, slice], "tuple[int, ...] | None", tuple[Any, ...]]
+@functools.lru_cache(maxsize=64)
+def _factors(std: tuple[float, ...], channels: tuple[int, ...]) -> tuple[np.ndarray, float | None]:
+    """Each value's factor to pixel units (float32, read-only) and the one factor of them all
+    (None if they differ)."""
+    factor = np.asarray([std[c] for c in channels], dtype=np.float32)
+    factor.setflags(write=False)
+    return factor, (float(factor[0]) if (factor == factor[0]).all() else None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenGrid:
-    """A token grid not yet read: ``view``, a strided ``(F, H, W, *S)`` numpy view of the sampled
-    pixels (no copy; ``S`` holds the channel at ``channel_dim``, in the pixels' own dtype), and
-    ``std``, the per-channel factor to pixel units. :meth:`tensor` reads all of it; :meth:`fill`
-    only the windows asked for (the window lattice of :mod:`.auto` reads a fifth of a
-    16,384-token image)."""
+    """A token grid not yet read: ``source``, the pixels as a flat array (no copy; their own
+    dtype), ``index``, the ``(F, H, W, D)`` offsets of each token's sampled values in it (shared
+    and cached: never written), ``factor``, each of the ``D`` values' factor to pixel units
+    (``image_std`` of its channel), ``uniform``, the one factor of them all (None if they
+    differ), and ``key``, naming the index (layout, shape, sampling) for the estimator's caches.
+    :meth:`tensor` reads all of it; :meth:`take` the offsets asked for (the window lattice of
+    :mod:`.auto` reads a fifth of a 16,384-token image)."""
 
-    view: np.ndarray
-    std: np.ndarray
-    channel_dim: int
+    source: np.ndarray
+    index: np.ndarray
+    factor: np.ndarray
+    uniform: float | None
+    key: tuple[Any, ...]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        f, h, w = self.view.shape[:3]
-        return f, h, w, math.prod(self.view.shape[3:])
-
-    @functools.cached_property
-    def factor(self) -> np.ndarray:
-        """The per-channel factor for each of the ``D`` values of a token (float32)."""
-        shape = [1] * (self.view.ndim - 3)
-        shape[self.channel_dim - 3] = -1
-        return np.ascontiguousarray(np.broadcast_to(
-            self.std.reshape(shape), self.view.shape[3:]).reshape(-1))
+        f, h, w, d = self.index.shape
+        return f, h, w, d
 
     def tensor(self) -> Tensor:
-        """``(F, H, W, D)`` float32 in pixel units (one strided pass)."""
-        f, h, w, d = self.shape
-        out = np.empty(self.view.shape, dtype=np.float32)
-        np.multiply(self.view, self.factor.reshape(self.view.shape[3:]), out=out,
-                    dtype=np.float32)
-        return torch.from_numpy(out.reshape(f, h, w, d))
+        """``(F, H, W, D)`` float32 in pixel units."""
+        out = np.multiply(self.source[self.index], self.factor, dtype=np.float32)
+        return torch.from_numpy(out)
 
-    def fill(self, out: np.ndarray, copies: Sequence[Copy]) -> np.ndarray:
-        """Copy the sampled pixels into ``out`` (float32, zeros where no copy writes), as the
-        window plan of :mod:`.auto` says: each copy is one strided pass over a block of the grid
-        (all the full windows of a block at once), converted to float32 on the way, not scaled
-        (the estimator applies :attr:`factor` after centring)."""
-        v, s = self.view, self.view.shape[3:]
-        for (fs, hs, ws), split, dst in copies:
-            src = v[fs, hs, ws]
-            out[dst] = src if split is None else src.reshape(split + s)
+    def take(self, index: np.ndarray, out: np.ndarray, scratch: np.ndarray | None = None
+             ) -> np.ndarray:
+        """The values at ``index`` (offsets from :attr:`index`) into ``out`` (float32, the
+        same shape), not scaled (the estimator applies :attr:`factor` after centring): one
+        gather, and one conversion for pixels that are not float32 (through ``scratch``, an
+        array of the pixels' dtype and ``out``'s shape; None: a new one)."""
+        if self.source.dtype == np.float32:
+            return self.source.take(index, out=out, mode="clip")
+        if scratch is None:
+            scratch = np.empty(index.shape, dtype=self.source.dtype)
+        self.source.take(index, out=scratch, mode="clip")
+        out[...] = scratch
         return out
 
-    @functools.cached_property
-    def uniform(self) -> float | None:
-        """The one factor of every channel (raw pixels: ``1 / 255``), or None."""
-        return float(self.std[0]) if (self.std == self.std[0]).all() else None
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    """``x`` as one flat array (a view when it is contiguous, as the processors' outputs are)."""
+    return x.reshape(-1)
+
+
+def _channel_of(channel: int | None, channels: int) -> int:
+    c = -1 if channel is None else int(channel)
+    if c not in (MOSAIC, -1) and not 0 <= c < channels:
+        raise ValueError(f"channel {channel} out of range for {channels} channels "
+                         f"(-1: every channel, {MOSAIC}: mosaic)")
+    return c
+
+
+@functools.lru_cache(maxsize=32)
+def _qwen_index(t: int, h: int, w: int, m: int, p: int, tp: int, c: int, rows: tuple[int, ...],
+                cols: tuple[int, ...], channel: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Offsets ``(t, h/m, w/m, D)`` into an item's flat ``(t*h*w, C*T*P*P)`` rows, and each
+    value's channel. Value order: patch of the merge block (row, column), then channel (every
+    channel) and sample row, sample column; mosaic: patch, sample row, sample column."""
+    hh, ww = h // m, w // m
+    row = np.arange(t * hh * ww * m * m).reshape(t, hh, ww, m, m)  # patch rows, merge blocks
+    values: list[tuple[int, int, int, int, int]] = []  # (mi, mj, channel, r, k)
+    for mi in range(m):
+        for mj in range(m):
+            for ci in range(c) if channel == -1 else [channel]:
+                for ri, r in enumerate(rows):
+                    for ki, k in enumerate(cols):
+                        if channel == MOSAIC:
+                            ci = (_BAYER[ri % 2][ki % 2] if m == 1 else
+                                  1 if ri % 2 == 0 else _BAYER[0][1] if (mi + mj) % 2 == 0
+                                  else _BAYER[1][0])
+                        values.append((mi, mj, ci, r, k))
+    v = np.array(values, dtype=np.intp)
+    col = v[:, 2] * (tp * p * p) + v[:, 3] * p + v[:, 4]  # frame 0 of each temporal patch
+    patch = row[..., v[:, 0], v[:, 1]]  # (t, hh, ww, D)
+    index = patch * (c * tp * p * p) + col
+    index.setflags(write=False)
+    return index, tuple(int(c) for c in v[:, 2])
+
+
+@functools.lru_cache(maxsize=32)
+def _patch_index(f: int, c: int, hh: int, ww: int, p: int, rows: tuple[int, ...],
+                 cols: tuple[int, ...], channel: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Offsets ``(f, hh/p, ww/p, D)`` into flat ``(f, C, hh, ww)`` tiles, and each value's
+    channel. Value order: channel (every channel), sample row, sample column; mosaic: sample
+    row, sample column."""
+    gh, gw = hh // p, ww // p
+    values = [(_BAYER[ri % 2][ki % 2] if channel == MOSAIC else ci, r, k)
+              for ci in (range(c) if channel == -1 else [channel])
+              for ri, r in enumerate(rows) for ki, k in enumerate(cols)]
+    v = np.array(values, dtype=np.intp)
+    fi = np.arange(f).reshape(f, 1, 1, 1)
+    y = (np.arange(gh) * p).reshape(1, gh, 1, 1) + v[:, 1]
+    x = (np.arange(gw) * p).reshape(1, 1, gw, 1) + v[:, 2]
+    index = ((fi * c + v[:, 0]) * hh + y) * ww + x
+    index.setflags(write=False)
+    return index, tuple(int(c) for c in v[:, 0])
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_index(f: int, h: int, w: int, d: int) -> np.ndarray:
+    index = np.arange(f * h * w * d, dtype=np.intp).reshape(f, h, w, d)
+    index.setflags(write=False)
+    return index
+
+
+def dense_grid(grid: Tensor | np.ndarray) -> TokenGrid:
+    """A :class:`TokenGrid` over an already read ``(F, H, W, D)`` grid (values in pixel
+    units)."""
+    x = np.ascontiguousarray(as_numpy(grid), dtype=np.float32)
+    f, h, w, d = x.shape
+    return TokenGrid(_flat(x), _dense_index(f, h, w, d), *_factors((1.0,), (0,) * d),
+                     ("dense", f, h, w, d))
 
 
 def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], **kwargs: Any) -> Tensor:
@@ -162,7 +242,7 @@ def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], 
     ``pixel_values``: this item's rows of the processor's flattened patches,
     ``(t * h * w, C * T * P * P)``; ``grid_thw``: its ``(t, h, w)`` patch grid; ``samples`` and
     ``sample_rows``: columns and rows per token (divided by ``merge`` per patch); ``channel``:
-    that colour channel only (None: every channel)."""
+    that colour channel only, ``MOSAIC``, or None / -1: every channel."""
     t, h, w = (int(v) for v in grid_thw)
     m, p, tp = merge_size, patch_size, temporal_patch_size
     if h % m or w % m:
@@ -172,28 +252,13 @@ def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], 
         raise ValueError(
             f"pixel_values has shape {tuple(pixel_values.shape)}; grid {(t, h, w)} with patch "
             f"{p}, temporal patch {tp} and {channels} channels needs {expected}")
-    rows = _lattice_slice(p, per_patch(sample_rows, m, p))
-    cols = _lattice_slice(p, per_patch(samples, m, p))
-    # the sampled pixels, (t, H, W, m, m, C, rows, cols), frame 0 of each temporal patch
-    v = as_numpy(pixel_values).reshape(t, h // m, w // m, m, m, channels, tp, p, p)
-    ch = _channels(channel, channels)
-    return TokenGrid(v[..., ch, 0, rows, cols], _std(image_std, channels)[ch], 5)
-
-
-def _channels(channel: int | None, channels: int) -> slice:
-    """The channel axis' slice: every channel, or ``channel`` alone (a size-1 axis)."""
-    if channel is None:
-        return slice(None)
-    if not 0 <= channel < channels:
-        raise ValueError(f"channel {channel} out of range for {channels} channels")
-    return slice(channel, channel + 1)
-
-
-def _lattice_slice(patch_size: int, samples: int) -> slice:
-    """:func:`sample_offsets` as a slice (a regular lattice)."""
-    off = sample_offsets(patch_size, samples)
-    step = off[1] - off[0] if len(off) > 1 else 1
-    return slice(off[0], off[-1] + 1, step)
+    rows = tuple(sample_offsets(p, per_patch(sample_rows, m, p)))
+    cols = tuple(sample_offsets(p, per_patch(samples, m, p)))
+    ch = _channel_of(channel, channels)
+    index, chans = _qwen_index(t, h, w, m, p, tp, channels, rows, cols, ch)
+    return TokenGrid(_flat(as_numpy(pixel_values)), index,
+                     *_factors(_std(image_std, channels), chans),
+                     ("qwen", t, h, w, m, p, tp, channels, rows, cols, ch))
 
 
 def patch_token_grid(pixel_values: Tensor, **kwargs: Any) -> Tensor:
@@ -208,8 +273,8 @@ def patch_token_view(pixel_values: Tensor | np.ndarray, *, patch_size: int = 14,
                      channel: int | None = None) -> TokenGrid:
     """The ``(F, H / P, W / P)`` token grid (not yet read) of ``(C, H, W)`` tiles (a single tile, or
     ``(F, C, H, W)``), one token per ``P x P`` patch (LLaVA's CLIP tower); a remainder
-    narrower than a patch is ignored, as the patch embedding does; ``channel``: that colour channel
-    only (None: every channel)."""
+    narrower than a patch is ignored, as the patch embedding does; ``channel``: that colour
+    channel only, ``MOSAIC``, or None / -1: every channel."""
     x = as_numpy(pixel_values)
     if x.ndim == 3:
         x = x[None]
@@ -217,13 +282,11 @@ def patch_token_view(pixel_values: Tensor | np.ndarray, *, patch_size: int = 14,
         raise ValueError(f"pixel_values must be (C, H, W) or (F, C, H, W), got {tuple(x.shape)}")
     f, c, hh, ww = x.shape
     p = patch_size
-    gh, gw = hh // p, ww // p
-    if gh < 1 or gw < 1:
+    if hh // p < 1 or ww // p < 1:
         raise ValueError(f"tiles of {hh}x{ww} pixels hold no {p}-pixel patch")
-    rows = _lattice_slice(p, per_patch(sample_rows, 1, p))
-    cols = _lattice_slice(p, per_patch(samples, 1, p))
-    # (F, C, gh, P, gw, P) view, sampled rows and columns, tokens first: (F, gh, gw, C, r, k)
-    ch = _channels(channel, c)
-    v = x[:, ch, :gh * p, :gw * p]
-    v = v.reshape(f, v.shape[1], gh, p, gw, p)[:, :, :, rows, :, cols]
-    return TokenGrid(v.transpose(0, 2, 4, 1, 3, 5), _std(image_std, c)[ch], 3)
+    rows = tuple(sample_offsets(p, per_patch(sample_rows, 1, p)))
+    cols = tuple(sample_offsets(p, per_patch(samples, 1, p)))
+    ch = _channel_of(channel, c)
+    index, chans = _patch_index(f, c, hh, ww, p, rows, cols, ch)
+    return TokenGrid(_flat(x), index, *_factors(_std(image_std, c), chans),
+                     ("patch", f, c, hh, ww, p, rows, cols, ch))

@@ -60,7 +60,7 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
     if modality not in ("image", "video") or (modality == "video" and kind != "qwen"):
         raise ValueError(f"no {modality!r} token grid for a {kind} processor")
     pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]
-    channel = None if opts.channel < 0 else opts.channel
+    channel = opts.channel
     if kind == "qwen":
         grids = hf_out[f"{modality}_grid_thw"]
         grids = grids.tolist() if hasattr(grids, "tolist") else grids  # one call, no tensors
