@@ -61,7 +61,8 @@ FAULTS = {
 }
 
 
-def start_hard_server(model_dir: Path, log_dir: Path, encoder_log: Path) -> VLLMServer:
+def start_hard_server(model_dir: Path, log_dir: Path, encoder_log: Path, *,
+                      wait: bool = True) -> VLLMServer:
     overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO,
                                       min_keep=MIN_KEEP, max_greedy_keep=MAX_GREEDY_KEEP)
     args = ["--dtype", "float32", "--max-num-batched-tokens", "512", "--seed", "0",
@@ -72,4 +73,5 @@ def start_hard_server(model_dir: Path, log_dir: Path, encoder_log: Path) -> VLLM
     env = {"VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS), ENCODER_LOG_ENV: str(encoder_log),
            NAN_TOKENS_ENV: str(NAN_TOKENS),
            FAULTS_ENV: ",".join(f"{site}:{n}" for site, (_, n, _) in FAULTS.items())}
-    return VLLMServer(model_dir, args, log_path=log_dir / "hardening.log", env=env, cli=True)
+    return VLLMServer(model_dir, args, log_path=log_dir / "hardening.log", env=env, cli=True,
+                      wait=wait)

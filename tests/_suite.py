@@ -31,6 +31,7 @@ Everything is checked through the real ``openai`` client against real server pro
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+from tests import _pool
 from tests._hf_reference import (
     POSITION_CONTROLS,
     control_sets,
@@ -193,31 +195,6 @@ def assert_matches_reference(res: Any, model_dir: Path, media: list[Any], method
     assert not weak, f"controls the comparison cannot tell from the server: {weak}"
 
 
-def start_servers(specs: dict[str, tuple[Path, list[str]]], name: str) -> dict[str, VLLMServer]:
-    """Start several servers at once (their start-ups overlap); stop all if one fails."""
-    log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-
-    def start(label: str) -> VLLMServer:
-        model, args = specs[label]
-        return VLLMServer(model, args, log_path=log_dir / f"{name}_{label}.log")
-
-    started: dict[str, VLLMServer] = {}
-    errors: list[BaseException] = []
-    with ThreadPoolExecutor(len(specs)) as pool:
-        futures = {label: pool.submit(start, label) for label in specs}
-        for label, fut in futures.items():
-            try:
-                started[label] = fut.result()
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                errors.append(e)
-    if errors:
-        for server in started.values():
-            server.stop()
-        raise errors[0]
-    return started
-
-
 class FamilyServerSuite:
     """Subclass as ``Test<Family>`` and set the class attributes below."""
 
@@ -238,19 +215,39 @@ class FamilyServerSuite:
         """The TokenPrune server's ``--hf-overrides``."""
         return token_prune_overrides(cls.ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass with its own TokenPrune server registers it with the session's pool
+        (``tests/_pool.py``: started while earlier tests run)."""
+        super().__init_subclass__(**kwargs)
+        if "tp" in cls.__dict__ or "NAME" not in cls.__dict__:
+            return  # reuses another server (e.g. Qwen2.5-VL: the session's tp_server)
+        key = f"family:{cls.NAME}"
+
+        @_pool.factory(key)
+        def start(p: _pool.Pool) -> dict[str, Any]:
+            return {"server": VLLMServer(
+                cls.model(p), [*SERVER_ARGS, "--hf-overrides", cls.overrides()],
+                log_path=_pool.log_dir() / f"{cls.NAME}_tp.log", wait=False)}
+
+        _pool.uses(Path(sys.modules[cls.__module__].__file__ or "").name, "tp", key)
+
+    @classmethod
+    def model(cls, p: _pool.Pool) -> Path:
+        """The family's tiny model (built once per session)."""
+        return p.cached(f"family:{cls.NAME}",
+                        lambda: cls.BUILDER(p.tmp("tiny") / cls.NAME, seed=0))
+
     # -- fixtures (a subclass may override them, e.g. to reuse session servers)
     @pytest.fixture(scope="class")
     @classmethod
-    def model_dir(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        return cls.BUILDER(tmp_path_factory.mktemp("tiny") / cls.NAME, seed=0)
+    def model_dir(cls, request: pytest.FixtureRequest) -> Path:
+        return cls.model(_pool.pool(request.config))
 
     @pytest.fixture(scope="class")
     @classmethod
-    def tp(cls, model_dir: Path) -> Iterator[VLLMServer]:
+    def tp(cls, request: pytest.FixtureRequest) -> Iterator[VLLMServer]:
         """The family's TokenPrune server."""
-        server = start_servers(
-            {"tp": (model_dir, [*SERVER_ARGS, "--hf-overrides", cls.overrides()])}, cls.NAME
-        )["tp"]
+        server = _pool.pool(request.config).take(f"family:{cls.NAME}")["server"]
         yield server
         server.stop()
 

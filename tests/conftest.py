@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests import _pool
 from vllm_tokenprune.testing.server import VLLMServer, token_prune_overrides
 
 QWEN25_ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
@@ -21,7 +22,7 @@ QWEN25_ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
 #: loop"). Single slow tests elsewhere (a Python subprocess importing vLLM) carry the mark.
 SLOW_FILES = frozenset({"test_profile_run.py", "test_encoder_staging.py",
                         "test_gpu_emulation_worker.py", "test_scoring_skimage.py",
-                        "test_startup.py", "test_alvts_tp.py"})
+                        "test_startup.py", "test_alvts_tp.py", "test_alvts_quant.py"})
 
 
 #: Session servers of this file: every test file that uses one (directly or through another
@@ -40,21 +41,23 @@ LONG_FILES = (
 )
 
 
-#: Memory per pytest-xdist worker for ``-n auto``: with two workers on the 2-core, 23.5 GiB dev
-#: machine the suite's peak was 20.3 GiB (docs/testing.md), too close to the whole machine.
-GIB_PER_WORKER = 13
+#: ``-n auto`` runs two workers where the machine has at least this much memory (and two
+#: cores): one runs every file that starts vLLM servers (their peak is about 14.5 GiB on the
+#: 2-core dev machine, docs/testing.md), the other the rest (a few GiB).
+MIN_GIB_TWO_WORKERS = 20
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto`` (the default, ``pyproject.toml``): one worker per core, at most one per
-    :data:`GIB_PER_WORKER` GiB of memory (each worker's servers and in-process models take
-    several GiB) and at most 4. One worker on a 24 GiB machine; ``-n 2`` asks for two."""
+    """``-n auto`` (the default, ``pyproject.toml``): two workers on a machine with two cores
+    and :data:`MIN_GIB_TWO_WORKERS` GiB (the server files in one, the others in the other:
+    :func:`pytest_xdist_make_scheduler`), else one. ``-n N`` asks for ``N``: more than two
+    only share the files without servers."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem_gib = 16.0
-    return max(1, min(cores or 1, int(mem_gib // GIB_PER_WORKER), 4))
+    return 2 if (cores or 1) >= 2 and mem_gib >= MIN_GIB_TWO_WORKERS else 1
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -105,6 +108,19 @@ def file_groups(test_dir: Path) -> dict[str, str]:
     return groups.mapping()
 
 
+#: Server files whose server is their own, short-lived and started by the test itself (the
+#: README's demo command, a refusal): they run beside the others, not in the servers' worker.
+OWN_SERVER_FILES = frozenset({"test_demo.py", "test_startup.py"})
+
+
+def server_files(test_dir: Path) -> frozenset[str]:
+    """Test files with a test marked ``server`` (it starts or uses a real vLLM server), but for
+    :data:`OWN_SERVER_FILES`."""
+    return frozenset(path.name for path in test_dir.glob("test_*.py")
+                     if path.name not in OWN_SERVER_FILES
+                     and "pytest.mark.server" in path.read_text(encoding="utf-8"))
+
+
 def _check_groups(items: list[pytest.Item], groups: dict[str, str]) -> None:
     """Fail the collection if a test reaches a session server through fixtures while its file
     is not in that server's group (the server would start once per worker): the file must name
@@ -125,12 +141,18 @@ def _check_groups(items: list[pytest.Item], groups: dict[str, str]) -> None:
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadfile`` (``pyproject.toml``): a file's tests run in one worker, and files that
-    share a session server (:func:`file_groups`) in the same one, so it starts once."""
+    share a session server (:func:`file_groups`) in the same one, so it starts once. The first
+    worker (``gw0``) takes every unit with a server file (:func:`server_files`), in collection
+    order, then whatever is left; the others take only units without one, and stop when none is
+    left: the vLLM servers all run in one worker (memory as with one worker; its look-ahead
+    starts, ``tests/_pool.py``, know what comes next), the in-process tests beside them."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    groups = file_groups(Path(__file__).parent)
+    test_dir = Path(__file__).parent
+    groups = file_groups(test_dir)
+    servers = {groups.get(name, name) for name in server_files(test_dir)}
 
     # units in collection order (LONG_FILES first), not xdist's default of most tests first
     config.option.loadscopereorder = False
@@ -140,7 +162,53 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
             return groups.get(name, name)
 
+        def _assign_work_unit(self, node: Any) -> None:
+            server_node = node.gateway.id == "gw0"
+            mine = [s for s in self.workqueue if (s in servers) == server_node]
+            if not mine and server_node:
+                mine = list(self.workqueue)
+            if not mine:
+                node.shutdown()  # only server units are left: gw0's
+                return
+            unit = self.workqueue.pop(mine[0])
+            self.assigned_work.setdefault(node, {})[mine[0]] = unit
+            collection = self.registered_collections[node]
+            node.send_runtest_some([collection.index(nodeid)
+                                    for nodeid, done in unit.items() if not done])
+
     return FileGroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """Launch the next server configuration a later test uses while this one runs (after its
+    fixtures are up, so the launch overlaps tests, not this test's own server start;
+    ``tests/_pool.py``); only in the worker that runs the server files."""
+    if os.environ.get("TOKENPRUNE_TEST_LOOKAHEAD", "1") == "0":
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return  # the servers run in gw0 (pytest_xdist_make_scheduler)
+    _pool.pool(item.config).look_ahead(item)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Stop the servers no later test of this worker uses (``tests/_pool.py``)."""
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+        _pool.pool(item.config).release(item)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Launch every server configuration this test needs that is not up yet, together (its
+    fixtures would start them one after the other; ``tests/_pool.py``)."""
+    if os.environ.get("TOKENPRUNE_TEST_LOOKAHEAD", "1") == "0":
+        return
+    _pool.pool(item.config).launch_own(item)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _pool.pool(session.config).stop_pending()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -182,11 +250,16 @@ DEFAULT_RATIO = 0.5
 LOW_DETAIL_TOKENS = 4
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_qwen(p: _pool.Pool) -> Path:
+    """The session's tiny Qwen2.5-VL (built once, shared by fixtures and server factories)."""
     from vllm_tokenprune.testing.tiny_model import build_qwen2_5_vl
 
-    return build_qwen2_5_vl(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", seed=0)
+    return p.cached("tiny_qwen", lambda: build_qwen2_5_vl(p.tmp("tiny") / "qwen2_5_vl", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(request: pytest.FixtureRequest) -> Path:
+    return tiny_qwen(_pool.pool(request.config))
 
 
 @pytest.fixture(scope="session")
@@ -207,56 +280,79 @@ def tiny_qwen_vllm_config(tiny_qwen_dir: Path) -> Any:
     return args.create_engine_config()
 
 
-def _start(model: Path, args: list[str], name: str,
-           env: dict[str, str | None] | None = None) -> VLLMServer:
-    log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return VLLMServer(model, args, log_path=log_dir / f"{name}.log", env=env)
-
-
-@pytest.fixture(scope="session")
-def example_methods_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def example_methods(p: _pool.Pool) -> Path:
     """``examples/method-package`` built and installed into a directory of its own (never the
-    venv): ``tp_server`` serves its method (tests/test_method_plugins.py)."""
+    venv), once per session."""
     from tests._method_package import EXAMPLE, install
 
-    work = tmp_path_factory.mktemp("method-packages")
-    return install(EXAMPLE, work / "site", work)
+    def build() -> Path:
+        work = p.tmp("method-packages")
+        return install(EXAMPLE, work / "site", work)
+
+    return p.cached("example_methods", build)
 
 
 @pytest.fixture(scope="session")
-def tp_server(tiny_qwen_dir: Path, example_methods_dir: Path) -> Iterator[VLLMServer]:
-    """TokenPrune Qwen2.5-VL, LRCP at ratio 0.5 by default (``detail: "low"`` keeps at most
-    :data:`LOW_DETAIL_TOKENS`); requests may override. The example method package is on its
-    ``PYTHONPATH``."""
+def example_methods_dir(request: pytest.FixtureRequest) -> Path:
+    """The example method package's install dir: ``tp_server`` serves its method
+    (tests/test_method_plugins.py)."""
+    return example_methods(_pool.pool(request.config))
+
+
+@_pool.factory("tp_qwen")
+def _tp_qwen(p: _pool.Pool) -> dict[str, Any]:
     from tests._method_package import python_path
 
     overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=DEFAULT_RATIO,
                                       low_detail_tokens=LOW_DETAIL_TOKENS)
-    server = _start(tiny_qwen_dir, [*QWEN_SERVER_ARGS, "--hf-overrides", overrides], "tp_qwen",
-                    env={"PYTHONPATH": python_path(example_methods_dir)})
+    return {"server": VLLMServer(
+        tiny_qwen(p), [*QWEN_SERVER_ARGS, "--hf-overrides", overrides],
+        log_path=_pool.log_dir() / "tp_qwen.log",
+        env={"PYTHONPATH": python_path(example_methods(p))}, wait=False)}
+
+
+@_pool.factory("hard")
+def _hard(p: _pool.Pool) -> dict[str, Any]:
+    from tests._hard_server import start_hard_server
+
+    log = p.tmp("guard") / "encoder-calls.log"
+    return {"server": start_hard_server(tiny_qwen(p), _pool.log_dir(), log, wait=False),
+            "log": log}
+
+
+@_pool.factory("plain_qwen")
+def _plain_qwen(p: _pool.Pool) -> dict[str, Any]:
+    return {"server": VLLMServer(tiny_qwen(p), QWEN_SERVER_ARGS,
+                                 log_path=_pool.log_dir() / "plain_qwen.log", wait=False)}
+
+
+_pool.uses("*", "tp_server", "tp_qwen")
+_pool.uses("*", "hard_server", "hard")
+_pool.uses("*", "plain_server", "plain_qwen")
+
+
+@pytest.fixture(scope="session")
+def tp_server(request: pytest.FixtureRequest) -> Iterator[VLLMServer]:
+    """TokenPrune Qwen2.5-VL, LRCP at ratio 0.5 by default (``detail: "low"`` keeps at most
+    :data:`LOW_DETAIL_TOKENS`); requests may override. The example method package is on its
+    ``PYTHONPATH``."""
+    server = _pool.pool(request.config).take("tp_qwen")["server"]
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def hard_server(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory
-                ) -> Iterator[tuple[VLLMServer, Path]]:
+def hard_server(request: pytest.FixtureRequest) -> Iterator[tuple[VLLMServer, Path]]:
     """(the hardened TokenPrune Qwen2.5-VL of tests/_hard_server.py, its encoder-call log):
     tests/test_hardening_server.py and tests/test_worker_safety.py."""
-    from tests._hard_server import start_hard_server
-
-    log = tmp_path_factory.mktemp("guard") / "encoder-calls.log"
-    log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    server = start_hard_server(tiny_qwen_dir, log_dir, log)
-    yield server, log
-    server.stop()
+    started = _pool.pool(request.config).take("hard")
+    yield started["server"], started["log"]
+    started["server"].stop()
 
 
 @pytest.fixture(scope="session")
-def plain_server(tiny_qwen_dir: Path) -> Iterator[VLLMServer]:
+def plain_server(request: pytest.FixtureRequest) -> Iterator[VLLMServer]:
     """vLLM's own Qwen2_5_VLForConditionalGeneration on the same weights (the plugin loaded)."""
-    server = _start(tiny_qwen_dir, QWEN_SERVER_ARGS, "plain_qwen")
+    server = _pool.pool(request.config).take("plain_qwen")["server"]
     yield server
     server.stop()

@@ -34,8 +34,9 @@ import pytest
 import requests
 import torch
 
-from tests._suite import record_error, start_servers
-from tests.conftest import QWEN25_ARCH
+from tests import _pool
+from tests._suite import record_error
+from tests.conftest import QWEN25_ARCH, tiny_qwen
 from vllm_tokenprune import num_kept
 from vllm_tokenprune.alvts import AlvtsOptions
 from vllm_tokenprune.alvts.reference import routed
@@ -96,38 +97,56 @@ def overrides(family: str) -> str:
                                  options={"alvts": f["alvts"]})
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _llava(p: _pool.Pool) -> Path:
     from vllm_tokenprune.testing.tiny_model import build_llava
 
-    return build_llava(tmp_path_factory.mktemp("tiny") / "llava_alvts", seed=0, text_layers=3)
+    return p.cached("alvts:llava", lambda: build_llava(
+        p.tmp("tiny") / "llava_alvts", seed=0, text_layers=3))
 
 
-@pytest.fixture(scope="module")
-def llava_next_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _llava_next(p: _pool.Pool) -> Path:
     from vllm_tokenprune.testing.tiny_model import build_llava_next
 
-    return build_llava_next(tmp_path_factory.mktemp("tiny") / "llava_next_alvts", seed=0,
-                            text_layers=3)
+    return p.cached("alvts:llava_next", lambda: build_llava_next(
+        p.tmp("tiny") / "llava_next_alvts", seed=0, text_layers=3))
+
+
+@_pool.factory("alvts", servers=3)
+def _alvts_servers(p: _pool.Pool) -> dict[str, Any]:
+    """An alvts-enabled server per family, launched together."""
+    args = [*BASE_ARGS, "--max-num-batched-tokens", BUDGET, *ALVTS_FLAGS]
+    qwen = [*args, *QWEN_CAP, *COMPILED]
+    specs = {
+        "qwen": (tiny_qwen(p), [*qwen, "--hf-overrides", overrides("qwen")]),
+        "llava": (_llava(p), [*args, "--hf-overrides", overrides("llava")]),
+        "llava_next": (_llava_next(p), [*BASE_ARGS, *ALVTS_FLAGS,
+                                        "--hf-overrides", overrides("llava_next")]),
+    }
+    started: dict[str, Any] = {}
+    try:
+        for label, (model, server_args) in specs.items():
+            started[label] = VLLMServer(model, server_args, wait=False,
+                                        log_path=_pool.log_dir() / f"alvts_{label}.log")
+    except BaseException:
+        for server in started.values():
+            server.stop()
+        raise
+    return started
+
+
+_pool.uses("test_alvts_server.py", "servers", "alvts")
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_qwen_dir: Path, llava_dir: Path, llava_next_dir: Path,
-            plain_server: VLLMServer) -> Iterator[dict[str, Any]]:
-    """An alvts-enabled server per family, started together. The unpruned side: the session's
-    plain Qwen2.5-VL server (vLLM's own architecture on the same weights; the test images are
-    below the alvts server's max_pixels cap, so both see the same tokens) and, for LLaVA,
-    transformers' unpruned model (:func:`tests._hf_reference.prepared_step_logprobs`)."""
-    args = [*BASE_ARGS, "--max-num-batched-tokens", BUDGET, *ALVTS_FLAGS]
-    qwen = [*args, *QWEN_CAP, *COMPILED]
-    started = start_servers({
-        "qwen": (tiny_qwen_dir, [*qwen, "--hf-overrides", overrides("qwen")]),
-        "llava": (llava_dir, [*args, "--hf-overrides", overrides("llava")]),
-        "llava_next": (llava_next_dir, [*BASE_ARGS, *ALVTS_FLAGS,
-                                        "--hf-overrides", overrides("llava_next")]),
-    }, "alvts")
-    yield {**started, "qwen_plain": plain_server, "qwen_dir": tiny_qwen_dir,
-           "llava_dir": llava_dir, "llava_next_dir": llava_next_dir}
+def servers(request: pytest.FixtureRequest, plain_server: VLLMServer) -> Iterator[dict[str, Any]]:
+    """An alvts-enabled server per family (:func:`_alvts_servers`). The unpruned side: the
+    session's plain Qwen2.5-VL server (vLLM's own architecture on the same weights; the test
+    images are below the alvts server's max_pixels cap, so both see the same tokens) and, for
+    LLaVA, transformers' unpruned model (:func:`tests._hf_reference.prepared_step_logprobs`)."""
+    p = _pool.pool(request.config)
+    started = p.take("alvts")
+    yield {**started, "qwen_plain": plain_server, "qwen_dir": tiny_qwen(p),
+           "llava_dir": _llava(p), "llava_next_dir": _llava_next(p)}
     for server in started.values():
         server.stop()
 

@@ -21,14 +21,15 @@ non-greedy defaults for every family.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
+from tests import _pool
 from tests.conftest import QWEN25_ARCH
 from vllm_tokenprune import num_kept
 from vllm_tokenprune.testing.media import chat_messages, make_image
@@ -53,22 +54,33 @@ MAX_GREEDY_KEEP = 2048
 IMAGE_TOKENS = 256
 
 
-@pytest.fixture(scope="module")
-def big_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _big_qwen(p: _pool.Pool) -> Path:
     from vllm_tokenprune.testing.tiny_model import build_qwen2_5_vl
 
-    return build_qwen2_5_vl(tmp_path_factory.mktemp("big") / "qwen2_5_vl", seed=0,
-                            max_pixels=MAX_PIXELS)
+    return p.cached("big_qwen", lambda: build_qwen2_5_vl(
+        p.tmp("big") / "qwen2_5_vl", seed=0, max_pixels=MAX_PIXELS))
+
+
+@_pool.factory("profile")
+def _compiled(p: _pool.Pool) -> dict[str, Any]:
+    method, ratio = DEFAULT
+    overrides = token_prune_overrides(QWEN25_ARCH, method=method, prune_ratio=ratio)
+    return {"server": VLLMServer(
+        _big_qwen(p), [*SERVER_ARGS, *COMPILED_ARGS, "--hf-overrides", overrides], fast=False,
+        log_path=_pool.log_dir() / "profile_compiled.log", wait=False)}
+
+
+_pool.uses("test_profile_server.py", "compiled_server", "profile")
 
 
 @pytest.fixture(scope="module")
-def compiled_server(big_qwen_dir: Path) -> Iterator[VLLMServer]:
-    method, ratio = DEFAULT
-    overrides = token_prune_overrides(QWEN25_ARCH, method=method, prune_ratio=ratio)
-    log_dir = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    server = VLLMServer(big_qwen_dir, [*SERVER_ARGS, *COMPILED_ARGS, "--hf-overrides", overrides],
-                        fast=False, log_path=log_dir / "profile_compiled.log")
+def big_qwen_dir(request: pytest.FixtureRequest) -> Path:
+    return _big_qwen(_pool.pool(request.config))
+
+
+@pytest.fixture(scope="module")
+def compiled_server(request: pytest.FixtureRequest) -> Iterator[VLLMServer]:
+    server = _pool.pool(request.config).take("profile")["server"]
     yield server
     server.stop()
 

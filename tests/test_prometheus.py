@@ -48,8 +48,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts import plot_dashboard as pd
+from tests import _pool
 from tests._suite import record_error
-from tests.conftest import QWEN25_ARCH
+from tests.conftest import QWEN25_ARCH, tiny_qwen
 from vllm_tokenprune import num_kept
 from vllm_tokenprune.response import FIELD
 from vllm_tokenprune.testing.media import (
@@ -191,22 +192,32 @@ def _logs() -> Path:
     return logs
 
 
-@pytest.fixture(scope="module")
-def served(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    metrics_dir = tmp_path_factory.mktemp("worker-metrics")
+@_pool.factory("prometheus")
+def _prometheus_server(p: _pool.Pool) -> dict[str, Any]:
+    metrics_dir = p.tmp("worker-metrics")
     overrides = token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=0.5,
                                       allowed_methods=[*METHODS, LAYERWISE],
                                       options={LAYERWISE: {"first_layer": 0}})
     server = VLLMServer(
-        tiny_qwen_dir,
+        tiny_qwen(p),
         [*SERVER_ARGS, "--served-model-name", MODEL_NAME, "--hf-overrides", overrides],
         log_path=_logs() / "prometheus_qwen.log",
-        env={"VLLM_TOKENPRUNE_METRICS_DIR": str(metrics_dir)},
+        env={"VLLM_TOKENPRUNE_METRICS_DIR": str(metrics_dir)}, wait=False,
     )
+    return {"server": server, "metrics_dir": metrics_dir}
+
+
+_pool.uses("test_prometheus.py", "served", "prometheus")
+
+
+@pytest.fixture(scope="module")
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    p = _pool.pool(request.config)
+    started = p.take("prometheus")
     try:
-        yield Served(server, tiny_qwen_dir, metrics_dir)
+        yield Served(started["server"], tiny_qwen(p), started["metrics_dir"])
     finally:
-        server.stop()
+        started["server"].stop()
 
 
 @pytest.fixture(scope="module")

@@ -384,9 +384,11 @@ def start_server(model: Path, server_args: list[str], env: dict[str, str | None]
             self.log_path = log_path
             self.cmd = launch_command(model, self.port, server_args)
             self._log = open(self.log_path, "wb")  # noqa: SIM115
+            self._started, self._timeout = time.monotonic(), 900.0
             self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                          env=server_env(env), start_new_session=True)
-            self.startup_seconds = self._wait_ready(900.0)
+            self.startup_seconds = None
+            self.wait_ready()
 
     return BenchServer()
 

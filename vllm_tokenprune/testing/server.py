@@ -69,9 +69,11 @@ class VLLMServer:
 
     def __init__(self, model: str | Path, args: Sequence[str] = (), *, port: int | None = None,
                  env: dict[str, str | None] | None = None, log_path: str | Path | None = None,
-                 startup_timeout: float = 600.0, fast: bool = True, cli: bool = False) -> None:
+                 startup_timeout: float = 600.0, fast: bool = True, cli: bool = False,
+                 wait: bool = True) -> None:
         """``cli``: start it as ``vllm serve`` (:data:`CLI_LAUNCHER`) rather than the
-        single-process ``vllm.entrypoints.openai.api_server`` module."""
+        single-process ``vllm.entrypoints.openai.api_server`` module. ``wait``: return once it
+        answers ``/health`` (otherwise at once: :meth:`wait_ready` waits)."""
         self.model = str(model)
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -90,13 +92,25 @@ class VLLMServer:
         cmd += list(args)
         self.cmd = cmd
         self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self._started = time.monotonic()
+        self._timeout = startup_timeout
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=server_env(env), start_new_session=True)
-        self.startup_seconds = self._wait_ready(startup_timeout)
+        #: Seconds from the launch to the first healthy ``/health`` (None until then).
+        self.startup_seconds: float | None = None
+        if wait:
+            self.wait_ready()
 
     # -- lifecycle
+    def wait_ready(self) -> VLLMServer:
+        """Wait until the server answers ``/health`` (at most ``startup_timeout`` seconds from
+        its launch); stop it and raise, with its log's tail, if it exits or times out."""
+        if self.startup_seconds is None:
+            self.startup_seconds = self._wait_ready(self._timeout)
+        return self
+
     def _wait_ready(self, timeout: float) -> float:
-        start = time.monotonic()
+        start = self._started
         while time.monotonic() - start < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(
