@@ -94,6 +94,8 @@ class Pool:
         self._live: dict[str, Mapping[str, Any]] = {}
         #: Keys launched ahead of their first test, in order (for the log and docs/testing.md).
         self.prestarted: list[str] = []
+        #: Test files another worker runs: never planned for here.
+        self.elsewhere: frozenset[str] = frozenset()
 
     # -- shared inputs of factories and fixtures
     def tmp(self, name: str) -> Path:
@@ -154,6 +156,8 @@ class Pool:
         self._index = {item.nodeid: i for i, item in enumerate(items)}
         first: dict[str, int] = {}
         for i, item in enumerate(items):
+            if item.path.name in self.elsewhere:
+                continue
             for key in self.keys(item):
                 first.setdefault(key, i)
                 self._last_use[key] = i

@@ -111,13 +111,16 @@ def file_groups(test_dir: Path) -> dict[str, str]:
 #: Server files whose server is their own, short-lived and started by the test itself (the
 #: README's demo command, a refusal): they run beside the others, not in the servers' worker.
 OWN_SERVER_FILES = frozenset({"test_demo.py", "test_startup.py"})
+#: Server files with a server of their own (a family's class server) that the other worker runs
+#: after its in-process files, when there are two: the servers' worker is the longer one.
+LATE_FILES = frozenset({"test_qwen2_vl_server.py", "test_qwen3_vl_server.py"})
 
 
 def server_files(test_dir: Path) -> frozenset[str]:
     """Test files with a test marked ``server`` (it starts or uses a real vLLM server), but for
     :data:`OWN_SERVER_FILES`."""
     return frozenset(path.name for path in test_dir.glob("test_*.py")
-                     if path.name not in OWN_SERVER_FILES
+                     if path.name not in OWN_SERVER_FILES | LATE_FILES
                      and "pytest.mark.server" in path.read_text(encoding="utf-8"))
 
 
@@ -153,6 +156,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     test_dir = Path(__file__).parent
     groups = file_groups(test_dir)
     servers = {groups.get(name, name) for name in server_files(test_dir)}
+    late = {groups.get(name, name) for name in LATE_FILES}
 
     # units in collection order (LONG_FILES first), not xdist's default of most tests first
     config.option.loadscopereorder = False
@@ -165,6 +169,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         def _assign_work_unit(self, node: Any) -> None:
             server_node = node.gateway.id == "gw0"
             mine = [s for s in self.workqueue if (s in servers) == server_node]
+            if not server_node:  # LATE_FILES after the in-process files
+                mine.sort(key=lambda s: s in late)
             if not mine and server_node:
                 mine = list(self.workqueue)
             if not mine:
@@ -179,6 +185,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return FileGroupScheduling(config, log)
 
 
+def _session_pool(item: pytest.Item) -> _pool.Pool:
+    pool = _pool.pool(item.config)
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        pool.elsewhere = LATE_FILES  # run by the other worker
+    return pool
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_call(item: pytest.Item) -> None:
     """Launch the next server configuration a later test uses while this one runs (after its
@@ -188,14 +201,14 @@ def pytest_runtest_call(item: pytest.Item) -> None:
         return
     if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
         return  # the servers run in gw0 (pytest_xdist_make_scheduler)
-    _pool.pool(item.config).look_ahead(item)
+    _session_pool(item).look_ahead(item)
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     """Stop the servers no later test of this worker uses (``tests/_pool.py``)."""
     if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
-        _pool.pool(item.config).release(item)
+        _session_pool(item).release(item)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -204,7 +217,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     fixtures would start them one after the other; ``tests/_pool.py``)."""
     if os.environ.get("TOKENPRUNE_TEST_LOOKAHEAD", "1") == "0":
         return
-    _pool.pool(item.config).launch_own(item)
+    _session_pool(item).launch_own(item)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
