@@ -167,7 +167,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return groups.get(name, name)
 
         def _assign_work_unit(self, node: Any) -> None:
-            server_node = node.gateway.id == "gw0"
+            # gw0 runs the server units; any node does when gw0 is gone (xdist shuts down the
+            # nodes a small selection leaves without work, not necessarily the last one)
+            server_node = node.gateway.id == "gw0" or all(
+                n.gateway.id != "gw0" for n in self.nodes)
             mine = [s for s in self.workqueue if (s in servers) == server_node]
             if not server_node:  # LATE_FILES after the in-process files
                 mine.sort(key=lambda s: s in late)
