@@ -157,3 +157,14 @@ def test_mosaic_reads_one_channel_per_patch_or_sample():
     mosaic = qwen_token_view(pv, (2, 6, 8), image_std=std, channel=-2)
     assert window_ranks(mosaic, auto_options())[0] == pytest.approx(
         window_ranks(mosaic.tensor(), auto_options())[0], rel=1e-5)
+
+
+def test_one_layout_read_from_pixels_of_several_dtypes():
+    # the estimator keeps its buffers per layout and thread: pixels of another dtype with the
+    # same layout (raw uint8, then float16, then float32) must not reuse the other's scratch
+    pv = _pixels(4 * 6, 3 * 2 * 14 * 14)
+    o = auto_options()
+    for x, std in ((pv, 1 / 255), ((pv / 255).half(), 1.0), (pv.float() / 255, 1.0)):
+        view = qwen_token_view(x, (1, 4, 6), image_std=std)
+        assert window_ranks(view, o)[0] == pytest.approx(
+            window_ranks(view.tensor(), o)[0], rel=1e-5)

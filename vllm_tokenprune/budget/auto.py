@@ -213,21 +213,23 @@ class _Plan:
     def offsets(self, grid: TokenGrid) -> np.ndarray:
         """The gather offsets of ``grid``'s windows (``B, D, n``; 0 in the padding), made once
         per grid layout (``grid.key``) and kept with the plan."""
-        if grid.key not in self.index:
+        index = self.index.get(grid.key)
+        if index is None:
             if len(self.index) >= 8:
                 self.index.clear()
-            self.index[grid.key] = self.arrange(grid.index)
-        return self.index[grid.key]
+            index = self.index[grid.key] = self.arrange(grid.index)
+        return index
 
     def stack(self, grid: TokenGrid) -> np.ndarray:
         """``grid``'s windows, ``(B, D, n)`` float32, in this thread's buffer for the plan and
         grid layout (valid until the next call). The padding holds the value at offset 0:
         :func:`_ranks` masks it."""
         store = self.local.__dict__
-        entry = store.get(grid.key)
+        key = (grid.key, grid.source.dtype)  # the scratch buffer has the pixels' dtype
+        entry = store.get(key)
         if entry is None:
             index = self.offsets(grid)
-            entry = store[grid.key] = (
+            entry = store[key] = (
                 index, np.zeros(index.shape, np.float32),
                 None if grid.source.dtype == np.float32
                 else np.zeros(index.shape, grid.source.dtype))
