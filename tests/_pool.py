@@ -92,8 +92,6 @@ class Pool:
         self._index: dict[str, int] = {}
         self._last_use: dict[str, int] = {}
         self._live: dict[str, Mapping[str, Any]] = {}
-        #: Keys launched ahead of their first test, in order (for the log and docs/testing.md).
-        self.prestarted: list[str] = []
         #: Test files another worker runs: never planned for here.
         self.elsewhere: frozenset[str] = frozenset()
 
@@ -113,7 +111,6 @@ class Pool:
         if key in self._pending or key in self._taken:
             return
         self._pending[key] = _FACTORIES[key](self)
-        self.prestarted.append(key)
 
     def take(self, key: str) -> Mapping[str, Any]:
         """``key``'s servers, up (launched now if nobody launched them ahead); stopped all if
@@ -153,6 +150,8 @@ class Pool:
         return found
 
     def _plan(self, items: list[pytest.Item]) -> None:
+        if self._first_use is not None:
+            return
         self._index = {item.nodeid: i for i, item in enumerate(items)}
         first: dict[str, int] = {}
         for i, item in enumerate(items):
@@ -167,8 +166,7 @@ class Pool:
         """After ``item``: stop the servers no later test uses (a session server's fixture would
         keep it to the session's end; its own stop then does nothing). Their memory goes to the
         next look-ahead starts."""
-        if self._first_use is None:
-            self._plan(item.session.items)
+        self._plan(item.session.items)
         here = self._index.get(item.nodeid, -1)
         for key, obj in list(self._live.items()):
             if self._last_use.get(key, -1) <= here:
@@ -188,8 +186,7 @@ class Pool:
     def look_ahead(self, item: pytest.Item) -> None:
         """Before ``item`` runs: launch the next configuration a later test uses (one at a time,
         memory permitting)."""
-        if self._first_use is None:
-            self._plan(item.session.items)
+        self._plan(item.session.items)
         assert self._first_use is not None
         if len(self._pending) >= MAX_PENDING:
             return

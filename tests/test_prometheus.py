@@ -186,12 +186,6 @@ class Stack(Served):
     started: float
 
 
-def _logs() -> Path:
-    logs = Path(os.environ.get("TOKENPRUNE_TEST_LOGS", "/tmp/vllm-tokenprune-test-logs"))
-    logs.mkdir(parents=True, exist_ok=True)
-    return logs
-
-
 @_pool.factory("prometheus")
 def _prometheus_server(p: _pool.Pool) -> dict[str, Any]:
     metrics_dir = p.tmp("worker-metrics")
@@ -201,7 +195,7 @@ def _prometheus_server(p: _pool.Pool) -> dict[str, Any]:
     server = VLLMServer(
         tiny_qwen(p),
         [*SERVER_ARGS, "--served-model-name", MODEL_NAME, "--hf-overrides", overrides],
-        log_path=_logs() / "prometheus_qwen.log",
+        log_path=_pool.log_dir() / "prometheus_qwen.log",
         env={"VLLM_TOKENPRUNE_METRICS_DIR": str(metrics_dir)}, wait=False,
     )
     return {"server": server, "metrics_dir": metrics_dir}
@@ -231,7 +225,7 @@ def stack(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
                            text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    prom = PrometheusProcess(prom_bin, config, work / "data", _logs() / "prometheus.log")
+    prom = PrometheusProcess(prom_bin, config, work / "data", _pool.log_dir() / "prometheus.log")
     try:
         yield Stack(server=served.server, model_dir=served.model_dir,
                     metrics_dir=served.metrics_dir, ledger=served.ledger,
