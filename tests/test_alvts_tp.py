@@ -9,6 +9,9 @@ the integration's own ``shard_factors`` and ``tensor_model_parallel_all_reduce``
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,24 @@ def _route(router: AlvtsRouter) -> list[torch.Tensor]:
     return [router.route(i, hidden + 0.1 * i, KEEP, state) for i in range(LAYERS)]
 
 
+@pytest.fixture(scope="module")
+def ranks() -> Iterator[str]:
+    """The start method of the ranks: ``forkserver``, its server importing vLLM's distributed
+    set-up and this module once, so that each rank is a fork of it (six ranks would otherwise
+    import torch and vLLM six times: most of this file's time). The rank processes themselves
+    forks of that server, not of the test process (whose threads a fork would inherit); the
+    server's environment is the test process's when it starts, so what differs per test comes
+    in the ranks' arguments. The server is stopped after the module."""
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["torch", "vllm.distributed", "vllm.model_executor.layers.linear", __name__])
+    yield "forkserver"
+    stop = getattr(forkserver._forkserver, "_stop", None)  # private; Python >= 3.9
+    if stop is not None:
+        stop()
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -62,13 +83,13 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_route_as_one_holding_every_head(tmp_path: Path) -> None:
+def test_two_ranks_route_as_one_holding_every_head(tmp_path: Path, ranks: str) -> None:
     import torch.multiprocessing as mp
 
     world = 2
     out = str(tmp_path / "routes")
-    mp.spawn(_worker, args=(world, f"file://{tmp_path / 'store'}", out), nprocs=world,
-             join=True)
+    mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'store'}", out),
+                       nprocs=world, join=True, start_method=ranks)
     single = _routes(0, 1)
     got = [torch.load(f"{out}.{r}") for r in range(world)]
     for layer in range(LAYERS):
@@ -98,9 +119,11 @@ def test_the_reduced_score_is_the_full_score(world: int) -> None:
                               rtol=1e-5, atol=1e-7)
 
 
-def _vllm_worker(rank: int, world: int, init: str, out: str) -> None:
+def _vllm_worker(rank: int, world: int, init: str, out: str, ident: str) -> None:
     """One rank of vLLM's tensor-parallel set-up: each layer's QKVParallelLinear loads the full
-    weights (vLLM slices this rank's heads), then the integration builds and routes."""
+    weights (vLLM slices this rank's heads), then the integration builds and routes.
+    ``ident``: vLLM's CPU shared-memory group name (``VLLM_DIST_IDENT``), one per test."""
+    os.environ["VLLM_DIST_IDENT"] = ident
     from types import SimpleNamespace
 
     from vllm.config import VllmConfig, set_current_vllm_config
@@ -144,14 +167,14 @@ def _vllm_worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_vllm_tensor_parallel_ranks_route_as_one(tmp_path: Path, monkeypatch,
+def test_vllm_tensor_parallel_ranks_route_as_one(tmp_path: Path, ranks: str,
                                                  world: int) -> None:
     import torch.multiprocessing as mp
 
-    monkeypatch.setenv("VLLM_DIST_IDENT", f"alvts-tp-{tmp_path.name}")  # vLLM's CPU shm group
     out = str(tmp_path / "routes")
-    mp.spawn(_vllm_worker, args=(world, f"file://{tmp_path / 'store'}", out), nprocs=world,
-             join=True)
+    mp.start_processes(_vllm_worker, args=(world, f"file://{tmp_path / 'store'}", out,
+                                           f"alvts-tp-{tmp_path.name}"),
+                       nprocs=world, join=True, start_method=ranks)
     single = _routes(0, 1)
     for rank in range(world):
         got = torch.load(f"{out}.{rank}")
