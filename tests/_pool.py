@@ -183,6 +183,17 @@ class Pool:
             for key in missing:
                 self.prestart(key)
 
+    def look_ahead_keys(self, keys: list[str]) -> None:
+        """Launch the first of ``keys`` not up or starting (one at a time, memory
+        permitting)."""
+        if self._pending:
+            return
+        for key in keys:
+            if key not in self._taken:
+                if _available_gib() >= _SIZES[key] * SERVER_GIB + SPARE_GIB:
+                    self.prestart(key)
+                return
+
     def look_ahead(self, item: pytest.Item) -> None:
         """Before ``item`` runs: launch the next configuration a later test uses (one at a time,
         memory permitting)."""

@@ -111,9 +111,15 @@ def file_groups(test_dir: Path) -> dict[str, str]:
 #: Server files whose server is their own, short-lived and started by the test itself (the
 #: README's demo command, a refusal): they run beside the others, not in the servers' worker.
 OWN_SERVER_FILES = frozenset({"test_demo.py", "test_startup.py"})
-#: Server files with a server of their own (a family's class server) that the other worker runs
-#: after its in-process files, when there are two: the servers' worker is the longer one.
-LATE_FILES = frozenset({"test_qwen2_vl_server.py", "test_qwen3_vl_server.py"})
+#: Server files with a server of their own (a family's class server, the compiled profile
+#: server) that the other worker runs after its in-process files, when there are two: the
+#: servers' worker is the longer one.
+LATE_FILES = frozenset({"test_qwen2_vl_server.py", "test_qwen3_vl_server.py",
+                        "test_profile_server.py"})
+#: The other worker launches its first :data:`LATE_FILES` server when this many of its in-process
+#: tests are left (about 45 s of them on the 2-core machine: a server start under load), and
+#: each next one while the previous one's tests run.
+LATE_LEAD = 150
 
 
 def server_files(test_dir: Path) -> frozenset[str]:
@@ -199,12 +205,16 @@ def _session_pool(item: pytest.Item) -> _pool.Pool:
 def pytest_runtest_call(item: pytest.Item) -> None:
     """Launch the next server configuration a later test uses while this one runs (after its
     fixtures are up, so the launch overlaps tests, not this test's own server start;
-    ``tests/_pool.py``); only in the worker that runs the server files."""
+    ``tests/_pool.py``). The other worker launches its :data:`LATE_FILES` servers, in the order
+    it runs them, once at most :data:`LATE_LEAD` of its in-process tests are left."""
     if os.environ.get("TOKENPRUNE_TEST_LOOKAHEAD", "1") == "0":
         return
-    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
-        return  # the servers run in gw0 (pytest_xdist_make_scheduler)
-    _session_pool(item).look_ahead(item)
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+        _session_pool(item).look_ahead(item)
+        return
+    late = item.config.stash.get(_LATE, None)
+    if late is not None and late.left.get(item.nodeid, LATE_LEAD + 1) <= LATE_LEAD:
+        _session_pool(item).look_ahead_keys(late.keys)
 
 
 @pytest.hookimpl(trylast=True)
@@ -221,6 +231,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("TOKENPRUNE_TEST_LOOKAHEAD", "1") == "0":
         return
     _session_pool(item).launch_own(item)
+
+
+class _Late:
+    """The other worker's plan for its :data:`LATE_FILES`: ``keys``, their server configurations
+    in the order it runs them; ``left``, per in-process test, how many of them are left after
+    it (the worker takes them in collection order, :func:`pytest_xdist_make_scheduler`)."""
+
+    def __init__(self, items: list[pytest.Item]) -> None:
+        servers = server_files(Path(__file__).parent)
+        own = [item for item in items
+               if item.path.name not in servers and item.path.name not in LATE_FILES]
+        self.left = {item.nodeid: len(own) - 1 - i for i, item in enumerate(own)}
+        self.keys: list[str] = []
+        for item in items:
+            if item.path.name in LATE_FILES:
+                self.keys += [k for k in _pool.Pool.keys(item) if k not in self.keys]
+
+
+_LATE = pytest.StashKey[_Late]()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -246,6 +275,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             name = item.path.name
             first[group[name]] = min(first.get(group[name], len(rank)), rank.get(name, len(rank)))
         items.sort(key=lambda item: first[group[item.path.name]])  # stable: file order kept
+        if os.environ["PYTEST_XDIST_WORKER"] != "gw0":
+            config.stash[_LATE] = _Late(items)
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,9 +173,16 @@ def test_vllm_tensor_parallel_ranks_route_as_one(tmp_path: Path, ranks: str,
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "routes")
-    mp.start_processes(_vllm_worker, args=(world, f"file://{tmp_path / 'store'}", out,
-                                           f"alvts-tp-{tmp_path.name}"),
-                       nprocs=world, join=True, start_method=ranks)
+    ident = f"alvts-tp-{uuid.uuid4().hex[:12]}"
+    try:
+        mp.start_processes(_vllm_worker, args=(world, f"file://{tmp_path / 'store'}", out, ident),
+                           nprocs=world, join=True, start_method=ranks)
+    finally:
+        # vLLM's CPU communicator unlinks its shared-memory segments when the process's C++
+        # objects are destroyed at exit; a forkserver's child ends with os._exit, so the
+        # segments (8 MiB per rank) are unlinked here
+        for segment in Path("/dev/shm").glob(f"{ident}-*"):
+            segment.unlink(missing_ok=True)
     single = _routes(0, 1)
     for rank in range(world):
         got = torch.load(f"{out}.{rank}")
