@@ -169,7 +169,9 @@ class Pool:
         self._plan(item.session.items)
         here = self._index.get(item.nodeid, -1)
         for key, obj in list(self._live.items()):
-            if self._last_use.get(key, -1) <= here:
+            # a configuration not planned here (another worker's file this one took up at the
+            # end) keeps its fixture's own stop
+            if key in self._last_use and self._last_use[key] <= here:
                 for server in _servers(obj):
                     server.stop()
                 del self._live[key]

@@ -117,9 +117,10 @@ OWN_SERVER_FILES = frozenset({"test_demo.py", "test_startup.py"})
 LATE_FILES = frozenset({"test_qwen2_vl_server.py", "test_qwen3_vl_server.py",
                         "test_profile_server.py"})
 #: The other worker launches its first :data:`LATE_FILES` server when this many of its in-process
-#: tests are left (about 45 s of them on the 2-core machine: a server start under load), and
-#: each next one while the previous one's tests run.
-LATE_LEAD = 150
+#: tests are left (about 90 s of them on the 2-core machine; the compiled profile server takes
+#: about 60 s to start there while both workers run), and each next one while the previous
+#: one's tests run.
+LATE_LEAD = 300
 
 
 def server_files(test_dir: Path) -> frozenset[str]:
@@ -181,7 +182,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             if not server_node:  # LATE_FILES after the in-process files
                 mine.sort(key=lambda s: s in late)
             if not mine and server_node:
-                mine = list(self.workqueue)
+                # what is left, but LATE_FILES while another node runs them (it launches their
+                # servers ahead: pytest_runtest_call)
+                alone = all(n is node for n in self.nodes)
+                mine = [s for s in self.workqueue if alone or s not in late]
             if not mine:
                 node.shutdown()  # only server units are left: gw0's
                 return
