@@ -168,3 +168,16 @@ def test_one_layout_read_from_pixels_of_several_dtypes():
         view = qwen_token_view(x, (1, 4, 6), image_std=std)
         assert window_ranks(view, o)[0] == pytest.approx(
             window_ranks(view.tensor(), o)[0], rel=1e-5)
+
+
+def test_pixels_numpy_cannot_share_are_read_as_well():
+    # the view takes a CPU tensor's memory in one call; bfloat16 (no numpy dtype) and a tensor
+    # that requires grad go the long way, to the same values; a wrong shape is refused after a
+    # cached layout as before it
+    pv = _pixels(4 * 6, 3 * 2 * 14 * 14).float() / 255
+    std = [0.5, 0.25, 1.0]
+    for x in (pv.to(torch.bfloat16), pv.clone().requires_grad_()):
+        got = qwen_token_grid(x, (1, 4, 6), image_std=tuple(std))
+        assert torch.equal(got, qwen_token_grid(x.detach().float(), (1, 4, 6), image_std=std))
+    with pytest.raises(ValueError, match=r"shape \(23, 1176\).*needs \(24, 1176\)"):
+        qwen_token_view(pv[:-1], (1, 4, 6))
