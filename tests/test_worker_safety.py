@@ -58,21 +58,36 @@ def encoder_log(log: Path) -> list[tuple[str, int, int]]:
             (line.split() for line in log.read_text().splitlines() if line.strip())]
 
 
+#: Bursts of 16 requests sent until one encoder step held more than the profiled batch.
+MAX_BURSTS = 4
+
+
 def test_vision_tower_calls_stay_within_profiled_budget(safety_server):
     """16 requests, each with a different 256-token image pruned to 26 tokens, at once: the
     scheduler charges 26 per image against a 512-token encoder budget, so one encoder step
-    holds far more than the 2 images (512 tokens) vLLM profiled; the hook splits it."""
+    holds far more than the 2 images (512 tokens) vLLM profiled; the hook splits it. Whether
+    the images reach one step together depends on how fast the API server prepares them (under
+    load they can arrive one or two per step, and the guard has nothing to do: seen in about
+    one suite run in three): another burst of new images is sent, up to :data:`MAX_BURSTS`,
+    until a step brought more than the profiled batch; every burst is checked."""
     server, log = safety_server
     before = len(encoder_log(log))
     ratio = 0.9
 
-    def one(i: int) -> int:
-        msgs = chat_messages([make_image(*BIG, seed=100 + i)], "Describe this image.")
+    def one(seed: int) -> int:
+        msgs = chat_messages([make_image(*BIG, seed=seed)], "Describe this image.")
         return chat(server, msgs, prune_ratio=ratio).usage.prompt_tokens
 
-    with ThreadPoolExecutor(16) as pool:
-        prompt_tokens = list(pool.map(one, range(16)))
-    assert len(set(prompt_tokens)) == 1  # same layout, exact pruned count in every request
+    bursts = 0
+    while bursts < MAX_BURSTS:
+        # new images each burst (a cached image would not reach the tower)
+        seeds = [100 + i if bursts == 0 else 1000 + 16 * bursts + i for i in range(16)]
+        with ThreadPoolExecutor(16) as pool:
+            prompt_tokens = list(pool.map(one, seeds))
+        bursts += 1
+        assert len(set(prompt_tokens)) == 1  # same layout, exact pruned count in every request
+        if max(n for kind, n, _ in encoder_log(log)[before:] if kind == "batch") > PROFILED:
+            break
     entries = encoder_log(log)[before:]
     # what the vision tower module itself received (its forward pre-hook), not the plan
     tower = [n for kind, n, _ in entries if kind == "tower"]
@@ -81,7 +96,7 @@ def test_vision_tower_calls_stay_within_profiled_budget(safety_server):
     staged = [n for kind, n, _ in entries if kind == "stage"]
     caps = {c for kind, _, c in entries if kind != "stage"}
     assert caps == {PROFILED}, caps
-    assert sum(tower) == 16 * BIG_TOKENS  # every image went through the tower exactly once
+    assert sum(tower) == bursts * 16 * BIG_TOKENS  # every image through the tower exactly once
     assert max(tower) <= PROFILED, tower
     assert tower == calls  # the tower got exactly the sub-batches the guard planned
     # the guard had work to do: some scheduler step brought more than the profiled batch
