@@ -185,6 +185,11 @@ class Pool:
             for key in missing:
                 self.prestart(key)
 
+    def _room_for(self, key: str) -> bool:
+        # launched servers grow for a while: count the pending ones at their full size
+        starting = sum(_SIZES[k] for k in self._pending)
+        return _available_gib() >= (starting + _SIZES[key]) * SERVER_GIB + SPARE_GIB
+
     def look_ahead_keys(self, keys: list[str]) -> None:
         """Launch the first of ``keys`` not up or starting (one at a time, memory
         permitting)."""
@@ -192,7 +197,7 @@ class Pool:
             return
         for key in keys:
             if key not in self._taken:
-                if _available_gib() >= _SIZES[key] * SERVER_GIB + SPARE_GIB:
+                if self._room_for(key):
                     self.prestart(key)
                 return
 
@@ -207,9 +212,7 @@ class Pool:
         for i, key in self._first_use:
             if i <= here or key in self._taken or key in self._pending:
                 continue
-            # launched servers grow for a while: count the pending ones at their full size
-            starting = sum(_SIZES[k] for k in self._pending)
-            if _available_gib() >= (starting + _SIZES[key]) * SERVER_GIB + SPARE_GIB:
+            if self._room_for(key):
                 self.prestart(key)
             return
 
