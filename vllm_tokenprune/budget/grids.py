@@ -248,38 +248,21 @@ def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], 
     ``sample_rows``: columns and rows per token (divided by ``merge`` per patch); ``channel``:
     that colour channel only, ``MOSAIC``, or None / -1: every channel."""
     t, h, w = (int(v) for v in grid_thw)
-    layout = _qwen_layout(t, h, w, merge_size, patch_size, temporal_patch_size, channels,
-                          samples, sample_rows, _hashable(image_std), channel)
-    expected = layout[0]
+    m, p, tp = merge_size, patch_size, temporal_patch_size
+    if h % m or w % m:
+        raise ValueError(f"grid {(t, h, w)} is not a multiple of merge_size={m}")
+    expected = (t * h * w, channels * tp * p * p)
     if tuple(pixel_values.shape) != expected:
         raise ValueError(
             f"pixel_values has shape {tuple(pixel_values.shape)}; grid {(t, h, w)} with patch "
-            f"{patch_size}, temporal patch {temporal_patch_size} and {channels} channels needs "
-            f"{expected}")
-    return TokenGrid(_flat(as_numpy(pixel_values)), *layout[1:])
-
-
-def _hashable(image_std: Sequence[float] | float | None) -> tuple[float, ...] | float | None:
-    return image_std if image_std is None or isinstance(image_std, (int, float)) else tuple(
-        image_std)
-
-
-@functools.lru_cache(maxsize=32)
-def _qwen_layout(t: int, h: int, w: int, m: int, p: int, tp: int, channels: int, samples: int,
-                 sample_rows: int, image_std: tuple[float, ...] | float | None,
-                 channel: int | None) -> tuple[Any, ...]:
-    """``(expected pixel_values shape, index, factor, uniform, key)`` of :func:`qwen_token_view`
-    for one item layout and sampling: everything but the pixels, made once (a look-up per item,
-    not a dozen calls: this runs cold after the processor, ``docs/budgets.md``)."""
-    if h % m or w % m:
-        raise ValueError(f"grid {(t, h, w)} is not a multiple of merge_size={m}")
+            f"{p}, temporal patch {tp} and {channels} channels needs {expected}")
     rows = tuple(sample_offsets(p, per_patch(sample_rows, m, p)))
     cols = tuple(sample_offsets(p, per_patch(samples, m, p)))
     ch = _channel_of(channel, channels)
     index, chans = _qwen_index(t, h, w, m, p, tp, channels, rows, cols, ch)
-    return ((t * h * w, channels * tp * p * p), index,
-            *_factors(_std(image_std, channels), chans),
-            ("qwen", t, h, w, m, p, tp, channels, rows, cols, ch))
+    return TokenGrid(_flat(as_numpy(pixel_values)), index,
+                     *_factors(_std(image_std, channels), chans),
+                     ("qwen", t, h, w, m, p, tp, channels, rows, cols, ch))
 
 
 def patch_token_grid(pixel_values: Tensor, **kwargs: Any) -> Tensor:
