@@ -12,6 +12,7 @@ Public API::
     qwen_token_view / patch_token_view(...)       # the same, not yet read (TokenGrid)
     estimate_keep(grid, num_tokens, options, min_keep=1) -> AutoEstimate
     estimate_image(pil_image, hf_image_processor, options)  # all of the above, for one image
+    auto_count(hf_output, hf_image_processor, options, index)  # the server's: readers kept
 
 ``docs/budgets.md`` has the rule, its defaults and reasons, and its measured cost.
 """
@@ -32,12 +33,19 @@ from vllm_tokenprune.budget.grids import (
     qwen_token_view,
     sample_offsets,
 )
-from vllm_tokenprune.budget.hf import estimate_image, pixel_scale, processor_kind, token_grid
+from vllm_tokenprune.budget.hf import (
+    auto_count,
+    estimate_image,
+    pixel_scale,
+    processor_kind,
+    token_grid,
+)
 
 __all__ = [
     "AutoEstimate",
     "AutoOptions",
     "TokenGrid",
+    "auto_count",
     "auto_options",
     "estimate_image",
     "estimate_keep",

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import threading
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,7 +44,8 @@ from torch import Tensor
 from vllm_tokenprune.budget.grids import MOSAIC, TokenGrid, dense_grid
 from vllm_tokenprune.scoring._registry import _check_bounds, _coerce, option
 
-__all__ = ["AutoEstimate", "AutoOptions", "auto_options", "estimate_keep", "window_ranks"]
+__all__ = ["AutoEstimate", "AutoOptions", "Reader", "auto_options", "estimate_keep", "reader",
+           "window_ranks"]
 
 #: Where the server block keeps these options (``token_prune.auto``), for messages.
 PREFIX = "token_prune.auto"
@@ -94,6 +94,11 @@ class AutoOptions:
                 f"({self.max_fraction})")
         if self.window == 1:
             raise ValueError(f"{PREFIX}.window must be 0 (whole item) or >= 2, got 1")
+        # hashed once: the options are part of every image's reader key (budget/hf.py)
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
 
 
 def auto_options(options: Mapping[str, Any] | AutoOptions | None = None) -> AutoOptions:
@@ -122,13 +127,12 @@ def auto_options(options: Mapping[str, Any] | AutoOptions | None = None) -> Auto
     return AutoOptions(**values)
 
 
-@dataclass(frozen=True)
-class AutoEstimate:
-    """What ``auto`` chose for one item.
+class AutoEstimate(typing.NamedTuple):
+    """What ``auto`` chose for one item (a named tuple: made on every request, cheaply).
 
     ``num_keep``: the count to keep; ``rank``: the summed window ranks before ``scale`` and the
     bounds (estimated from a lattice of windows above ``max_windows``);
-    ``rows``: descriptor rows read; ``num_tokens``: the item's N; ``bound``: ``"min"``,
+    ``rows``: the grid's descriptor rows; ``num_tokens``: the item's N; ``bound``: ``"min"``,
     ``"max"`` or ``None``: which bound (if any) decided the count."""
 
     num_keep: int
@@ -159,230 +163,227 @@ def _lattice(num: int, cap: int, cols: int) -> list[int]:
     return list(range(s // 2, num, s))
 
 
-def _blocks(size: int, win: int) -> list[tuple[int, int, int, int]]:
-    """The windows along one axis in blocks read at once: ``(first window, windows, rows each,
-    first row)``: the full windows, then the remainder."""
-    full = size // win
-    out = [(0, full, win, 0)] if full else []
-    return out + ([(full, 1, size % win, full * win)] if size % win else [])
-
-
-#: One copy of a plan: the grid's ``(F, H, W)`` slices, how the block splits into ``(windows,
-#: rows)`` per axis (None: one window, no split) and where it goes in the stack.
-Copy = tuple[tuple[slice, slice, slice], "tuple[int, ...] | None", tuple[Any, ...]]
-
-
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """How the windows of an ``(F, H, W)`` token grid are read: each window's transposed
-    ``n x D`` matrix, ``(B, D, n)``, gathered from the pixels in one ``numpy.take`` through
-    offsets arranged once per grid layout (:meth:`offsets`). The arrangement: a zero-padded
-    stack of shape ``lead + (D,) + tail`` (``tail``: a window's ``(fw, wh, ww)`` tokens,
-    innermost), reshaped to ``(B, D, n)``; ``lead``: ``(nF, nH, nW)`` for every window (one copy
-    per block of whole windows), ``(B,)`` for a lattice (one copy per window); ``copies``: what
-    :func:`_arrange` copies. ``mask`` (``B, 1, n``; None when no window is padded) is 1 on a
-    window's own tokens, ``counts`` its tokens (float32, ``B, 1, 1``); ``windows``: all the
-    grid's windows, ``rows``: the rows computed; ``consts``: the rule's per-window constants by
-    ``(D, noise_floor)``; ``scaled``: :func:`_scaled_mask`; ``index``: the gather offsets by grid
-    key."""
+    """The windows of an ``(F, H, W)`` token grid: each holds ``tail = (fw, wh, ww)`` tokens
+    (the last window on an axis ends at the edge, overlapping its neighbour, so no window is
+    padded and one ``n x n`` centring matrix serves them all); ``starts``: the ``(f, y, x)``
+    first token of each window read, ``tokens``: each token's ``(f, y, x)`` in its window
+    (Python tuples: a new image size makes a plan, and a few list steps cost less than numpy
+    calls made cold); ``windows``: all the grid's windows, ``computed``: the windows read,
+    ``rows``: the token rows they hold (overlaps counted twice)."""
 
-    lead: tuple[int, ...]
     tail: tuple[int, int, int]
-    copies: tuple[Copy, ...]
-    mask: np.ndarray | None
-    counts: np.ndarray
+    starts: tuple[tuple[int, int, int], ...]
+    tokens: tuple[tuple[int, int, int], ...]
     windows: int
-    rows: int
-    consts: dict[tuple[int, float], tuple[np.ndarray, ...]] = dataclasses.field(
-        default_factory=dict)
-    scaled: dict[bytes, np.ndarray] = dataclasses.field(default_factory=dict)
-    index: dict[tuple[Any, ...], np.ndarray] = dataclasses.field(default_factory=dict)
-    local: threading.local = dataclasses.field(default_factory=threading.local)
 
-    def arrange(self, grid: np.ndarray) -> np.ndarray:
-        """An ``(F, H, W, D)`` array's windows as a new ``(B, D, n)`` array of its dtype, zeros
-        in the padding."""
-        d = grid.shape[3]
-        x = np.zeros((*self.lead, d, *self.tail), dtype=grid.dtype)
-        lead = len(self.lead)
-        t = [lead + 1 + i for i in range(3)]
-        order = ([0, t[0], 1, t[1], 2, t[2]] if lead == 3 else [0, *t]) + [lead]
-        _arrange(grid, x.transpose(order), self.copies)
-        return x.reshape(math.prod(self.lead), d, -1)
+    @property
+    def computed(self) -> int:
+        return len(self.starts)
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def rows(self) -> int:
+        return len(self.starts) * len(self.tokens)
 
     def offsets(self, grid: TokenGrid) -> np.ndarray:
-        """The gather offsets of ``grid``'s windows (``B, D, n``; 0 in the padding), made once
-        per grid layout (``grid.key``) and kept with the plan."""
-        index = self.index.get(grid.key)
-        if index is None:
-            if len(self.index) >= 8:
-                self.index.clear()
-            index = self.index[grid.key] = self.arrange(grid.index)
+        """The gather offsets of ``grid``'s windows, ``(B, D, n)``: window start + value +
+        token in the window, through the grid's strides."""
+        sf, sy, sx = grid.strides
+        first = np.array([grid.base + f * sf + y * sy + x * sx for f, y, x in self.starts],
+                         dtype=np.intp)
+        inner = np.array([f * sf + y * sy + x * sx for f, y, x in self.tokens], dtype=np.intp)
+        index = np.add.outer(np.add.outer(first, grid.offsets), inner)
+        index.setflags(write=False)
         return index
 
-    def stack(self, grid: TokenGrid) -> np.ndarray:
-        """``grid``'s windows, ``(B, D, n)`` float32, in this thread's buffer for the plan and
-        grid layout (valid until the next call). The padding holds the value at offset 0:
-        :func:`_ranks` masks it."""
-        store = self.local.__dict__
-        key = (grid.key, grid.source.dtype)  # the scratch buffer has the pixels' dtype
-        entry = store.get(key)
-        if entry is None:
-            index = self.offsets(grid)
-            entry = store[key] = (
-                index, np.zeros(index.shape, np.float32),
-                None if grid.source.dtype == np.float32
-                else np.zeros(index.shape, grid.source.dtype))
-        index, x, scratch = entry
-        return grid.take(index, x, scratch)
+
+def _side(size: int, most: int) -> int:
+    """A window's side on an axis of ``size`` tokens: at most ``most``, the windows as even as
+    they can be (``ceil(size / ceil(size / most))``: 21 tokens in windows of 8 -> three of 7),
+    so that the last one overlaps its neighbour by fewer tokens than there are windows."""
+    return -(-size // -(-size // most))
 
 
-def _arrange(src: np.ndarray, out: np.ndarray, copies: tuple[Copy, ...]) -> None:
-    """Copy ``src`` ``(F, H, W, D)`` into ``out`` (the stack's transpose) as the plan's copies
-    say: each copy one block of the grid (all the full windows of a block at once)."""
-    s = src.shape[3:]
-    for (fs, hs, ws), split, dst in copies:
-        block = src[fs, hs, ws]
-        out[dst] = block if split is None else block.reshape(split + s)
+def _starts(size: int, side: int) -> list[int]:
+    """The windows' first tokens on one axis: every ``side``, the last ending at the edge."""
+    return [min(i * side, size - side) for i in range(-(-size // side))]
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _Plan:
+    """The windows of an ``(F, H, W)`` token grid: at most ``window x window`` tokens (``0``:
+    the whole grid) over at most ``frames`` consecutive frames, as even as they can be
+    (:func:`_side`), in raster order (frame group, row, column); above ``cap`` windows, a
+    lattice of them (:func:`_lattice`). The 32 latest plans are kept (a few KiB each)."""
+    f, h, w = shape
+    fw = _side(f, frames)
+    wh, ww = (h, w) if window == 0 else (_side(h, window), _side(w, window))
+    cols = _starts(w, ww)
+    every = [(f0, y0, x0) for f0 in _starts(f, fw) for y0 in _starts(h, wh) for x0 in cols]
+    starts = tuple(every[i] for i in _lattice(len(every), cap, len(cols)))
+    tokens = tuple((a, b, c) for a in range(fw) for b in range(wh) for c in range(ww))
+    return _Plan((fw, wh, ww), starts, tokens, len(every))
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _Plan:
-    """The windows of an ``(F, H, W)`` token grid: ``window x window`` tokens (``0``: the whole
-    grid) over ``frames`` consecutive frames, in raster order (frame group, row, column; the
-    remainder windows last on each axis); above ``cap`` windows, a lattice of them
-    (:func:`_lattice`). The 16 latest plans are kept, with their buffers (a few MiB at most
-    each and thread: ``max_windows`` windows of ``D x n`` values and their Grams)."""
-    f, h, w = shape
-    fw = min(frames, f)
-    wh, ww = (h, w) if window == 0 else (min(window, h), min(window, w))
-    nf, nh, nw = -(-f // fw), -(-h // wh), -(-w // ww)
-    chosen = _lattice(nf * nh * nw, cap, nw)
-    copies: list[Copy] = []
-    if len(chosen) == nf * nh * nw:
-        lead: tuple[int, ...] = (nf, nh, nw)
-        for fi, fn, fs, f0 in _blocks(f, fw):
-            for hi, hn, hs, h0 in _blocks(h, wh):
-                for wi, wn, ws, w0 in _blocks(w, ww):
-                    copies.append((
-                        (slice(f0, f0 + fn * fs), slice(h0, h0 + hn * hs),
-                         slice(w0, w0 + wn * ws)), (fn, fs, hn, hs, wn, ws),
-                        (slice(fi, fi + fn), slice(0, fs), slice(hi, hi + hn), slice(0, hs),
-                         slice(wi, wi + wn), slice(0, ws))))
-    else:
-        lead = (len(chosen),)
-        for j, i in enumerate(chosen):
-            fi, rest = divmod(i, nh * nw)
-            f0, h0, w0 = fi * fw, rest // nw * wh, rest % nw * ww
-            fs, hs, ws = min(fw, f - f0), min(wh, h - h0), min(ww, w - w0)
-            copies.append(((slice(f0, f0 + fs), slice(h0, h0 + hs), slice(w0, w0 + ws)), None,
-                           (j, slice(0, fs), slice(0, hs), slice(0, ws))))
-    plan = _Plan(lead, (fw, wh, ww), tuple(copies), None, np.zeros(0), nf * nh * nw, 0)
-    mask = plan.arrange(np.ones((f, h, w, 1), np.float32))
-    counts = mask.sum(axis=2, keepdims=True)
-    return dataclasses.replace(plan, mask=None if (mask == 1).all() else mask, counts=counts,
-                               rows=int(counts.sum()))
+def _centring(n: int) -> np.ndarray:
+    """``I - 1 1^T / n`` (float32, ``n x n``): a window's ``D x n`` matrix times it is centred
+    (and, symmetric and idempotent, ``X C X^T`` is the centred Gram)."""
+    c = np.eye(n, dtype=np.float32) - np.float32(1.0 / n)
+    c.setflags(write=False)
+    return c
 
 
-def _consts(plan: _Plan, d: int, var: float) -> tuple[list[tuple[float, ...]], np.ndarray]:
-    """Per window, as Python floats: the noise's expected energy ``(k - 1) d var``, its
-    Frobenius terms ``2 (d + k) var`` and ``((k - 1) d^2 + (k - 1)^2 d) var^2``, the rounding
-    floor ``1e-10 k d`` and the largest rank ``max(1, min(k - 1, d))``; and (float64, ``B``) the
-    Marchenko-Pastur edge of rule ``energy``."""
-    key = (d, var)
-    if key not in plan.consts:
-        k = plan.counts.reshape(-1).astype(np.float64)
-        rows = np.stack([(k - 1) * d * var, 2 * (d + k) * var,
-                         ((k - 1) * d * d + (k - 1) ** 2 * d) * var**2, 1e-10 * k * d,
-                         np.clip(np.minimum(k - 1, d), 1, None)], axis=1)
-        edge = np.maximum(var * (np.sqrt(np.maximum(k - 1, 1)) + math.sqrt(d)) ** 2,
-                          1e-10 * k * d)
-        plan.consts[key] = ([tuple(r) for r in rows.tolist()], edge)
-    return plan.consts[key]
-
-
-def _scaled_mask(plan: _Plan, factor: np.ndarray) -> np.ndarray:
-    """``plan.mask`` times the per-value factor to pixel units (``B, D, n``; ``1, D, 1`` when no
-    window is padded), cached on the plan by factor."""
-    key = factor.tobytes()
-    if key not in plan.scaled:
-        f = factor.reshape(1, -1, 1)
-        plan.scaled[key] = f if plan.mask is None else plan.mask * f
-    return plan.scaled[key]
-
-
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _diagonal(d: int) -> np.ndarray:
     """``(d * d, 1)``: a flattened ``d x d`` matrix's trace as a product."""
     return np.eye(d, dtype=np.float32).reshape(-1, 1)
 
 
-def _ranks(x: np.ndarray, plan: _Plan, opts: AutoOptions, factor: np.ndarray | float) -> float:
+@functools.lru_cache(maxsize=64)
+def _scaling(factor: bytes) -> np.ndarray:
+    """The per-value factors to pixel units (float32 bytes) as a ``D x D`` diagonal matrix."""
+    return np.diag(np.frombuffer(factor, dtype=np.float32))
+
+
+@functools.lru_cache(maxsize=64)
+def _consts(k: int, d: int, var: float) -> tuple[float, ...]:
+    """For a window of ``k`` tokens and ``D = d`` values, noise of variance ``var``: the noise's
+    expected energy ``(k - 1) d var``, its Frobenius terms ``2 (d + k) var`` and
+    ``((k - 1) d^2 + (k - 1)^2 d) var^2``, the rounding floor ``1e-10 k d``, the largest rank
+    ``max(1, min(k - 1, d))`` and the Marchenko-Pastur edge of rule ``energy``."""
+    return ((k - 1) * d * var, 2 * (d + k) * var,
+            ((k - 1) * d * d + (k - 1) ** 2 * d) * var**2, 1e-10 * k * d,
+            float(max(1, min(k - 1, d))),
+            max(var * (math.sqrt(max(k - 1, 1)) + math.sqrt(d)) ** 2, 1e-10 * k * d))
+
+
+def _ranks(x: np.ndarray, r: Reader) -> float:
     """The summed effective rank of the windows of a ``(B, D, n)`` float32 stack (each window's
-    transposed matrix; its padding tokens, where ``plan.mask`` is 0, are ignored), times
-    ``factor`` (per value, or one for all) in pixel units. Centred in place; every window at
-    once: one batched Gram (tokens x tokens or features x features, whichever is smaller),
-    float32; the per-window rule in float64. Numpy, not torch, and the participation rule on
-    Python floats: these few calls run cold after the processor, where each torch dispatch or
-    small numpy call costs several microseconds."""
-    d, n = x.shape[1], x.shape[2]
-    consts, edge = _consts(plan, d, opts.noise_floor**2)
-    if plan.mask is None:
-        sums = x.sum(axis=2, keepdims=True)
-    else:  # the padding's values left out: the sums as one product with the mask
-        sums = np.matmul(x, plan.mask.transpose(0, 2, 1))
-    x -= np.divide(sums, plan.counts, out=sums)  # centred
-    unit = 1.0
-    if isinstance(factor, float):  # one factor: applied to the moments, not the pixels
-        unit = factor * factor
-        if plan.mask is not None:
-            x *= plan.mask  # padding to zero
-    else:
-        x *= _scaled_mask(plan, factor)  # padding to zero, values to pixel units
-    gram = np.matmul(x, x.transpose(0, 2, 1)) if d <= n else np.matmul(x.transpose(0, 2, 1), x)
-    if opts.rule == "participation":
+    transposed matrix), in pixel units (``r.scaling``, a ``D x D`` diagonal, or ``r.unit``, a
+    single factor squared, applied to the moments). Every window at once, in matrix products
+    only (one kind of numpy call: after the processor each new kind of call runs cold, tens of
+    microseconds; ``docs/budgets.md``, "Cost"): the values to pixel units, centred by the
+    ``n x n`` centring matrix, one batched Gram (``D x D`` or ``n x n``, whichever is smaller),
+    its trace and squared Frobenius norm; the per-window rule on Python floats."""
+    if r.scaling is not None:
+        x = np.matmul(r.scaling, x)
+    y = np.matmul(x, r.centring)  # centred
+    gram = np.matmul(y, x.transpose(0, 2, 1)) if r.by_values else np.matmul(
+        y.transpose(0, 2, 1), y)
+    noise, cross, square, floor, top, edge = r.consts
+    unit = r.unit
+    if r.opts.rule == "participation":
         # (sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2: no eigendecomposition. The floor's
         # noise (std noise_floor in every entry) is removed from both moments in expectation,
         # cross terms with the signal included; a centred window's rank is at most n - 1.
         flat = gram.reshape(len(gram), 1, -1)
-        # trace(G) = sum lambda, ||G||_F^2 = sum lambda^2: products again (matmul is warm)
-        traces = np.matmul(flat, _diagonal(gram.shape[1])).reshape(-1).tolist()
+        traces = np.matmul(flat, r.diagonal).reshape(-1).tolist()
         squares = np.matmul(flat, flat.transpose(0, 2, 1)).reshape(-1).tolist()
         total = 0.0
-        for tr, sq, (noise, cross, square, floor, top) in zip(traces, squares, consts, strict=True):
+        for tr, sq in zip(traces, squares, strict=True):
             signal = tr * unit - noise
             if signal > floor:
                 fro = sq * unit * unit - cross * signal - square
-                total += min(signal * signal / fro if fro > 0 else d, top)
+                total += min(signal * signal / fro if fro > 0 else r.values, top)
         return total
     lam = np.linalg.eigvalsh(gram.astype(np.float64))[:, ::-1] * unit  # descending
-    sig = np.where(lam > edge[:, None], lam, 0.0)
+    sig = np.where(lam > edge, lam, 0.0)
     energy = sig.sum(axis=-1)
-    r = (np.cumsum(sig, axis=-1) < opts.energy * energy[:, None]).sum(axis=-1) + 1
-    return float(np.where(energy > 0, r, 0).sum())
+    k = (np.cumsum(sig, axis=-1) < r.opts.energy * energy[:, None]).sum(axis=-1) + 1
+    return float(np.where(energy > 0, k, 0).sum())
+
+
+@dataclass(frozen=True, eq=False)
+class Reader:
+    """``auto`` compiled for one token-grid layout and options: the gather offsets of the
+    windows (``index``, ``B x D x n``), the factor to pixel units (``scaling``, a ``D x D``
+    diagonal, or None and ``unit``, one factor squared), the centring matrix, the rule's
+    constants, ready to read pixels of that layout (:meth:`estimate`). :func:`reader` makes
+    them; :mod:`.hf` keeps one per processor output layout, so that a request's image costs a
+    look-up, one gather and a few matrix products."""
+
+    plan: _Plan
+    index: np.ndarray
+    opts: AutoOptions
+    tokens: int  # the grid's F * H * W
+    scaling: np.ndarray | None
+    unit: float
+    centring: np.ndarray
+    diagonal: np.ndarray
+    consts: tuple[float, ...]
+    values: int  # D
+    by_values: bool  # the Gram is D x D (else n x n)
+
+    def rank(self, source: np.ndarray) -> float:
+        """The item's summed window rank, scaled to the whole grid (tokens / rows read), from
+        its pixels (the flat array the offsets index)."""
+        x = source.take(self.index, mode="clip")
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        return _ranks(x, self) * self.tokens / self.plan.rows
+
+    def estimate(self, source: np.ndarray, num_tokens: int | None = None,
+                 min_keep: int = 1) -> AutoEstimate:
+        """:func:`estimate_keep` of these pixels: ``scale`` x the rank, scaled by
+        ``num_tokens / tokens``, within the bounds."""
+        rows = self.tokens
+        n = rows if num_tokens is None else int(num_tokens)
+        if n < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {n}")
+        total = self.rank(source)
+        opts = self.opts
+        want = round(opts.scale * total * n / rows)
+        lo = min(n, max(min_keep, math.ceil(opts.min_fraction * n - 1e-9)))
+        hi = max(lo, min(n, math.floor(opts.max_fraction * n + 1e-9)))
+        keep = min(max(want, lo), hi)
+        bound = "min" if want < lo else "max" if want > hi else None
+        return AutoEstimate(num_keep=keep, rank=total, rows=rows, num_tokens=n, bound=bound)
+
+
+def reader(grid: TokenGrid, opts: AutoOptions, video: bool = False) -> Reader:
+    """The :class:`Reader` of ``grid``'s layout (its offsets are arranged once per layout and
+    plan)."""
+    f, h, w, d = grid.shape
+    if f * h * w * d == 0:
+        raise ValueError(f"grid must be non-empty, got {(f, h, w, d)}")
+    plan = _plan((f, h, w), opts.window, opts.window_frames if video else 1, opts.max_windows)
+    n = plan.n
+    uniform = grid.uniform
+    return Reader(
+        plan=plan, index=plan.offsets(grid), opts=opts, tokens=f * h * w,
+        scaling=None if uniform is not None else _scaling(grid.factor.tobytes()),
+        unit=1.0 if uniform is None else uniform * uniform, centring=_centring(n),
+        diagonal=_diagonal(min(d, n)), consts=_consts(n, d, opts.noise_floor**2), values=d,
+        by_values=d <= n)
+
+
+def _as_view(grid: Tensor | TokenGrid) -> TokenGrid:
+    if isinstance(grid, TokenGrid):
+        return grid
+    if grid.dim() != 4 or grid.numel() == 0:
+        raise ValueError(f"grid must be a non-empty (F, H, W, D) tensor, got {tuple(grid.shape)}")
+    return dense_grid(grid)
 
 
 def window_ranks(grid: Tensor | TokenGrid, opts: AutoOptions, *,
                  video: bool = False) -> tuple[float, int, int]:
     """``(rank, windows, computed)`` for a ``(F, H, W, D)`` token grid (or a
     :class:`~vllm_tokenprune.budget.grids.TokenGrid` not yet read): the sum of its windows'
-    ranks, the number of windows, and how many were computed. Above ``max_windows`` windows, a
-    fixed lattice of them is computed (and only their tokens are read) and the sum is scaled by
-    rows (all rows / rows computed). ``video``: the frames are consecutive in time,
+    ranks, the number of windows, and how many were computed. The sum is scaled by rows (the
+    grid's tokens / the rows of the windows computed): where the last window on an axis
+    overlaps its neighbour, and above ``max_windows`` windows, where a fixed lattice of them is
+    computed (and only their tokens are read). ``video``: the frames are consecutive in time,
     ``window_frames`` of them share a window (otherwise, as LLaVA-NeXT's tiles, every frame is
     windowed alone)."""
-    if not isinstance(grid, TokenGrid):
-        if grid.dim() != 4 or grid.numel() == 0:
-            raise ValueError(
-                f"grid must be a non-empty (F, H, W, D) tensor, got {tuple(grid.shape)}")
-        grid = dense_grid(grid)
-    f, h, w, d = grid.shape
-    if f * h * w * d == 0:
-        raise ValueError(f"grid must be non-empty, got {(f, h, w, d)}")
-    plan = _plan((f, h, w), opts.window, opts.window_frames if video else 1, opts.max_windows)
-    factor = grid.factor if grid.uniform is None else grid.uniform
-    total = _ranks(plan.stack(grid), plan, opts, factor)
-    return total * (f * h * w) / plan.rows, plan.windows, len(plan.counts)
+    view = _as_view(grid)
+    r = reader(view, opts, video)
+    return r.rank(view.source), r.plan.windows, r.plan.computed
 
 
 def estimate_keep(grid: Tensor | TokenGrid, num_tokens: int | None = None,
@@ -396,16 +397,5 @@ def estimate_keep(grid: Tensor | TokenGrid, num_tokens: int | None = None,
     model's N differs (LLaVA-NeXT unpads its tiles), the rank is scaled by ``N / rows``.
     ``min_keep`` is the server's floor (``token_prune.min_keep``); ``video``: the grid's frames
     are a video's token steps (windows span ``window_frames`` of them)."""
-    opts = auto_options(options)
-    f, h, w, _ = grid.shape
-    rows = f * h * w
-    n = rows if num_tokens is None else int(num_tokens)
-    if n < 1:
-        raise ValueError(f"num_tokens must be >= 1, got {n}")
-    total, _, _ = window_ranks(grid, opts, video=video)
-    want = round(opts.scale * total * n / rows)
-    lo = min(n, max(min_keep, math.ceil(opts.min_fraction * n - 1e-9)))
-    hi = max(lo, min(n, math.floor(opts.max_fraction * n + 1e-9)))
-    keep = min(max(want, lo), hi)
-    bound = "min" if want < lo else "max" if want > hi else None
-    return AutoEstimate(num_keep=keep, rank=total, rows=rows, num_tokens=n, bound=bound)
+    view = _as_view(grid)
+    return reader(view, auto_options(options), video).estimate(view.source, num_tokens, min_keep)

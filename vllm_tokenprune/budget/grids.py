@@ -58,8 +58,11 @@ __all__ = ["MOSAIC", "TokenGrid", "as_numpy", "dense_grid", "patch_token_grid",
 #: ``channel`` value: one colour channel per sample (module docstring).
 MOSAIC = -2
 
-#: The Bayer cell (LLaVA's mosaic): channel by (row parity, column parity): G R / B G.
-_BAYER = ((1, 0), (2, 1))
+#: The mosaic's channel by the token's sample row (cycling): G, R, G, B.
+_MOSAIC_ROWS = (1, 0, 1, 2)
+
+#: Channels whose factors to pixel units are within this ratio share one (their mean).
+UNIFORM_WITHIN = 1.1
 
 
 def sample_offsets(patch_size: int, samples: int) -> list[int]:
@@ -108,8 +111,16 @@ def _std(image_std: Sequence[float] | float | None, channels: int) -> tuple[floa
 @functools.lru_cache(maxsize=64)
 def _factors(std: tuple[float, ...], channels: tuple[int, ...]) -> tuple[np.ndarray, float | None]:
     """Each value's factor to pixel units (float32, read-only) and the one factor of them all
-    (None if they differ)."""
-    factor = np.asarray([std[c] for c in channels], dtype=np.float32)
+    (None if they differ). The factors of the channels read, where they are within
+    ``UNIFORM_WITHIN`` of each other (CLIP's 0.261-0.276, ImageNet's 0.224-0.229: a per-channel
+    normalization), are replaced by their mean: the values are then within 5% of pixel units,
+    and the estimator applies one factor to its moments instead of scaling every value."""
+    read = sorted({std[c] for c in channels})
+    if read[-1] <= UNIFORM_WITHIN * read[0]:
+        one = sum(read) / len(read) if len(read) > 1 else read[0]
+        factor = np.full(len(channels), one, dtype=np.float32)
+    else:
+        factor = np.asarray([std[c] for c in channels], dtype=np.float32)
     factor.setflags(write=False)
     return factor, (float(factor[0]) if (factor == factor[0]).all() else None)
 
@@ -117,42 +128,38 @@ def _factors(std: tuple[float, ...], channels: tuple[int, ...]) -> tuple[np.ndar
 @dataclass(frozen=True, eq=False)
 class TokenGrid:
     """A token grid not yet read: ``source``, the pixels as a flat array (no copy; their own
-    dtype), ``index``, the ``(F, H, W, D)`` offsets of each token's sampled values in it (shared
-    and cached: never written), ``factor``, each of the ``D`` values' factor to pixel units
-    (``image_std`` of its channel), ``uniform``, the one factor of them all (None if they
-    differ), and ``key``, naming the index (layout, shape, sampling) for the estimator's caches.
-    :meth:`tensor` reads all of it; :meth:`take` the offsets asked for (the window lattice of
-    :mod:`.auto` reads a fifth of a 16,384-token image)."""
+    dtype); where each token's ``D`` sampled values lie in it, as a separable layout: token
+    ``(f, y, x)``'s value ``d`` is at ``base + f * strides[0] + y * strides[1] + x * strides[2]
+    + offsets[d]`` (every layout here is: patches and tiles are regular; ``base``: where the
+    item starts in a whole processor output); ``shape``, the grid's
+    ``(F, H, W, D)``; ``factor``, each value's factor to pixel units (``image_std`` of its
+    channel), ``uniform``, the one factor of them all (None if they differ), and ``key``, naming
+    the layout (shape, sampling). :meth:`tensor` reads all of it; the estimator
+    (:mod:`.auto`) reads only the windows it computes (a fifth of a 16,384-token image), through
+    offsets made from the strides."""
 
     source: np.ndarray
-    index: np.ndarray
+    shape: tuple[int, int, int, int]
+    strides: tuple[int, int, int]
+    offsets: np.ndarray  # (D,) intp, read-only
     factor: np.ndarray
     uniform: float | None
     key: tuple[Any, ...]
+    base: int = 0  # token (0, 0, 0)'s place in source: the item's first pixel
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
-        f, h, w, d = self.index.shape
-        return f, h, w, d
+    def index(self) -> np.ndarray:
+        """The ``(F, H, W, D)`` offsets of every token's values in :attr:`source`."""
+        f, h, w, _ = self.shape
+        sf, sy, sx = self.strides
+        return (self.base + np.arange(f).reshape(f, 1, 1, 1) * sf
+                + np.arange(h).reshape(1, h, 1, 1) * sy + np.arange(w).reshape(1, 1, w, 1) * sx
+                + self.offsets)
 
     def tensor(self) -> Tensor:
         """``(F, H, W, D)`` float32 in pixel units."""
         out = np.multiply(self.source[self.index], self.factor, dtype=np.float32)
         return torch.from_numpy(out)
-
-    def take(self, index: np.ndarray, out: np.ndarray, scratch: np.ndarray | None = None
-             ) -> np.ndarray:
-        """The values at ``index`` (offsets from :attr:`index`) into ``out`` (float32, the
-        same shape), not scaled (the estimator applies :attr:`factor` after centring): one
-        gather, and one conversion for pixels that are not float32 (through ``scratch``, an
-        array of the pixels' dtype and ``out``'s shape; None: a new one)."""
-        if self.source.dtype == np.float32:
-            return self.source.take(index, out=out, mode="clip")
-        if scratch is None:
-            scratch = np.empty(index.shape, dtype=self.source.dtype)
-        self.source.take(index, out=scratch, mode="clip")
-        out[...] = scratch
-        return out
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -169,56 +176,47 @@ def _channel_of(channel: int | None, channels: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _qwen_index(t: int, h: int, w: int, m: int, p: int, tp: int, c: int, rows: tuple[int, ...],
-                cols: tuple[int, ...], channel: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Offsets ``(t, h/m, w/m, D)`` into an item's flat ``(t*h*w, C*T*P*P)`` rows, and each
-    value's channel. Value order: patch of the merge block (row, column), then channel (every
-    channel) and sample row, sample column; mosaic: patch, sample row, sample column."""
-    hh, ww = h // m, w // m
-    row = np.arange(t * hh * ww * m * m).reshape(t, hh, ww, m, m)  # patch rows, merge blocks
-    values: list[tuple[int, int, int, int, int]] = []  # (mi, mj, channel, r, k)
+def _qwen_values(m: int, p: int, tp: int, c: int, rows: tuple[int, ...], cols: tuple[int, ...],
+                 channel: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Each value's offset in a token's ``m * m`` flat patch rows (``C * T * P * P`` each), and
+    its channel: the ``rows`` and ``cols`` of the merge block's diagonal patches ``(i, i)``.
+    Value order: diagonal patch, then channel (every channel) and sample row, sample column;
+    mosaic: patch, sample row (the token's sample rows green, red, green, blue), sample
+    column. Only frame 0 of each temporal patch."""
+    values: list[tuple[int, int, int, int]] = []  # (patch, channel, r, k)
     for mi in range(m):
-        for mj in range(m):
-            for ci in range(c) if channel == -1 else [channel]:
-                for ri, r in enumerate(rows):
-                    for ki, k in enumerate(cols):
-                        if channel == MOSAIC:
-                            ci = (_BAYER[ri % 2][ki % 2] if m == 1 else
-                                  1 if ri % 2 == 0 else _BAYER[0][1] if (mi + mj) % 2 == 0
-                                  else _BAYER[1][0])
-                        values.append((mi, mj, ci, r, k))
+        for ci in range(c) if channel == -1 else [channel]:
+            for ri, r in enumerate(rows):
+                for k in cols:
+                    if channel == MOSAIC:
+                        ci = _MOSAIC_ROWS[(mi * len(rows) + ri) % 4]
+                    values.append((mi, ci, r, k))
     v = np.array(values, dtype=np.intp)
-    col = v[:, 2] * (tp * p * p) + v[:, 3] * p + v[:, 4]  # frame 0 of each temporal patch
-    patch = row[..., v[:, 0], v[:, 1]]  # (t, hh, ww, D)
-    index = patch * (c * tp * p * p) + col
-    index.setflags(write=False)
-    return index, tuple(int(c) for c in v[:, 2])
+    row = c * tp * p * p
+    offsets = (v[:, 0] * m + v[:, 0]) * row + v[:, 1] * (tp * p * p) + v[:, 2] * p + v[:, 3]
+    offsets.setflags(write=False)
+    return offsets, tuple(int(c) for c in v[:, 1])
 
 
 @functools.lru_cache(maxsize=32)
-def _patch_index(f: int, c: int, hh: int, ww: int, p: int, rows: tuple[int, ...],
-                 cols: tuple[int, ...], channel: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Offsets ``(f, hh/p, ww/p, D)`` into flat ``(f, C, hh, ww)`` tiles, and each value's
+def _patch_values(c: int, hh: int, ww: int, rows: tuple[int, ...], cols: tuple[int, ...],
+                  channel: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Each value's offset from its patch's corner in flat ``(C, hh, ww)`` tiles, and its
     channel. Value order: channel (every channel), sample row, sample column; mosaic: sample
-    row, sample column."""
-    gh, gw = hh // p, ww // p
-    values = [(_BAYER[ri % 2][ki % 2] if channel == MOSAIC else ci, r, k)
-              for ci in (range(c) if channel == -1 else [channel])
-              for ri, r in enumerate(rows) for ki, k in enumerate(cols)]
-    v = np.array(values, dtype=np.intp)
-    fi = np.arange(f).reshape(f, 1, 1, 1)
-    y = (np.arange(gh) * p).reshape(1, gh, 1, 1) + v[:, 1]
-    x = (np.arange(gw) * p).reshape(1, 1, gw, 1) + v[:, 2]
-    index = ((fi * c + v[:, 0]) * hh + y) * ww + x
-    index.setflags(write=False)
-    return index, tuple(int(c) for c in v[:, 0])
+    row (green, red, green, blue), sample column."""
+    v = np.array([(_MOSAIC_ROWS[ri % 4] if channel == MOSAIC else ci, r, k)
+                  for ci in (range(c) if channel == -1 else [channel])
+                  for ri, r in enumerate(rows) for k in cols], dtype=np.intp)
+    offsets = (v[:, 0] * hh + v[:, 1]) * ww + v[:, 2]
+    offsets.setflags(write=False)
+    return offsets, tuple(int(c) for c in v[:, 0])
 
 
 @functools.lru_cache(maxsize=16)
-def _dense_index(f: int, h: int, w: int, d: int) -> np.ndarray:
-    index = np.arange(f * h * w * d, dtype=np.intp).reshape(f, h, w, d)
-    index.setflags(write=False)
-    return index
+def _dense_values(d: int) -> np.ndarray:
+    offsets = np.arange(d, dtype=np.intp)
+    offsets.setflags(write=False)
+    return offsets
 
 
 def dense_grid(grid: Tensor | np.ndarray) -> TokenGrid:
@@ -226,8 +224,8 @@ def dense_grid(grid: Tensor | np.ndarray) -> TokenGrid:
     units)."""
     x = np.ascontiguousarray(as_numpy(grid), dtype=np.float32)
     f, h, w, d = x.shape
-    return TokenGrid(_flat(x), _dense_index(f, h, w, d), *_factors((1.0,), (0,) * d),
-                     ("dense", f, h, w, d))
+    return TokenGrid(_flat(x), (f, h, w, d), (h * w * d, w * d, d), _dense_values(d),
+                     *_factors((1.0,), (0,) * d), ("dense", f, h, w, d))
 
 
 def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], **kwargs: Any) -> Tensor:
@@ -240,29 +238,35 @@ def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], 
                     patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
                     channels: int = 3, samples: int = 4, sample_rows: int = 4,
                     image_std: Sequence[float] | float | None = None,
-                    channel: int | None = None) -> TokenGrid:
+                    channel: int | None = None, start: int = 0) -> TokenGrid:
     """The token grid of one Qwen-VL item, ``(t, h / merge, w / merge)`` tokens, not yet read.
 
-    ``pixel_values``: this item's rows of the processor's flattened patches,
-    ``(t * h * w, C * T * P * P)``; ``grid_thw``: its ``(t, h, w)`` patch grid; ``samples`` and
-    ``sample_rows``: columns and rows per token (divided by ``merge`` per patch); ``channel``:
-    that colour channel only, ``MOSAIC``, or None / -1: every channel."""
+    ``pixel_values``: the processor's flattened patches, ``(rows, C * T * P * P)``, the item's
+    ``t * h * w`` from row ``start`` (a whole output: no slicing per item); ``grid_thw``: its
+    ``(t, h, w)`` patch grid; ``samples``: columns per sample row (within a diagonal patch);
+    ``sample_rows``: rows per token (divided by ``merge`` per patch); ``channel``: that colour
+    channel only, ``MOSAIC``, or None / -1: every channel."""
     t, h, w = (int(v) for v in grid_thw)
     m, p, tp = merge_size, patch_size, temporal_patch_size
     if h % m or w % m:
         raise ValueError(f"grid {(t, h, w)} is not a multiple of merge_size={m}")
-    expected = (t * h * w, channels * tp * p * p)
-    if tuple(pixel_values.shape) != expected:
+    rows_in, width = (tuple(pixel_values.shape) + (0, 0))[:2]
+    if (len(pixel_values.shape) != 2 or width != channels * tp * p * p or start < 0
+            or rows_in < start + t * h * w):
         raise ValueError(
             f"pixel_values has shape {tuple(pixel_values.shape)}; grid {(t, h, w)} with patch "
-            f"{p}, temporal patch {tp} and {channels} channels needs {expected}")
+            f"{p}, temporal patch {tp} and {channels} channels needs "
+            f"{(start + t * h * w, channels * tp * p * p)} (rows {start} on)")
     rows = tuple(sample_offsets(p, per_patch(sample_rows, m, p)))
-    cols = tuple(sample_offsets(p, per_patch(samples, m, p)))
+    cols = tuple(sample_offsets(p, per_patch(samples, 1, p)))  # within one diagonal patch
     ch = _channel_of(channel, channels)
-    index, chans = _qwen_index(t, h, w, m, p, tp, channels, rows, cols, ch)
-    return TokenGrid(_flat(as_numpy(pixel_values)), index,
+    offsets, chans = _qwen_values(m, p, tp, channels, rows, cols, ch)
+    sx = m * m * channels * tp * p * p  # one token: m * m patch rows
+    hh, ww = h // m, w // m
+    return TokenGrid(_flat(as_numpy(pixel_values)), (t, hh, ww, len(offsets)),
+                     (hh * ww * sx, ww * sx, sx), offsets,
                      *_factors(_std(image_std, channels), chans),
-                     ("qwen", t, h, w, m, p, tp, channels, rows, cols, ch))
+                     ("qwen", t, h, w, m, p, tp, channels, rows, cols, ch), start * width)
 
 
 def patch_token_grid(pixel_values: Tensor, **kwargs: Any) -> Tensor:
@@ -274,23 +278,31 @@ def patch_token_grid(pixel_values: Tensor, **kwargs: Any) -> Tensor:
 def patch_token_view(pixel_values: Tensor | np.ndarray, *, patch_size: int = 14,
                      samples: int = 4, sample_rows: int = 4,
                      image_std: Sequence[float] | float | None = None,
-                     channel: int | None = None) -> TokenGrid:
+                     channel: int | None = None, first: int = 0,
+                     count: int | None = None) -> TokenGrid:
     """The ``(F, H / P, W / P)`` token grid (not yet read) of ``(C, H, W)`` tiles (a single tile, or
-    ``(F, C, H, W)``), one token per ``P x P`` patch (LLaVA's CLIP tower); a remainder
-    narrower than a patch is ignored, as the patch embedding does; ``channel``: that colour
-    channel only, ``MOSAIC``, or None / -1: every channel."""
+    ``(F, C, H, W)``: ``count`` of them from tile ``first``, default all), one token per
+    ``P x P`` patch (LLaVA's CLIP tower); a remainder narrower than a patch is ignored, as the
+    patch embedding does; ``channel``: that colour channel only, ``MOSAIC``, or None / -1:
+    every channel."""
     x = as_numpy(pixel_values)
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4:
         raise ValueError(f"pixel_values must be (C, H, W) or (F, C, H, W), got {tuple(x.shape)}")
     f, c, hh, ww = x.shape
+    if count is None:
+        count = f - first
+    if first < 0 or count < 1 or first + count > f:
+        raise ValueError(f"tiles {first}..{first + count - 1} of {f}")
+    f = count
     p = patch_size
     if hh // p < 1 or ww // p < 1:
         raise ValueError(f"tiles of {hh}x{ww} pixels hold no {p}-pixel patch")
     rows = tuple(sample_offsets(p, per_patch(sample_rows, 1, p)))
     cols = tuple(sample_offsets(p, per_patch(samples, 1, p)))
     ch = _channel_of(channel, c)
-    index, chans = _patch_index(f, c, hh, ww, p, rows, cols, ch)
-    return TokenGrid(_flat(x), index, *_factors(_std(image_std, c), chans),
-                     ("patch", f, c, hh, ww, p, rows, cols, ch))
+    offsets, chans = _patch_values(c, hh, ww, rows, cols, ch)
+    return TokenGrid(_flat(x), (f, hh // p, ww // p, len(offsets)), (c * hh * ww, p * ww, p),
+                     offsets, *_factors(_std(image_std, c), chans),
+                     ("patch", f, c, hh, ww, p, rows, cols, ch), first * c * hh * ww)

@@ -7,15 +7,24 @@ No vLLM import.
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
-from vllm_tokenprune.budget.auto import AutoEstimate, AutoOptions, auto_options, estimate_keep
+from vllm_tokenprune.budget.auto import (
+    AutoEstimate,
+    AutoOptions,
+    Reader,
+    auto_options,
+    estimate_keep,
+    reader,
+)
 from vllm_tokenprune.budget.grids import TokenGrid, as_numpy, patch_token_view, qwen_token_view
 
-__all__ = ["estimate_image", "pixel_scale", "processor_kind", "token_grid"]
+__all__ = ["auto_count", "estimate_image", "pixel_scale", "processor_kind", "token_grid"]
 
 
 def pixel_scale(image_processor: Any, *, do_rescale: bool | None = None,
@@ -65,20 +74,69 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
         grids = hf_out[f"{modality}_grid_thw"]
         grids = grids.tolist() if hasattr(grids, "tolist") else grids  # one call, no tensors
         start = sum(t * h * w for t, h, w in grids[:index])
-        thw = [int(v) for v in grids[index]]
-        rows = as_numpy(pv)[start:start + thw[0] * thw[1] * thw[2]]
-        return qwen_token_view(rows, thw, patch_size=int(image_processor.patch_size),
+        return qwen_token_view(as_numpy(pv), grids[index],
+                               patch_size=int(image_processor.patch_size),
                                merge_size=int(image_processor.merge_size),
                                temporal_patch_size=int(image_processor.temporal_patch_size),
                                samples=opts.samples, sample_rows=opts.sample_rows,
-                               image_std=std, channel=channel)
-    tiles = pv[index]
+                               image_std=std, channel=channel, start=start)
+    x = as_numpy(pv)  # (B, C, H, W), LLaVA-NeXT (B, T, C, H, W): the item's tiles from a whole
+    per_item = 1 if x.ndim == 4 else x.shape[1]
+    count = per_item
     if kind == "llava_next" and "image_sizes" in hf_out:
         # The processor pads the batch to its largest tile count with zero tiles; keep this
         # image's own (1 base + the any-resolution grid's tiles).
-        tiles = tiles[: _next_tiles(hf_out["image_sizes"][index], image_processor)]
-    return patch_token_view(tiles, patch_size=patch_size, samples=opts.samples,
-                            sample_rows=opts.sample_rows, image_std=std, channel=channel)
+        count = _next_tiles(_listed(hf_out["image_sizes"])[index], image_processor)
+    return patch_token_view(x.reshape(-1, *x.shape[-3:]), patch_size=patch_size,
+                            samples=opts.samples, sample_rows=opts.sample_rows, image_std=std,
+                            channel=channel, first=index * per_item, count=count)
+
+
+#: Readers by processor-output layout (:func:`auto_count`): key -> (the processor, weakly; the
+#: reader, its offsets into the whole flat pixel array). The 64 latest used.
+_READERS: OrderedDict[tuple[Any, ...], tuple[weakref.ref[Any], Reader]] = OrderedDict()
+_KEPT = 64
+
+
+def _listed(x: Any) -> list[Any]:
+    return x.tolist() if hasattr(x, "tolist") else list(x)  # one call for a tensor
+
+
+def auto_count(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOptions,
+               index: int = 0, patch_size: int = 14, modality: str = "image",
+               scale: list[float] | float | None = None, num_tokens: int | None = None,
+               min_keep: int = 1) -> AutoEstimate:
+    """``estimate_keep(token_grid(...))`` of item ``index`` (the same count), as the API
+    server's processor runs it: the :class:`~vllm_tokenprune.budget.auto.Reader` of the
+    output's layout is kept, so an image of a layout seen before costs a look-up, one gather
+    from the pixels and a few matrix products (``docs/budgets.md``, "Cost"). ``scale``:
+    :func:`pixel_scale`.
+
+    The layout's key: the processor (by identity, checked through a weak reference), the
+    pixels' shape and dtype, the item's place (Qwen-VL: the grids up to it; LLaVA-NeXT: its
+    image size), the options, the factor to pixel units."""
+    pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]
+    grids = hf_out[f"{modality}_grid_thw"] if f"{modality}_grid_thw" in hf_out else None
+    sizes = hf_out["image_sizes"] if modality == "image" and "image_sizes" in hf_out else None
+    key = (id(image_processor), modality, index, patch_size, opts,
+           tuple(scale) if isinstance(scale, list) else scale, tuple(pv.shape), pv.dtype,
+           None if grids is None else tuple(map(tuple, _listed(grids)[: index + 1])),
+           None if sizes is None else tuple(_listed(sizes)[index]))
+    entry = _READERS.get(key)
+    if entry is not None and entry[0]() is image_processor:
+        _READERS.move_to_end(key)
+        return entry[1].estimate(as_numpy(pv), num_tokens, min_keep)  # take reads it flat
+    grid = token_grid(hf_out, image_processor, opts, index, patch_size, modality, scale)
+    found = reader(grid, opts, modality == "video")  # offsets into the whole output's pixels
+    try:
+        ref = weakref.ref(image_processor)
+    except TypeError:  # not weakly referable: no reader kept
+        pass
+    else:
+        _READERS[key] = (ref, found)
+        while len(_READERS) > _KEPT:
+            _READERS.popitem(last=False)
+    return found.estimate(grid.source, num_tokens, min_keep)
 
 
 def _next_tiles(image_size: Any, image_processor: Any) -> int:

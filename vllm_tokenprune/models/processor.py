@@ -43,10 +43,9 @@ import torch
 from vllm_tokenprune import __version__, response
 from vllm_tokenprune.budget import (
     AutoOptions,
+    auto_count,
     auto_options,
-    estimate_keep,
     pixel_scale,
-    token_grid,
 )
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
 from vllm_tokenprune.config import SEALED_FIELDS, TokenPruneConfig, config_from_hf_config
@@ -553,13 +552,12 @@ class TokenPruneProcessorMixin:
         scale = pixel_scale(proc, do_rescale=merged.get("do_rescale"),
                             do_normalize=merged.get("do_normalize"))
         try:
-            grid = token_grid(out, proc, opts, index, patch, modality, scale)
+            return auto_count(out, proc, opts, index, patch, modality, scale, num_tokens,
+                              self._tp_config().min_keep).num_keep
         except (KeyError, ValueError) as e:
             field = "video_prune_ratio" if modality == "video" else "prune_ratio"
             raise ValueError(f"{field}: 'auto' cannot read this {modality}'s pixels on "
                              f"{type(self).__name__}: {e}") from None
-        return estimate_keep(grid, num_tokens, opts, min_keep=self._tp_config().min_keep,
-                             video=modality == "video").num_keep
 
     def _tp_fields_config(self, hf_inputs: Mapping[str, object]) -> dict[str, Any]:
         from vllm.multimodal.inputs import MultiModalFieldConfig
