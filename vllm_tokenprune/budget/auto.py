@@ -230,6 +230,9 @@ def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _P
     return _Plan((fw, wh, ww), starts, tokens, len(every))
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 @functools.lru_cache(maxsize=16)
 def _centring(n: int) -> np.ndarray:
     """``I - 1 1^T / n`` (float32, ``n x n``): a window's ``D x n`` matrix times it is centred
@@ -263,37 +266,11 @@ def _consts(k: int, d: int, var: float) -> tuple[float, ...]:
             max(var * (math.sqrt(max(k - 1, 1)) + math.sqrt(d)) ** 2, 1e-10 * k * d))
 
 
-def _ranks(x: np.ndarray, r: Reader) -> float:
-    """The summed effective rank of the windows of a ``(B, D, n)`` float32 stack (each window's
-    transposed matrix), in pixel units (``r.scaling``, a ``D x D`` diagonal, or ``r.unit``, a
-    single factor squared, applied to the moments). Every window at once, in matrix products
-    only (one kind of numpy call: after the processor each new kind of call runs cold, tens of
-    microseconds; ``docs/budgets.md``, "Cost"): the values to pixel units, centred by the
-    ``n x n`` centring matrix, one batched Gram (``D x D`` or ``n x n``, whichever is smaller),
-    its trace and squared Frobenius norm; the per-window rule on Python floats."""
-    if r.scaling is not None:
-        x = np.matmul(r.scaling, x)
-    y = np.matmul(x, r.centring)  # centred
-    gram = np.matmul(y, x.transpose(0, 2, 1)) if r.by_values else np.matmul(
-        y.transpose(0, 2, 1), y)
-    noise, cross, square, floor, top, edge = r.consts
-    unit = r.unit
-    if r.opts.rule == "participation":
-        # (sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2: no eigendecomposition. The floor's
-        # noise (std noise_floor in every entry) is removed from both moments in expectation,
-        # cross terms with the signal included; a centred window's rank is at most n - 1.
-        flat = gram.reshape(len(gram), 1, -1)
-        traces = np.matmul(flat, r.diagonal).reshape(-1).tolist()
-        squares = np.matmul(flat, flat.transpose(0, 2, 1)).reshape(-1).tolist()
-        total = 0.0
-        for tr, sq in zip(traces, squares, strict=True):
-            signal = tr * unit - noise
-            if signal > floor:
-                fro = sq * unit * unit - cross * signal - square
-                total += min(signal * signal / fro if fro > 0 else r.values, top)
-        return total
-    lam = np.linalg.eigvalsh(gram.astype(np.float64))[:, ::-1] * unit  # descending
-    sig = np.where(lam > edge, lam, 0.0)
+def _energy_rank(gram: np.ndarray, r: Reader) -> float:
+    """Rule ``energy``: per window, the smallest rank whose eigenvalues hold ``energy`` of the
+    energy above the Marchenko-Pastur edge (an eigendecomposition per window, float64)."""
+    lam = np.linalg.eigvalsh(gram.astype(np.float64))[:, ::-1] * r.unit  # descending
+    sig = np.where(lam > r.consts[5], lam, 0.0)
     energy = sig.sum(axis=-1)
     k = (np.cumsum(sig, axis=-1) < r.opts.energy * energy[:, None]).sum(axis=-1) + 1
     return float(np.where(energy > 0, k, 0).sum())
@@ -323,21 +300,52 @@ class Reader:
     def rank(self, source: np.ndarray) -> float:
         """The item's summed window rank, scaled to the whole grid (tokens / rows read), from
         its pixels (the flat array the offsets index)."""
-        x = source.take(self.index, mode="clip")
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
-        return _ranks(x, self) * self.tokens / self.plan.rows
+        return self.estimate(source).rank
 
     def estimate(self, source: np.ndarray, num_tokens: int | None = None,
                  min_keep: int = 1) -> AutoEstimate:
-        """:func:`estimate_keep` of these pixels: ``scale`` x the rank, scaled by
-        ``num_tokens / tokens``, within the bounds."""
+        """:func:`estimate_keep` of these pixels (``source``: the flat array the offsets index;
+        an array of any shape is read flat): ``scale`` x the summed rank, scaled by
+        ``num_tokens / tokens``, within the bounds.
+
+        The windows' ``(B, D, n)`` values in one gather, then matrix products only (one kind of
+        numpy call: after the processor each new kind of call runs cold, tens of microseconds,
+        and so does each Python call: this is one, ``docs/budgets.md``, "Cost"): to pixel units
+        (``scaling``, or ``unit`` on the moments), centred by the ``n x n`` centring matrix, one
+        batched Gram (``D x D`` or ``n x n``, whichever is smaller), its trace and squared
+        Frobenius norm; the per-window rule on Python floats."""
         rows = self.tokens
         n = rows if num_tokens is None else int(num_tokens)
         if n < 1:
             raise ValueError(f"num_tokens must be >= 1, got {n}")
-        total = self.rank(source)
+        x = source.take(self.index, mode="clip")
+        if x.dtype != _FLOAT32:
+            x = x.astype(_FLOAT32)
+        if self.scaling is not None:
+            x = np.matmul(self.scaling, x)
+        y = np.matmul(x, self.centring)  # centred
+        gram = (np.matmul(y, x.transpose(0, 2, 1)) if self.by_values
+                else np.matmul(y.transpose(0, 2, 1), y))
         opts = self.opts
+        if opts.rule == "participation":
+            # (sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2: no eigendecomposition. The floor's
+            # noise (std noise_floor in every entry) is removed from both moments in
+            # expectation, cross terms with the signal included; a centred window's rank is at
+            # most n - 1.
+            flat = gram.reshape(len(gram), 1, -1)
+            traces = np.matmul(flat, self.diagonal).reshape(-1).tolist()
+            squares = np.matmul(flat, flat.transpose(0, 2, 1)).reshape(-1).tolist()
+            noise, cross, square, floor, top, _ = self.consts
+            unit, d = self.unit, self.values
+            total = 0.0
+            for tr, sq in zip(traces, squares, strict=True):
+                signal = tr * unit - noise
+                if signal > floor:
+                    fro = sq * unit * unit - cross * signal - square
+                    total += min(signal * signal / fro if fro > 0 else d, top)
+        else:
+            total = _energy_rank(gram, self)
+        total = total * rows / self.plan.rows
         want = round(opts.scale * total * n / rows)
         lo = min(n, max(min_keep, math.ceil(opts.min_fraction * n - 1e-9)))
         hi = max(lo, min(n, math.floor(opts.max_fraction * n + 1e-9)))
