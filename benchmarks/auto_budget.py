@@ -121,13 +121,26 @@ def _median_ms(ts: list[float]) -> float:
     return statistics.median(ts) * 1e3
 
 
+def _sizes_near(size: tuple[int, int], count: int) -> list[tuple[int, int]]:
+    """``count`` other sizes within 4 Qwen-VL tokens (28 pixels each) of ``size`` on each side,
+    no larger than the processor's 12,845,056 pixels: each a token grid of its own."""
+    w, h = size
+    near = [(w + 28 * a, h + 28 * b) for a in range(-4, 5) for b in range(-4, 5)
+            if (a, b) != (0, 0) and (w + 28 * a) * (h + 28 * b) <= 12845056]
+    near.sort(key=lambda s: (s[0] // 28 * 7 + s[1] // 28 * 3) % 17)  # spread over the square
+    if len(near) < count:
+        raise ValueError(f"{count} sizes near {size} asked, {len(near)} exist")
+    return near[:count]
+
+
 def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
               clock: Any = time.thread_time) -> list[dict[str, Any]]:
     """The estimator as the API server runs it (:func:`auto_count`) right after the HF
     processor on the same image, interleaved rounds: for an image size seen before (its
-    reader kept) and, Qwen-VL only, for the first image of its size (each time another size,
-    28 pixels narrower than the last: a new token grid; LLaVA-1.5 has one layout, LLaVA-NeXT
-    one per grid pinpoint, each met once by a server). LLaVA at two input sizes: its processor
+    reader kept) and, Qwen-VL only, for the first image of its size (each round another size
+    near it: a new token grid, :func:`_sizes_near`; its share of that image's own processor
+    time; LLaVA-1.5 has one layout, LLaVA-NeXT one per grid pinpoint, each met once by a
+    server). LLaVA at two input sizes: its processor
     resizes to 336 pixels first, so its time grows with the input and auto's does not. The
     previous round's outputs are released before the processor is timed (freeing a large
     output costs up to a millisecond: it belongs to neither)."""
@@ -136,19 +149,17 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
     cases = [("qwen2.5-vl", s) for s in (COST_SIZES[:2] if quick else COST_SIZES)]
     cases += [(m, s) for m in ("llava-1.5", "llava-next") for s in COST_SIZES[:2]]
     rows = []
-    narrower = 0  # Qwen-VL's first-of-its-size images: every one a new width
     for name, size in cases:
         proc = procs[name]
         # vLLM normalizes Qwen-VL pixels on the device (mm_device_do_normalize): its API
         # server runs the processor without rescale / normalize, and auto reads raw pixels
         qwen = processor_kind(proc) == "qwen"
         raw_scale = pixel_scale(proc, do_rescale=False, do_normalize=False)
-        for cls, var in COST_IMAGES:
+        n = 3 if quick else (reps if size[0] * size[1] < 4e6 else max(3, reps // 3))
+        near = _sizes_near(size, len(COST_IMAGES) * (n + 1)) if qwen else []
+        for j, (cls, var) in enumerate(COST_IMAGES):
             image = content.render(cls, *size, var)
-            n = 3 if quick else (reps if size[0] * size[1] < 4e6 else max(3, reps // 3))
-            others = [content.render(cls, size[0] - 28 * (narrower + k + 1), size[1], var)
-                      for k in range(n + 1)] if qwen else []
-            narrower += len(others)
+            others = [content.render(cls, *s, var) for s in near[j * (n + 1):(j + 1) * (n + 1)]]
             t: dict[str, list[float]] = {k: [] for k in (
                 "proc", "auto", "energy", "raw_proc", "raw_auto", "new_proc", "first")}
             est = None

@@ -9,9 +9,11 @@ The rule (``docs/budgets.md`` has the reasons, the defaults and the measurements
 
 1. One descriptor row per language-model token (:mod:`.grids`): a fixed point sample of the
    pixels the token covers, in pixel units (``D`` values).
-2. The token grid is cut into windows of ``window x window`` tokens (videos: over
-   ``window_frames`` consecutive token steps; LLaVA-NeXT tiles: each tile alone). Each window's
-   ``n`` rows are centred on the window's mean row; ``G`` is their Gram matrix, whose
+2. The token grid is cut into windows of at most ``window x window`` tokens (videos: over at
+   most ``window_frames`` consecutive token steps; LLaVA-NeXT tiles: each tile alone), as even
+   as they can be (21 tokens: three windows of 7), the last on an axis ending at the edge (22
+   tokens: three of 8, overlapping by 2): every window holds the same ``n`` tokens. Each
+   window's rows are centred on the window's mean row; ``G`` is their Gram matrix, whose
    eigenvalues ``l_i`` are the window's spectral energy.
 3. The window's rank (rule ``participation``, the default) is the number of equally strong
    components its energy is spread over: ``(sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2`` (the
@@ -20,10 +22,15 @@ The rule (``docs/budgets.md`` has the reasons, the defaults and the measurements
    no energy is left above it), at most ``min(n - 1, D)``. Rule ``energy``: the smallest ``r``
    whose ``r`` largest eigenvalues hold ``energy`` of the energy above the noise edge
    (Marchenko-Pastur: ``noise_floor^2 (sqrt(n - 1) + sqrt(D))^2``), E-AdaPrune's rule per window.
-4. The item keeps ``scale`` x the sum of its windows' ranks (times ``num_tokens / rows`` where
-   the model's token count differs from the rows read, as LLaVA-NeXT's unpadded grid), clamped
-   to ``[ceil(min_fraction * N), floor(max_fraction * N)]`` and to ``[min_keep, N]``. Above
-   ``max_windows`` windows, a fixed lattice of them estimates the sum.
+4. The item keeps ``scale`` x the sum of its windows' ranks, scaled to the grid's tokens (by
+   tokens / rows read: overlapping windows and the lattice below; and by ``num_tokens / rows``
+   where the model's token count differs from the grid, as LLaVA-NeXT's unpadded tiles),
+   clamped to ``[ceil(min_fraction * N), floor(max_fraction * N)]`` and to ``[min_keep, N]``.
+   Above ``max_windows`` windows, a fixed lattice of them estimates the sum.
+
+In the API server (:func:`~vllm_tokenprune.budget.hf.auto_count`) a :class:`Reader` is kept
+per processor-output layout: an image of a size seen before costs one gather from the pixels
+and a few matrix products.
 
 Deterministic: no randomness; the same pixels give the same count.
 """
@@ -72,17 +79,20 @@ class AutoOptions:
         0.02, "pixel noise standard deviation (0..1 brightness) that is not content",
         ge=0.0, lt=1.0)
     window: int = option(
-        8, "window side in LM tokens (0: the whole item is one window)", ge=0, le=1024)
+        8, "most LM tokens on a window's side, the windows as even as they can be (0: the "
+        "whole item is one window)", ge=0, le=1024)
     window_frames: int = option(
-        2, "video: consecutive token steps (frames) per window", ge=1, le=64)
-    samples: int = option(4, "pixel columns sampled per token (per patch: samples / merge, "
-                          "at most patch / 2)", ge=1, le=32)
+        2, "video: most consecutive token steps (frames) per window", ge=1, le=64)
+    samples: int = option(4, "pixel columns sampled per sample row, within one patch (Qwen-VL: "
+                          "the merge block's diagonal patch the row crosses; at most patch / 2)",
+                          ge=1, le=32)
     sample_rows: int = option(
-        4, "pixel rows sampled per token (per patch: sample_rows / merge, at most patch / 2)",
-        ge=1, le=32)
+        4, "pixel rows sampled per token (Qwen-VL: sample_rows / merge in each diagonal patch; "
+        "at most patch / 2 per patch)", ge=1, le=32)
     channel: int = option(
-        MOSAIC, "colour channels sampled: -2 a mosaic (one channel per sample: a third of the "
-        "reads); -1 all three; 0, 1, 2: R, G or B alone", ge=-2, le=2)
+        MOSAIC, "colour channels sampled: -2 a mosaic (one channel per sample row: green, red, "
+        "green, blue; a third of the reads); -1 all three; 0, 1, 2: R, G or B alone",
+        ge=-2, le=2)
     max_windows: int = option(
         64, "most windows computed; above it a fixed lattice of windows estimates the sum "
         "(0: every window)", ge=0)

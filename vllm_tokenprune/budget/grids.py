@@ -4,23 +4,24 @@ Runs in the API server process (the multimodal processor), on the HF image proce
 before the vision encoder. Torch and numpy; no vLLM import.
 
 A token's descriptor is a fixed point sample (a regular lattice) of the pixels it covers,
-``sample_rows x samples`` per token, converted back to pixel units (``x * image_std``, so
-``[0, 1]`` brightness steps; the per-channel mean does not matter, the estimator centres). Point
-samples, not averages: the read touches only the sampled pixels, and it keeps the pixel noise at
-its real level, so the noise floor of :class:`~vllm_tokenprune.budget.auto.AutoOptions` is in
-plain pixel units whatever the lattice. Per patch: ``samples / merge`` columns and
-``sample_rows / merge`` rows, each at most ``patch / 2`` (a stride of at least 2 pixels),
-centred in the patch.
+``sample_rows`` rows of ``samples`` columns, converted back to pixel units (``x * image_std``, so
+``[0, 1]`` brightness steps; the per-channel mean does not matter, the estimator centres;
+per-channel factors within 10% of each other, as CLIP's and ImageNet's, share their mean).
+Point samples, not averages: the read touches only the sampled pixels, and it keeps the pixel
+noise at its real level, so the noise floor of :class:`~vllm_tokenprune.budget.auto.AutoOptions`
+is in plain pixel units whatever the lattice. Each sample row lies within one patch, its
+``samples`` columns centred in the patch at a stride of at least 2 pixels: where a token is one
+patch (LLaVA) the token's ``sample_rows`` rows; where tokens merge ``merge x merge`` patches
+(Qwen-VL) only the merge block's diagonal patches are read, ``sample_rows / merge`` rows each,
+so that the token's rows still cover its whole height and its columns both halves of its
+width, while the read touches half of the processor's patch rows (``docs/budgets.md``, "Cost":
+the read's cost follows the memory pages and lines it touches more than the values).
 
-Colour (``channel``): every channel (``D`` = samples x 3), one channel, or ``MOSAIC`` (the
-default of ``auto``): one channel per sample, so that a token's descriptor still sees colour edges
-while reading a third of the values. Where tokens merge patches (Qwen-VL), the mosaic reads a
-patch's first sample row in green and its second in red (the merge block's diagonal patches) or
-blue (the other two): each sampled row of a patch is one cache line of the processor's
-patch-major rows, two per patch instead of six. Where a token is one patch (LLaVA), the samples
-follow a Bayer pattern (G R / B G by sample row and column). Qwen-VL's defaults (4 x 4 per token,
-2 x 2 per patch): ``D = 16`` in mosaic, 48 with every channel. ``docs/budgets.md`` has what the
-mosaic changes in the counts and the cost.
+Colour (``channel``): every channel (``D`` = rows x columns x 3), one channel, or ``MOSAIC``
+(the default of ``auto``): one channel per sample row, the token's rows green, red, green,
+blue, so that a token's descriptor still sees colour edges while reading a third of the values,
+each sample row one cache line of the processor's output. Defaults (4 rows of 4): ``D = 16``
+in mosaic, 48 with every channel.
 
 Layouts:
 
@@ -32,12 +33,12 @@ Layouts:
   ``P x P`` patch (NeXT: the base image and every any-resolution tile, one frame each).
 
 The ``*_view`` functions return a :class:`TokenGrid`: the processor's pixels as a flat array (no
-copy, whatever their dtype: vLLM's Qwen-VL pixels are uint8) and the ``(F, H, W, D)`` offsets of
-the sampled values in it (computed once per shape and options, then cached), nothing read yet:
-:func:`~vllm_tokenprune.budget.auto.estimate_keep` gathers the windows it computes in one
-``numpy.take`` (:meth:`TokenGrid.take`); ``TokenGrid.tensor()`` and the ``*_grid`` functions read
-it all. Numpy, not torch, for these small reads: one numpy call costs a few microseconds, one
-eager torch call 10-20 (``docs/budgets.md``, "Cost").
+copy, whatever their dtype: vLLM's Qwen-VL pixels are uint8; a whole output, the item from its
+first row or tile) and where each token's sampled values lie in it (strides per token step and
+each value's offset), nothing read yet: :mod:`.auto` gathers the windows it computes in one
+``numpy.take``; ``TokenGrid.tensor()`` and the ``*_grid`` functions read it all. Numpy, not
+torch, for these small reads: one numpy call costs a few microseconds, one eager torch call
+10-20 (``docs/budgets.md``, "Cost").
 """
 
 from __future__ import annotations
