@@ -187,7 +187,10 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
                     t6 = clock()
                     raw_est = auto_count(out, proc, auto, scale=raw_scale)
                     t7 = clock()
-                    assert abs(raw_est.num_keep - est.num_keep) <= 2, (raw_est, est)
+                    # the normalized pixels' channels share one factor (their std's mean): within
+                    # 1% of the raw pixels' count
+                    assert abs(raw_est.num_keep - est.num_keep) <= max(2, est.num_keep // 100), (
+                        raw_est, est)
                     out = None
                     t8 = clock()
                     out = proc(images=[others[i]], return_tensors="pt")

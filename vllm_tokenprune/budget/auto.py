@@ -177,37 +177,44 @@ def _lattice(num: int, cap: int, cols: int) -> list[int]:
 class _Plan:
     """The windows of an ``(F, H, W)`` token grid: each holds ``tail = (fw, wh, ww)`` tokens
     (the last window on an axis ends at the edge, overlapping its neighbour, so no window is
-    padded and one ``n x n`` centring matrix serves them all); ``starts``: the ``(f, y, x)``
-    first token of each window read, ``tokens``: each token's ``(f, y, x)`` in its window
-    (Python tuples: a new image size makes a plan, and a few list steps cost less than numpy
-    calls made cold); ``windows``: all the grid's windows, ``computed``: the windows read,
-    ``rows``: the token rows they hold (overlaps counted twice)."""
+    padded and one ``n x n`` centring matrix serves them all); ``axes``: the windows' first
+    token on each axis (frame, row, column), every window being one of each in raster order;
+    ``chosen``: the windows read, by raster index (None: all); ``windows``: all the grid's
+    windows, ``computed``: the windows read, ``rows``: the token rows they hold (overlaps
+    counted twice). Python tuples: a new image size makes a plan, and a few list steps cost
+    less than numpy calls made cold."""
 
     tail: tuple[int, int, int]
-    starts: tuple[tuple[int, int, int], ...]
-    tokens: tuple[tuple[int, int, int], ...]
+    axes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+    chosen: tuple[int, ...] | None
     windows: int
 
     @property
     def computed(self) -> int:
-        return len(self.starts)
+        return self.windows if self.chosen is None else len(self.chosen)
 
     @property
     def n(self) -> int:
-        return len(self.tokens)
+        return math.prod(self.tail)
 
     @property
     def rows(self) -> int:
-        return len(self.starts) * len(self.tokens)
+        return self.computed * self.n
 
     def offsets(self, grid: TokenGrid) -> np.ndarray:
         """The gather offsets of ``grid``'s windows, ``(B, D, n)``: window start + value +
-        token in the window, through the grid's strides."""
+        token in the window, through the grid's strides (one array of the starts and the
+        in-window steps, two outer sums)."""
         sf, sy, sx = grid.strides
-        first = np.array([grid.base + f * sf + y * sy + x * sx for f, y, x in self.starts],
-                         dtype=np.intp)
-        inner = np.array([f * sf + y * sy + x * sx for f, y, x in self.tokens], dtype=np.intp)
-        index = np.add.outer(np.add.outer(first, grid.offsets), inner)
+        fs, ys, xs = self.axes
+        first = [grid.base + f * sf + y * sy + x * sx for f in fs for y in ys for x in xs]
+        if self.chosen is not None:
+            first = [first[i] for i in self.chosen]
+        fw, wh, ww = self.tail
+        steps = np.array(first + [f * sf + y * sy + x * sx for f in range(fw)
+                                  for y in range(wh) for x in range(ww)], dtype=np.intp)
+        b = len(first)
+        index = np.add.outer(np.add.outer(steps[:b], grid.offsets), steps[b:])
         index.setflags(write=False)
         return index
 
@@ -233,11 +240,11 @@ def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _P
     f, h, w = shape
     fw = _side(f, frames)
     wh, ww = (h, w) if window == 0 else (_side(h, window), _side(w, window))
-    cols = _starts(w, ww)
-    every = [(f0, y0, x0) for f0 in _starts(f, fw) for y0 in _starts(h, wh) for x0 in cols]
-    starts = tuple(every[i] for i in _lattice(len(every), cap, len(cols)))
-    tokens = tuple((a, b, c) for a in range(fw) for b in range(wh) for c in range(ww))
-    return _Plan((fw, wh, ww), starts, tokens, len(every))
+    axes = (tuple(_starts(f, fw)), tuple(_starts(h, wh)), tuple(_starts(w, ww)))
+    windows = len(axes[0]) * len(axes[1]) * len(axes[2])
+    chosen = _lattice(windows, cap, len(axes[2]))
+    return _Plan((fw, wh, ww), axes, None if len(chosen) == windows else tuple(chosen),
+                  windows)
 
 
 _FLOAT32 = np.dtype(np.float32)
@@ -286,14 +293,14 @@ def _energy_rank(gram: np.ndarray, r: Reader) -> float:
     return float(np.where(energy > 0, k, 0).sum())
 
 
-@dataclass(frozen=True, eq=False)
-class Reader:
+class Reader(typing.NamedTuple):
     """``auto`` compiled for one token-grid layout and options: the gather offsets of the
     windows (``index``, ``B x D x n``), the factor to pixel units (``scaling``, a ``D x D``
     diagonal, or None and ``unit``, one factor squared), the centring matrix, the rule's
     constants, ready to read pixels of that layout (:meth:`estimate`). :func:`reader` makes
-    them; :mod:`.hf` keeps one per processor output layout, so that a request's image costs a
-    look-up, one gather and a few matrix products."""
+    them (a named tuple: made for every new image size, cheaply); :mod:`.hf` keeps one per
+    processor output layout, so that a request's image costs a look-up, one gather and a few
+    matrix products."""
 
     plan: _Plan
     index: np.ndarray

@@ -258,16 +258,30 @@ def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], 
             f"pixel_values has shape {tuple(pixel_values.shape)}; grid {(t, h, w)} with patch "
             f"{p}, temporal patch {tp} and {channels} channels needs "
             f"{(start + t * h * w, channels * tp * p * p)} (rows {start} on)")
+    offsets, factor, uniform, key = _qwen_sampling(
+        m, p, tp, channels, samples, sample_rows,
+        image_std if image_std is None or isinstance(image_std, (int, float))
+        else tuple(image_std), channel)
+    sx = m * m * width  # one token: m * m patch rows
+    hh, ww = h // m, w // m
+    return TokenGrid(_flat(as_numpy(pixel_values)), (t, hh, ww, len(offsets)),
+                     (hh * ww * sx, ww * sx, sx), offsets, factor, uniform,
+                     (*key, t, h, w), start * width)
+
+
+@functools.lru_cache(maxsize=32)
+def _qwen_sampling(m: int, p: int, tp: int, channels: int, samples: int, sample_rows: int,
+                   image_std: tuple[float, ...] | float | None, channel: int | None
+                   ) -> tuple[np.ndarray, np.ndarray, float | None, tuple[Any, ...]]:
+    """What a Qwen-VL token grid reads, whatever its size: the values' offsets in a token's
+    patch rows, their factors to pixel units (and the one factor), and the layout key's
+    sampling part (one look-up per image)."""
     rows = tuple(sample_offsets(p, per_patch(sample_rows, m, p)))
     cols = tuple(sample_offsets(p, per_patch(samples, 1, p)))  # within one diagonal patch
     ch = _channel_of(channel, channels)
     offsets, chans = _qwen_values(m, p, tp, channels, rows, cols, ch)
-    sx = m * m * channels * tp * p * p  # one token: m * m patch rows
-    hh, ww = h // m, w // m
-    return TokenGrid(_flat(as_numpy(pixel_values)), (t, hh, ww, len(offsets)),
-                     (hh * ww * sx, ww * sx, sx), offsets,
-                     *_factors(_std(image_std, channels), chans),
-                     ("qwen", t, h, w, m, p, tp, channels, rows, cols, ch), start * width)
+    factor, uniform = _factors(_std(image_std, channels), chans)
+    return offsets, factor, uniform, ("qwen", m, p, tp, channels, rows, cols, ch)
 
 
 def patch_token_grid(pixel_values: Tensor, **kwargs: Any) -> Tensor:
