@@ -90,3 +90,25 @@ def test_qwen_items_of_one_size_in_either_orientation(processors):
         for i in range(2):
             assert auto_count(out, proc, opts, i) == estimate_keep(
                 token_grid(out, proc, opts, i), None, opts)
+
+
+def test_threads_share_the_readers(processors, monkeypatch):
+    # processors may run in threads: readers made, used and evicted concurrently (4 kept for 6
+    # layouts) give every thread the plain estimate, and nothing raises (the race the lock
+    # closes, a look-up and its move to the end around another thread's eviction, is too narrow
+    # to force here: this checks the readers, not the lock)
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc, opts = processors["qwen"], auto_options()
+    monkeypatch.setattr(budget_hf, "_KEPT", 4)
+    outs = [proc(images=[content.render("text", 224 + 28 * k, 224, "16")], return_tensors="pt")
+            for k in range(6)]
+    want = [estimate_keep(token_grid(o, proc, opts), None, opts) for o in outs]
+
+    def run(i: int) -> bool:
+        return all(auto_count(outs[(i + k) % 6], proc, opts) == want[(i + k) % 6]
+                   for k in range(30))
+
+    with ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(run, range(6)))
+    assert len(budget_hf._READERS) <= 4

@@ -7,6 +7,7 @@ No vLLM import.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -93,9 +94,12 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
 
 
 #: Readers by processor-output layout (:func:`auto_count`): key -> (the processor, weakly; the
-#: reader, its offsets into the whole flat pixel array). The 64 latest used.
+#: reader, its offsets into the whole flat pixel array). The 64 latest used; the lock keeps the
+#: order's updates whole where processors run in threads (the readers themselves are
+#: read-only).
 _READERS: OrderedDict[tuple[Any, ...], tuple[weakref.ref[Any], Reader]] = OrderedDict()
 _KEPT = 64
+_LOCK = threading.Lock()
 
 
 def _listed(x: Any) -> list[Any]:
@@ -122,9 +126,11 @@ def auto_count(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
            tuple(scale) if isinstance(scale, list) else scale, tuple(pv.shape), pv.dtype,
            None if grids is None else tuple(map(tuple, _listed(grids)[: index + 1])),
            None if sizes is None else tuple(_listed(sizes)[index]))
-    entry = _READERS.get(key)
+    with _LOCK:
+        entry = _READERS.get(key)
+        if entry is not None:
+            _READERS.move_to_end(key)
     if entry is not None and entry[0]() is image_processor:
-        _READERS.move_to_end(key)
         return entry[1].estimate(as_numpy(pv), num_tokens, min_keep)  # take reads it flat
     grid = token_grid(hf_out, image_processor, opts, index, patch_size, modality, scale)
     found = reader(grid, opts, modality == "video")  # offsets into the whole output's pixels
@@ -133,9 +139,10 @@ def auto_count(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
     except TypeError:  # not weakly referable: no reader kept
         pass
     else:
-        _READERS[key] = (ref, found)
-        while len(_READERS) > _KEPT:
-            _READERS.popitem(last=False)
+        with _LOCK:
+            _READERS[key] = (ref, found)
+            while len(_READERS) > _KEPT:
+                _READERS.popitem(last=False)
     return found.estimate(grid.source, num_tokens, min_keep)
 
 
