@@ -112,3 +112,21 @@ def test_threads_share_the_readers(processors, monkeypatch):
     with ThreadPoolExecutor(6) as pool:
         assert all(pool.map(run, range(6)))
     assert len(budget_hf._READERS) <= 4
+
+
+def test_options_hash_as_their_values_even_unpickled():
+    # the options' hash is kept (every image's reader key holds them); options pickled in
+    # another process (another str hash seed) are hashed again here, so equal options find the
+    # same reader
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys; from vllm_tokenprune.budget.auto import auto_options; "
+            "sys.stdout.buffer.write(pickle.dumps(auto_options({'rule': 'energy'})))")
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    blob = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          check=True).stdout
+    theirs, ours = pickle.loads(blob), auto_options({"rule": "energy"})
+    assert theirs == ours and hash(theirs) == hash(ours) and {ours: 1}[theirs] == 1

@@ -110,6 +110,15 @@ class AutoOptions:
     def __hash__(self) -> int:
         return self._hash  # type: ignore[attr-defined, no-any-return]
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the hash of a str field differs between processes: hashed again when unpickled
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
 
 def auto_options(options: Mapping[str, Any] | AutoOptions | None = None) -> AutoOptions:
     """Validated :class:`AutoOptions` from a mapping (defaults for missing keys).
