@@ -133,6 +133,20 @@ def _sizes_near(size: tuple[int, int], count: int) -> list[tuple[int, int]]:
     return near[:count]
 
 
+def _pair(proc: Any, image: Any, opts: AutoOptions, clock: Any,
+          scale: list[float] | float | None = None, **kw: Any) -> tuple[float, float, Any]:
+    """The processor's time on ``image`` and then auto's (as the server runs it) on its
+    output, and auto's estimate. The output is released before returning, so that the next
+    timed processor call does not free it."""
+    t0 = clock()
+    out = proc(images=[image], return_tensors="pt", **kw)
+    t1 = clock()
+    est = auto_count(out, proc, opts, scale=scale)
+    t2 = clock()
+    del out
+    return t1 - t0, t2 - t1, est
+
+
 def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
               clock: Any = time.thread_time) -> list[dict[str, Any]]:
     """The estimator as the API server runs it (:func:`auto_count`) right after the HF
@@ -163,45 +177,23 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
             t: dict[str, list[float]] = {k: [] for k in (
                 "proc", "auto", "energy", "raw_proc", "raw_auto", "new_proc", "first")}
             est = None
-            out: Any = None
             for i in range(n + 1):  # the first round warms up, not counted
-                out = None
-                t0 = clock()
-                out = proc(images=[image], return_tensors="pt")
-                t1 = clock()
-                est = auto_count(out, proc, auto)
-                t2 = clock()
-                out = None
-                out = proc(images=[image], return_tensors="pt")
-                t3 = clock()
-                auto_count(out, proc, energy)
-                t4 = clock()
-                t["proc"].append(t1 - t0)
-                t["auto"].append(t2 - t1)
-                t["energy"].append(t4 - t3)
+                p_t, a_t, est = _pair(proc, image, auto, clock)
+                t["proc"].append(p_t)
+                t["auto"].append(a_t)
+                t["energy"].append(_pair(proc, image, energy, clock)[1])
                 if qwen:
-                    out = None
-                    t5 = clock()
-                    out = proc(images=[image], return_tensors="pt", do_rescale=False,
-                               do_normalize=False)
-                    t6 = clock()
-                    raw_est = auto_count(out, proc, auto, scale=raw_scale)
-                    t7 = clock()
+                    p_t, a_t, raw_est = _pair(proc, image, auto, clock, scale=raw_scale,
+                                              do_rescale=False, do_normalize=False)
+                    t["raw_proc"].append(p_t)
+                    t["raw_auto"].append(a_t)
                     # the normalized pixels' channels share one factor (their std's mean): within
                     # 1% of the raw pixels' count
                     assert abs(raw_est.num_keep - est.num_keep) <= max(2, est.num_keep // 100), (
                         raw_est, est)
-                    out = None
-                    t8 = clock()
-                    out = proc(images=[others[i]], return_tensors="pt")
-                    t9 = clock()
-                    auto_count(out, proc, auto)
-                    t10 = clock()
-                    t["raw_proc"].append(t6 - t5)
-                    t["raw_auto"].append(t7 - t6)
-                    t["new_proc"].append(t9 - t8)
-                    t["first"].append(t10 - t9)
-            out = None
+                    p_t, a_t, _ = _pair(proc, others[i], auto, clock)
+                    t["new_proc"].append(p_t)
+                    t["first"].append(a_t)
             assert est is not None
             p, a, e = (_median_ms(t[k][1:]) for k in ("proc", "auto", "energy"))
             row = {"model": name, "size": f"{size[0]}x{size[1]}", "image": f"{cls}:{var}",
