@@ -233,3 +233,20 @@ def test_an_item_read_in_place_from_a_whole_output():
     assert torch.equal(got, patch_token_grid(tiles[2:4]))
     with pytest.raises(ValueError, match="tiles 4..5 of 5"):
         patch_token_view(tiles, first=4, count=2)
+
+
+def test_large_windows_are_centred_by_their_mean():
+    # one window of a whole 60 x 80-token grid (window 0): no 4,800 x 4,800 centring matrix,
+    # the same rank as the per-window reference; a window just below the limit uses the matrix
+    from vllm_tokenprune.budget.auto import CENTRING_MATRIX_MAX, _centring, reader
+
+    pv = _pixels(120 * 160, 3 * 2 * 14 * 14)
+    view = qwen_token_view(pv, (1, 120, 160), image_std=1 / 255)
+    o = auto_options({"noise_floor": 0.0, "window": 0})
+    assert reader(view, o).centring is None
+    _centring.cache_clear()
+    assert window_ranks(view, o)[0] == pytest.approx(
+        _reference_rank(view.tensor(), 1000), rel=1e-4)
+    assert _centring.cache_info().currsize == 0
+    small = auto_options({"window": 10})  # 10 x 10 = 100 tokens <= 128
+    assert CENTRING_MATRIX_MAX >= 100 and reader(view, small).centring.shape == (100, 100)

@@ -258,6 +258,10 @@ def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _P
 
 _FLOAT32 = np.dtype(np.float32)
 
+#: The most tokens a window is centred by an ``n x n`` matrix product (64 KiB at most); larger
+#: windows (``window: 0``, long video windows) by subtracting their mean.
+CENTRING_MATRIX_MAX = 128
+
 
 @functools.lru_cache(maxsize=16)
 def _centring(n: int) -> np.ndarray:
@@ -317,7 +321,7 @@ class Reader(typing.NamedTuple):
     tokens: int  # the grid's F * H * W
     scaling: np.ndarray | None
     unit: float
-    centring: np.ndarray
+    centring: np.ndarray | None  # None: windows above CENTRING_MATRIX_MAX tokens
     diagonal: np.ndarray
     consts: tuple[float, ...]
     values: int  # D
@@ -349,7 +353,10 @@ class Reader(typing.NamedTuple):
             x = x.astype(_FLOAT32)
         if self.scaling is not None:
             x = np.matmul(self.scaling, x)
-        y = np.matmul(x, self.centring)  # centred
+        if self.centring is not None:
+            y = np.matmul(x, self.centring)  # centred
+        else:  # a large window: the n x n matrix would cost n^2 memory and D n^2 products
+            y = x - x.mean(axis=2, keepdims=True)
         gram = (np.matmul(y, x.transpose(0, 2, 1)) if self.by_values
                 else np.matmul(y.transpose(0, 2, 1), y))
         opts = self.opts
@@ -392,7 +399,8 @@ def reader(grid: TokenGrid, opts: AutoOptions, video: bool = False) -> Reader:
     return Reader(
         plan=plan, index=plan.offsets(grid), opts=opts, tokens=f * h * w,
         scaling=None if uniform is not None else _scaling(grid.factor.tobytes()),
-        unit=1.0 if uniform is None else uniform * uniform, centring=_centring(n),
+        unit=1.0 if uniform is None else uniform * uniform,
+        centring=_centring(n) if n <= CENTRING_MATRIX_MAX else None,
         diagonal=_diagonal(min(d, n)), consts=_consts(n, d, opts.noise_floor**2), values=d,
         by_values=d <= n)
 
