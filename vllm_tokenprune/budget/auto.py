@@ -341,9 +341,10 @@ class Reader(typing.NamedTuple):
         The windows' ``(B, D, n)`` values in one gather, then matrix products only (one kind of
         numpy call: after the processor each new kind of call runs cold, tens of microseconds,
         and so does each Python call: this is one, ``docs/budgets.md``, "Cost"): to pixel units
-        (``scaling``, or ``unit`` on the moments), centred by the ``n x n`` centring matrix, one
-        batched Gram (``D x D`` or ``n x n``, whichever is smaller), its trace and squared
-        Frobenius norm; the per-window rule on Python floats."""
+        (``scaling``, or ``unit`` on the moments), centred by the ``n x n`` centring matrix (by
+        the mean above ``CENTRING_MATRIX_MAX`` tokens), one batched Gram (``D x D`` or
+        ``n x n``, whichever is smaller), its trace and squared Frobenius norm; the per-window
+        rule on Python floats."""
         rows = self.tokens
         n = rows if num_tokens is None else int(num_tokens)
         if n < 1:
@@ -388,8 +389,8 @@ class Reader(typing.NamedTuple):
 
 
 def reader(grid: TokenGrid, opts: AutoOptions, video: bool = False) -> Reader:
-    """The :class:`Reader` of ``grid``'s layout (its offsets are arranged once per layout and
-    plan)."""
+    """The :class:`Reader` of ``grid``'s layout: its window plan (kept per grid shape) and its
+    gather offsets (made here: :mod:`.hf` keeps the readers)."""
     f, h, w, d = grid.shape
     if f * h * w * d == 0:
         raise ValueError(f"grid must be non-empty, got {(f, h, w, d)}")

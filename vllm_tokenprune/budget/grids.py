@@ -134,8 +134,8 @@ class TokenGrid:
     + offsets[d]`` (every layout here is: patches and tiles are regular; ``base``: where the
     item starts in a whole processor output); ``shape``, the grid's
     ``(F, H, W, D)``; ``factor``, each value's factor to pixel units (``image_std`` of its
-    channel), ``uniform``, the one factor of them all (None if they differ), and ``key``, naming
-    the layout (shape, sampling). :meth:`tensor` reads all of it; the estimator
+    channel) and ``uniform``, the one factor of them all (None if they differ). :meth:`tensor`
+    reads all of it; the estimator
     (:mod:`.auto`) reads only the windows it computes (a fifth of a 16,384-token image), through
     offsets made from the strides."""
 
@@ -145,7 +145,6 @@ class TokenGrid:
     offsets: np.ndarray  # (D,) intp, read-only
     factor: np.ndarray
     uniform: float | None
-    key: tuple[Any, ...]
     base: int = 0  # token (0, 0, 0)'s place in source: the item's first pixel
 
     @property
@@ -226,7 +225,7 @@ def dense_grid(grid: Tensor | np.ndarray) -> TokenGrid:
     x = np.ascontiguousarray(as_numpy(grid), dtype=np.float32)
     f, h, w, d = x.shape
     return TokenGrid(_flat(x), (f, h, w, d), (h * w * d, w * d, d), _dense_values(d),
-                     *_factors((1.0,), (0,) * d), ("dense", f, h, w, d))
+                     *_factors((1.0,), (0,) * d))
 
 
 def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], **kwargs: Any) -> Tensor:
@@ -258,30 +257,28 @@ def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], 
             f"pixel_values has shape {tuple(pixel_values.shape)}; grid {(t, h, w)} with patch "
             f"{p}, temporal patch {tp} and {channels} channels needs "
             f"{(start + t * h * w, channels * tp * p * p)} (rows {start} on)")
-    offsets, factor, uniform, key = _qwen_sampling(
+    offsets, factor, uniform = _qwen_sampling(
         m, p, tp, channels, samples, sample_rows,
         image_std if image_std is None or isinstance(image_std, (int, float))
         else tuple(image_std), channel)
     sx = m * m * width  # one token: m * m patch rows
     hh, ww = h // m, w // m
     return TokenGrid(_flat(as_numpy(pixel_values)), (t, hh, ww, len(offsets)),
-                     (hh * ww * sx, ww * sx, sx), offsets, factor, uniform,
-                     (*key, t, h, w), start * width)
+                     (hh * ww * sx, ww * sx, sx), offsets, factor, uniform, start * width)
 
 
 @functools.lru_cache(maxsize=32)
 def _qwen_sampling(m: int, p: int, tp: int, channels: int, samples: int, sample_rows: int,
                    image_std: tuple[float, ...] | float | None, channel: int | None
-                   ) -> tuple[np.ndarray, np.ndarray, float | None, tuple[Any, ...]]:
+                   ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """What a Qwen-VL token grid reads, whatever its size: the values' offsets in a token's
-    patch rows, their factors to pixel units (and the one factor), and the layout key's
-    sampling part (one look-up per image)."""
+    patch rows and their factors to pixel units (and the one factor): one look-up per
+    image."""
     rows = tuple(sample_offsets(p, per_patch(sample_rows, m, p)))
     cols = tuple(sample_offsets(p, per_patch(samples, 1, p)))  # within one diagonal patch
     ch = _channel_of(channel, channels)
     offsets, chans = _qwen_values(m, p, tp, channels, rows, cols, ch)
-    factor, uniform = _factors(_std(image_std, channels), chans)
-    return offsets, factor, uniform, ("qwen", m, p, tp, channels, rows, cols, ch)
+    return (offsets, *_factors(_std(image_std, channels), chans))
 
 
 def patch_token_grid(pixel_values: Tensor, **kwargs: Any) -> Tensor:
@@ -319,5 +316,4 @@ def patch_token_view(pixel_values: Tensor | np.ndarray, *, patch_size: int = 14,
     ch = _channel_of(channel, c)
     offsets, chans = _patch_values(c, hh, ww, rows, cols, ch)
     return TokenGrid(_flat(x), (f, hh // p, ww // p, len(offsets)), (c * hh * ww, p * ww, p),
-                     offsets, *_factors(_std(image_std, c), chans),
-                     ("patch", f, c, hh, ww, p, rows, cols, ch), first * c * hh * ww)
+                     offsets, *_factors(_std(image_std, c), chans), first * c * hh * ww)

@@ -57,6 +57,10 @@ def processor_kind(image_processor: Any) -> str:
     return "llava"
 
 
+def _listed(x: Any) -> list[Any]:
+    return x.tolist() if hasattr(x, "tolist") else list(x)  # one call for a tensor
+
+
 def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOptions,
                index: int = 0, patch_size: int = 14, modality: str = "image",
                scale: list[float] | float | None = None) -> TokenGrid:
@@ -72,8 +76,7 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
     pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]
     channel = opts.channel
     if kind == "qwen":
-        grids = hf_out[f"{modality}_grid_thw"]
-        grids = grids.tolist() if hasattr(grids, "tolist") else grids  # one call, no tensors
+        grids = _listed(hf_out[f"{modality}_grid_thw"])  # one call, no tensors
         start = sum(t * h * w for t, h, w in grids[:index])
         return qwen_token_view(as_numpy(pv), grids[index],
                                patch_size=int(image_processor.patch_size),
@@ -100,10 +103,6 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
 _READERS: OrderedDict[tuple[Any, ...], tuple[weakref.ref[Any], Reader]] = OrderedDict()
 _KEPT = 64
 _LOCK = threading.Lock()
-
-
-def _listed(x: Any) -> list[Any]:
-    return x.tolist() if hasattr(x, "tolist") else list(x)  # one call for a tensor
 
 
 def auto_count(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOptions,
