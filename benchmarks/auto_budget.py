@@ -154,10 +154,10 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
     reader kept) and, Qwen-VL only, for the first image of its size (each round another size
     near it: a new token grid, :func:`_sizes_near`; its share of that image's own processor
     time; LLaVA-1.5 has one layout, LLaVA-NeXT one per grid pinpoint, each met once by a
-    server). LLaVA at two input sizes: its processor
-    resizes to 336 pixels first, so its time grows with the input and auto's does not. The
-    previous round's outputs are released before the processor is timed (freeing a large
-    output costs up to a millisecond: it belongs to neither)."""
+    server). LLaVA at two input sizes: its processor resizes to 336 pixels first, so its time
+    grows with the input and auto's does not. The previous round's outputs are released
+    before the processor is timed (freeing a large output costs up to a millisecond: it
+    belongs to neither)."""
     auto = auto_options()
     energy = auto_options({"rule": "energy", "scale": 1.0})
     cases = [("qwen2.5-vl", s) for s in (COST_SIZES[:2] if quick else COST_SIZES)]
