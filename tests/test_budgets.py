@@ -336,6 +336,30 @@ def test_auto_follows_content(processor):
     assert [i["why"] for i in field["items"]] == ["ratio", "auto"]
 
 
+def test_auto_arguments_are_made_once(processor, monkeypatch):
+    # The server's count: the HF processor, patch size, options, pixel scale and min_keep are
+    # made once per modality (looked up on every request they cost 0.1 ms, cold after the
+    # processor): a second count looks nothing up, and counts as auto_count with them made anew.
+    from vllm_tokenprune.budget import auto_count, pixel_scale
+
+    p, _ = processor
+    proc = p.info.get_hf_processor().image_processor
+    merged = p.info.ctx.get_merged_mm_kwargs({})
+    out = proc(images=[content.render("text", 224, 224)], return_tensors="pt", **merged)
+    first = p._tp_auto_keep(out, "image", 0, 64)
+    scale = pixel_scale(proc, do_rescale=merged.get("do_rescale"),
+                        do_normalize=merged.get("do_normalize"))
+    assert first == auto_count(out, proc, p._tp_auto_options(), 0, 14, "image", scale, 64,
+                               p._tp_config().min_keep).num_keep
+
+    def looked_up(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("looked up again")
+
+    monkeypatch.setattr(p.info, "get_hf_processor", looked_up)
+    monkeypatch.setattr(type(p.info.ctx), "get_merged_mm_kwargs", looked_up)  # frozen
+    assert p._tp_auto_keep(out, "image", 0, 64) == first
+
+
 def _hashes(p: Any, images: list[Any], **kwargs: Any) -> list[str]:
     from vllm_tokenprune.models import processor as proc
 
