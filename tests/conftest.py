@@ -22,7 +22,8 @@ QWEN25_ARCH = "TokenPruneQwen2_5_VLForConditionalGeneration"
 #: loop"). Single slow tests elsewhere (a Python subprocess importing vLLM) carry the mark.
 SLOW_FILES = frozenset({"test_profile_run.py", "test_encoder_staging.py",
                         "test_gpu_emulation_worker.py", "test_scoring_skimage.py",
-                        "test_startup.py", "test_alvts_tp.py", "test_alvts_quant.py"})
+                        "test_startup.py", "test_alvts_tp.py", "test_alvts_quant.py",
+                        "test_bench_auto_server.py"})
 
 
 #: Session servers of this file: every test file that uses one (directly or through another
