@@ -34,12 +34,14 @@ docs/auto_budget.json (``--no-doc``: print only).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,15 +135,15 @@ def _sizes_near(size: tuple[int, int], count: int) -> list[tuple[int, int]]:
     return near[:count]
 
 
-def _pair(proc: Any, image: Any, opts: AutoOptions, clock: Any,
-          scale: list[float] | float | None = None, **kw: Any) -> tuple[float, float, Any]:
-    """The processor's time on ``image`` and then auto's (as the server runs it) on its
-    output, and auto's estimate. The output is released before returning, so that the next
-    timed processor call does not free it."""
+def _pair(proc: Any, image: Any, count: Callable[[Any], Any], clock: Any,
+          **kw: Any) -> tuple[float, float, Any]:
+    """The processor's time on ``image`` (with ``kw``) and then ``count``'s on its output, and
+    what ``count`` returned. The output is released before returning, so that the next timed
+    processor call does not free it."""
     t0 = clock()
     out = proc(images=[image], return_tensors="pt", **kw)
     t1 = clock()
-    est = auto_count(out, proc, opts, scale=scale)
+    est = count(out)
     t2 = clock()
     del out
     return t1 - t0, t2 - t1, est
@@ -169,6 +171,10 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
         # server runs the processor without rescale / normalize, and auto reads raw pixels
         qwen = processor_kind(proc) == "qwen"
         raw_scale = pixel_scale(proc, do_rescale=False, do_normalize=False)
+        count = functools.partial(auto_count, image_processor=proc, opts=auto)
+        count_energy = functools.partial(auto_count, image_processor=proc, opts=energy)
+        count_raw = functools.partial(auto_count, image_processor=proc, opts=auto,
+                                      scale=raw_scale)
         n = 3 if quick else (reps if size[0] * size[1] < 4e6 else max(3, reps // 3))
         near = _sizes_near(size, len(COST_IMAGES) * (n + 1)) if qwen else []
         for j, (cls, var) in enumerate(COST_IMAGES):
@@ -178,12 +184,12 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
                 "proc", "auto", "energy", "raw_proc", "raw_auto", "new_proc", "first")}
             est = None
             for i in range(n + 1):  # the first round warms up, not counted
-                p_t, a_t, est = _pair(proc, image, auto, clock)
+                p_t, a_t, est = _pair(proc, image, count, clock)
                 t["proc"].append(p_t)
                 t["auto"].append(a_t)
-                t["energy"].append(_pair(proc, image, energy, clock)[1])
+                t["energy"].append(_pair(proc, image, count_energy, clock)[1])
                 if qwen:
-                    p_t, a_t, raw_est = _pair(proc, image, auto, clock, scale=raw_scale,
+                    p_t, a_t, raw_est = _pair(proc, image, count_raw, clock,
                                               do_rescale=False, do_normalize=False)
                     t["raw_proc"].append(p_t)
                     t["raw_auto"].append(a_t)
@@ -191,7 +197,7 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
                     # 1% of the raw pixels' count
                     assert abs(raw_est.num_keep - est.num_keep) <= max(2, est.num_keep // 100), (
                         raw_est, est)
-                    p_t, a_t, _ = _pair(proc, others[i], auto, clock)
+                    p_t, a_t, _ = _pair(proc, others[i], count, clock)
                     t["new_proc"].append(p_t)
                     t["first"].append(a_t)
             assert est is not None

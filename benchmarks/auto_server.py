@@ -25,6 +25,7 @@ docs/auto_server.json (``--no-doc``: print only).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -37,7 +38,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.auto_budget import COST_IMAGES, COST_SIZES, ROOT, _sizes_near, write_doc
+from benchmarks.auto_budget import (
+    COST_IMAGES,
+    COST_SIZES,
+    ROOT,
+    _pair,
+    _sizes_near,
+    write_doc,
+)
 from vllm_tokenprune.testing import content, tiny_model
 from vllm_tokenprune.testing.server import token_prune_overrides
 
@@ -76,13 +84,21 @@ def _tokens(out: Any, qwen: bool) -> int:
     return (int(out["pixel_values"].shape[-1]) // 14) ** 2
 
 
+def _count(p: Any, proc: Any, merged: dict[str, Any], qwen: bool, image: Any) -> Any:
+    """The server's count for ``image``, ``_tp_auto_keep`` with the image's token count (taken
+    from an untimed processor run: the server has it from vLLM's prompt updates)."""
+    n = _tokens(proc(images=[image], return_tensors="pt", **merged), qwen)
+    return functools.partial(p._tp_auto_keep, modality="image", index=0, num_tokens=n)
+
+
 def server_rows(names: list[str], reps: int, quick: bool, workdir: Path,
                 clock: Any = time.thread_time) -> list[dict[str, Any]]:
     """Per model, size and image: vLLM's call of the HF image processor, then the server's
-    ``_tp_auto_keep`` on its output (its first call, which makes the processor's cached
-    arguments and the layout's reader, is the warm-up round); for Qwen-VL also the first image
-    of its size (each round another size near it: a new token grid). The previous output is
-    released before the processor is timed."""
+    ``_tp_auto_keep`` on its output (:func:`benchmarks.auto_budget._pair`; the first round,
+    which makes the processor's kept arguments and the layout's reader, warms up); for Qwen-VL
+    also the first image of its size (each round another size near it: a new token grid).
+    Each image's token count, which the server has from vLLM's prompt updates, is taken from
+    an untimed processor run."""
     rows = []
     for name in names:
         p = server_processor(name, workdir)
@@ -97,28 +113,20 @@ def server_rows(names: list[str], reps: int, quick: bool, workdir: Path,
                 image = content.render(cls, *size, var)
                 others = [content.render(cls, *s, var)
                           for s in near[j * (n + 1):(j + 1) * (n + 1)]]
+                seen = _count(p, proc, merged, qwen, image)
+                new = [_count(p, proc, merged, qwen, o) for o in others]
                 t: dict[str, list[float]] = {k: [] for k in ("proc", "auto", "new", "first")}
-                keep = tokens = 0
+                keep = 0
                 for i in range(n + 1):  # the first round warms up, not counted
-                    t0 = clock()
-                    out = proc(images=[image], return_tensors="pt", **merged)
-                    t1 = clock()
-                    tokens = _tokens(out, qwen)
-                    keep = p._tp_auto_keep(out, "image", 0, tokens)
-                    t2 = clock()
-                    del out
-                    t["proc"].append(t1 - t0)
-                    t["auto"].append(t2 - t1)
+                    p_t, a_t, keep = _pair(proc, image, seen, clock, **merged)
+                    t["proc"].append(p_t)
+                    t["auto"].append(a_t)
                     if qwen:
-                        t0 = clock()
-                        out = proc(images=[others[i]], return_tensors="pt", **merged)
-                        t1 = clock()
-                        p._tp_auto_keep(out, "image", 0, _tokens(out, qwen))
-                        t2 = clock()
-                        del out
-                        t["new"].append(t1 - t0)
-                        t["first"].append(t2 - t1)
+                        p_t, a_t, _ = _pair(proc, others[i], new[i], clock, **merged)
+                        t["new"].append(p_t)
+                        t["first"].append(a_t)
                 pm, am = (statistics.median(t[k][1:]) * 1e3 for k in ("proc", "auto"))
+                tokens = seen.keywords["num_tokens"]
                 row = {"model": name, "size": f"{size[0]}x{size[1]}", "image": f"{cls}:{var}",
                        "tokens": tokens, "keep": keep, "reps": n, "processor_ms": pm,
                        "auto_ms": am, "auto_pct": 100 * am / pm}
