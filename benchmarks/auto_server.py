@@ -15,8 +15,8 @@ its HF image processor has the real model's class and preprocessing settings (Qw
 patches, 2x2 merge, up to 12,845,056 pixels; LLaVA-1.5: 336 pixels, 576 tokens). The language
 model's size does not enter these figures.
 
-    taskset -c 0 python -m benchmarks.auto_server            # ~2 min; writes docs
-    taskset -c 0 python -m benchmarks.auto_server --quick    # ~30 s, print only
+    taskset -c 0 python -m benchmarks.auto_server            # ~45 s; writes docs
+    taskset -c 0 python -m benchmarks.auto_server --quick    # ~15 s, print only
 
 Writes its table between markers in docs/budgets.md and the run's JSON to
 docs/auto_server.json (``--no-doc``: print only).
