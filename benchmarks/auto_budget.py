@@ -28,7 +28,7 @@ Sections:
     taskset -c 0 python -m benchmarks.auto_budget --quick     # ~1 min, print only
 
 Writes the tables between markers in docs/budgets.md and the run's JSON to
-docs/auto_budget.json (``--no-doc``: print only).
+docs/auto_budget.json (``--quick`` or ``--no-doc``: print only).
 """
 
 from __future__ import annotations
@@ -453,9 +453,16 @@ def write_doc(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None
     path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
+def writes_doc(args: argparse.Namespace) -> bool:
+    """Whether a run writes its tables into the docs: not with ``--no-doc``, and not with
+    ``--quick`` (a few rounds must not replace the published medians)."""
+    return not (args.no_doc or args.quick)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer rounds, no 16,384-token size")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer rounds, no 16,384-token size; print only")
     p.add_argument("--reps", type=int, default=21, help="timed rounds per image (default 21)")
     p.add_argument("--tower", action="store_true", help="also the vl7b tower comparison")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
@@ -494,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(res)
     print(text)
     print(f"[auto_budget] {time.time() - t0:.0f} s")
-    if not args.no_doc:
+    if writes_doc(args):
         write_doc(Path(args.doc), text)
         Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
         print(f"wrote {args.doc} and {args.json}")

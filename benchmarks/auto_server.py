@@ -19,7 +19,7 @@ model's size does not enter these figures.
     taskset -c 0 python -m benchmarks.auto_server --quick    # ~15 s, print only
 
 Writes its table between markers in docs/budgets.md and the run's JSON to
-docs/auto_server.json (``--no-doc``: print only).
+docs/auto_server.json (``--quick`` or ``--no-doc``: print only).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from benchmarks.auto_budget import (
     _pair,
     _sizes_near,
     write_doc,
+    writes_doc,
 )
 from vllm_tokenprune.testing import content, tiny_model
 from vllm_tokenprune.testing.server import token_prune_overrides
@@ -162,7 +163,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 rounds, no 16,384-token size")
+    p.add_argument("--quick", action="store_true",
+                   help="3 rounds, no 16,384-token size; print only")
     p.add_argument("--reps", type=int, default=21, help="timed rounds per image (default 21)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--doc", default=str(ROOT / "docs" / "budgets.md"))
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(res)
     print(text)
     print(f"[auto_server] {time.time() - t0:.0f} s")
-    if not args.no_doc:
+    if writes_doc(args):
         write_doc(Path(args.doc), text, BEGIN, END)
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {args.doc} and {args.json}")
