@@ -184,7 +184,8 @@ def test_near_equal_channel_factors_share_their_mean():
 
 
 def test_windows_are_as_even_as_they_can_be():
-    from vllm_tokenprune.budget.auto import _plan, _side
+    from vllm_tokenprune.budget.windows import _side
+    from vllm_tokenprune.budget.windows import plan_windows as _plan
 
     # 21 tokens in windows of at most 8: three of 7, no overlap; 22: three of 8, the last
     # overlapping by 2; 8 or fewer: one window

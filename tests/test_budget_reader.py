@@ -1,17 +1,27 @@
-"""The API server's ``auto`` count (:func:`vllm_tokenprune.budget.auto_count`, which keeps a
-reader per processor-output layout) equals the plain estimate (``estimate_keep`` of
-``token_grid``) for every item of HF processor outputs: Qwen-VL (normalized and vLLM's raw
-pixels), LLaVA-1.5 and LLaVA-NeXT, first call and kept reader alike; two images of one size in one
-output each read their own pixels (a flat image and a text page: a reader keyed or offset wrongly
-gives the other's count)."""
+"""The API server's ``auto`` count (:class:`vllm_tokenprune.budget.AutoCounter`, which keeps a
+reader per processor-output layout; ``auto_count`` keeps a counter per processor) equals the
+plain estimate (``estimate_keep`` of ``token_grid``) for every item of HF processor outputs:
+Qwen-VL (normalized and vLLM's raw pixels), LLaVA-1.5 and LLaVA-NeXT, first call and kept reader
+alike; two images of one size in one output each read their own pixels (a flat image and a text
+page: a reader keyed or offset wrongly gives the other's count). Qwen-VL's gather offsets, made
+from its kept packed index, are the strided ones; an image of a new size makes none."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+import torch
 
-from vllm_tokenprune.budget import auto_count, auto_options, estimate_keep, pixel_scale, token_grid
+from vllm_tokenprune.budget import (
+    AutoCounter,
+    auto_count,
+    auto_options,
+    estimate_keep,
+    pixel_scale,
+    qwen_token_view,
+    token_grid,
+)
 from vllm_tokenprune.budget import hf as budget_hf
 from vllm_tokenprune.testing import content
 
@@ -45,73 +55,117 @@ def test_kept_readers_count_as_the_plain_estimate(processors, kind, raw):
     flat, text = content.render("flat", 448, 336), content.render("text", 448, 336)
     photo = content.render("photo", 280, 392)
     out = proc(images=[flat, text, photo], return_tensors="pt", **kw)
-    budget_hf._READERS.clear()
+    counter = AutoCounter(proc, opts, scale=scale)
     for _ in range(2):  # first: readers made; second: the kept readers
-        got = [auto_count(out, proc, opts, i, scale=scale) for i in range(3)]
+        got = [counter.count(out, i) for i in range(3)]
         want = [estimate_keep(token_grid(out, proc, opts, i, scale=scale), None, opts)
                 for i in range(3)]
         assert got == want
-    assert len(budget_hf._READERS) == 3
+        assert [auto_count(out, proc, opts, i, scale=scale) for i in range(3)] == want
+    assert len(counter._readers) == 3
     # the flat image on the floor, the text page well above it: each item its own pixels
     assert got[0].bound == "min" and got[1].num_keep > 3 * got[0].num_keep, got
     # a new output of the same layout reads its own pixels through the kept reader
     again = proc(images=[text, flat, photo], return_tensors="pt", **kw)
-    assert [auto_count(again, proc, opts, i, scale=scale).num_keep for i in range(2)] == \
+    assert [counter.count(again, i).num_keep for i in range(2)] == \
         [got[1].num_keep, got[0].num_keep]
-    assert len(budget_hf._READERS) == 3
+    assert len(counter._readers) == 3
 
 
-def test_readers_are_kept_per_processor_and_bounded(processors):
-    # per processor object; the 64 latest used are kept (the oldest unused go first)
+def test_packed_offsets_are_the_strided_offsets():
+    # a packed grid's gather offsets, reordered from the kept token index, are the offsets
+    # made from its strides: windows overlapping on both axes or tiling them, a video's frame
+    # groups (the last overlapping), an item past the first (base), one window
+    import numpy as np
+
+    from vllm_tokenprune.budget.grids import packed_index
+    from vllm_tokenprune.budget.windows import plan_windows
+
+    pv = torch.zeros(3 * 22 * 18 * 4 + 100 * 4, 3 * 2 * 14 * 14, dtype=torch.uint8)
+    for grid, window, frames, start in (((1, 44, 36), 8, 1, 0), ((1, 42, 56), 8, 1, 0),
+                                        ((3, 44, 36), 8, 2, 400), ((1, 10, 14), 0, 1, 4)):
+        view = qwen_token_view(pv, grid, image_std=1 / 255, start=start)
+        f, h, w, _ = view.shape
+        plan = plan_windows((f, h, w), window, frames, 0)
+        rows = packed_index(view.strides[2], view.offsets.tobytes()).rows(f * h * w)
+        assert np.array_equal(plan.packed_offsets(rows, view.base), plan.offsets(view)), grid
+
+
+def test_a_qwen_image_of_a_new_size_makes_no_strided_offsets(processors, monkeypatch):
+    # the server's count of a Qwen-VL image of a size not met before reads through the kept
+    # packed index (docs/budgets.md, "Cost"), the same count as the plain estimate; LLaVA's
+    # tiles, and a window lattice, need the strided offsets
+    from vllm_tokenprune.budget.windows import Plan
+
+    made = []
+    strided = Plan.offsets
+    monkeypatch.setattr(Plan, "offsets", lambda self, grid: made.append(1) or strided(self, grid))
+    proc, opts = processors["qwen"], auto_options()
+    out = proc(images=[content.render("text", 476, 364, "16")], return_tensors="pt")
+    assert AutoCounter(proc, opts).count(out) == estimate_keep(
+        token_grid(out, proc, opts), None, opts)
+    assert made == []
+    lattice = auto_options({"max_windows": 4})
+    AutoCounter(proc, lattice).count(out)
+    assert made == [1]
+    llava = processors["llava"]
+    AutoCounter(llava, opts).count(llava(images=[content.render("text", 336, 336)],
+                                         return_tensors="pt"))
+    assert made == [1, 1]
+
+
+def test_counters_are_kept_per_processor_and_readers_bounded(processors, monkeypatch):
+    # auto_count keeps a counter per processor object; a counter keeps the _KEPT latest
+    # readers made
     opts = auto_options()
     proc = processors["llava"]
     image = content.render("text", 336, 336)
-    budget_hf._READERS.clear()
     first = auto_count(proc(images=[image], return_tensors="pt"), proc, opts)
-    other = _processors()["llava"]  # another processor object: its own reader
+    other = _processors()["llava"]  # another processor object: its own counter
     assert auto_count(other(images=[image], return_tensors="pt"), other, opts) == first
-    assert len(budget_hf._READERS) == 2
-    out = proc(images=[image], return_tensors="pt")
-    for n in range(70):  # 70 more layouts (another factor each), the first one used throughout
-        auto_count(out, proc, opts, scale=[0.2 + n / 1000] * 3)
-        auto_count(out, proc, opts)
-    assert len(budget_hf._READERS) == 64
-    kept = [k for k in budget_hf._READERS if k[0] == id(proc) and k[5] is None]
-    assert len(kept) == 1 and next(reversed(budget_hf._READERS)) == kept[0]
+    kept = [c for c in budget_hf._COUNTERS.values() if c.processor in (proc, other)]
+    assert len(kept) == 2
+    monkeypatch.setattr(budget_hf, "_KEPT", 4)
+    qwen = processors["qwen"]
+    counter = AutoCounter(qwen, opts)
+    outs = [qwen(images=[content.render("text", 224 + 28 * k, 224, "16")], return_tensors="pt")
+            for k in range(6)]
+    for o in outs:
+        counter.count(o)
+    assert len(counter._readers) == 4
+    assert counter.count(outs[0]) == estimate_keep(token_grid(outs[0], qwen, opts), None, opts)
 
 
 def test_qwen_items_of_one_size_in_either_orientation(processors):
     # the same pixel rows, other token grids: a reader is kept per item grid, not per shape
     proc, opts = processors["qwen"], auto_options()
     a, b = content.render("text", 448, 336, "16"), content.render("chart", 336, 448, "line")
-    budget_hf._READERS.clear()
+    counter = AutoCounter(proc, opts)
     for images in ([a, b], [b, a]):
         out = proc(images=images, return_tensors="pt")
         for i in range(2):
-            assert auto_count(out, proc, opts, i) == estimate_keep(
+            assert counter.count(out, i) == estimate_keep(
                 token_grid(out, proc, opts, i), None, opts)
 
 
 def test_threads_share_the_readers(processors, monkeypatch):
     # processors may run in threads: readers made, used and evicted concurrently (4 kept for 6
-    # layouts) give every thread the plain estimate, and nothing raises (the race the lock
-    # closes, a look-up and its move to the end around another thread's eviction, is too narrow
-    # to force here: this checks the readers, not the lock)
+    # layouts) give every thread the plain estimate, and nothing raises
     from concurrent.futures import ThreadPoolExecutor
 
     proc, opts = processors["qwen"], auto_options()
     monkeypatch.setattr(budget_hf, "_KEPT", 4)
+    counter = AutoCounter(proc, opts)
     outs = [proc(images=[content.render("text", 224 + 28 * k, 224, "16")], return_tensors="pt")
             for k in range(6)]
     want = [estimate_keep(token_grid(o, proc, opts), None, opts) for o in outs]
 
     def run(i: int) -> bool:
-        return all(auto_count(outs[(i + k) % 6], proc, opts) == want[(i + k) % 6]
-                   for k in range(30))
+        return all(counter.count(outs[(i + k) % 6]) == want[(i + k) % 6] for k in range(30))
 
     with ThreadPoolExecutor(6) as pool:
         assert all(pool.map(run, range(6)))
-    assert len(budget_hf._READERS) <= 4
+    assert len(counter._readers) <= 4
 
 
 def test_options_hash_as_their_values_even_unpickled():

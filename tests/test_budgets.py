@@ -356,6 +356,7 @@ def test_auto_arguments_are_made_once(processor, monkeypatch):
         raise AssertionError("looked up again")
 
     monkeypatch.setattr(p.info, "get_hf_processor", looked_up)
+    monkeypatch.setattr(p, "_tp_auto_options", looked_up)
     monkeypatch.setattr(type(p.info.ctx), "get_merged_mm_kwargs", looked_up)  # frozen
     assert p._tp_auto_keep(out, "image", 0, 64) == first
 

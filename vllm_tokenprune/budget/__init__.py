@@ -12,7 +12,8 @@ Public API::
     qwen_token_view / patch_token_view(...)       # the same, not yet read (TokenGrid)
     estimate_keep(grid, num_tokens, options, min_keep=1) -> AutoEstimate
     estimate_image(pil_image, hf_image_processor, options)  # all of the above, for one image
-    auto_count(hf_output, hf_image_processor, options, index)  # the server's: readers kept
+    AutoCounter(hf_image_processor, options, ...).count(hf_output, index)  # the server's
+    auto_count(hf_output, hf_image_processor, options, index)  # the same, counter kept
 
 ``docs/budgets.md`` has the rule, its defaults and reasons, and its measured cost.
 """
@@ -34,6 +35,7 @@ from vllm_tokenprune.budget.grids import (
     sample_offsets,
 )
 from vllm_tokenprune.budget.hf import (
+    AutoCounter,
     auto_count,
     estimate_image,
     pixel_scale,
@@ -42,6 +44,7 @@ from vllm_tokenprune.budget.hf import (
 )
 
 __all__ = [
+    "AutoCounter",
     "AutoEstimate",
     "AutoOptions",
     "TokenGrid",

@@ -28,9 +28,11 @@ The rule (``docs/budgets.md`` has the reasons, the defaults and the measurements
    clamped to ``[ceil(min_fraction * N), floor(max_fraction * N)]`` and to ``[min_keep, N]``.
    Above ``max_windows`` windows, a fixed lattice of them estimates the sum.
 
-In the API server (:func:`~vllm_tokenprune.budget.hf.auto_count`) a :class:`Reader` is kept
+In the API server (:class:`~vllm_tokenprune.budget.hf.AutoCounter`) a :class:`Reader` is kept
 per processor-output layout: an image of a size seen before costs one gather from the pixels
-and a few matrix products.
+and a few matrix products. A Qwen-VL image of a new size makes its gather offsets from an index
+of every token's values kept for all sizes
+(:meth:`~vllm_tokenprune.budget.windows.Plan.packed_offsets`).
 
 Deterministic: no randomness; the same pixels give the same count.
 """
@@ -48,7 +50,8 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor
 
-from vllm_tokenprune.budget.grids import MOSAIC, TokenGrid, dense_grid
+from vllm_tokenprune.budget.grids import MOSAIC, TokenGrid, dense_grid, packed_index
+from vllm_tokenprune.budget.windows import Plan, plan_windows
 from vllm_tokenprune.scoring._registry import _check_bounds, _coerce, option
 
 __all__ = ["AutoEstimate", "AutoOptions", "Reader", "auto_options", "estimate_keep", "reader",
@@ -170,92 +173,6 @@ class AutoEstimate(typing.NamedTuple):
         return 1.0 - self.num_keep / self.num_tokens
 
 
-def _lattice(num: int, cap: int, cols: int) -> list[int]:
-    """Indices of about ``cap`` of ``num`` windows in raster order: every ``s``-th, ``s`` the
-    smallest stride >= ``num / cap`` coprime with the raster width (a diagonal lattice, no
-    stripes); all of them when ``num <= cap`` or ``cap == 0``."""
-    if cap <= 0 or num <= cap:
-        return list(range(num))
-    s = -(-num // cap)
-    while math.gcd(s, cols) != 1:
-        s += 1
-    return list(range(s // 2, num, s))
-
-
-@dataclass(frozen=True, eq=False)
-class _Plan:
-    """The windows of an ``(F, H, W)`` token grid: each holds ``tail = (fw, wh, ww)`` tokens
-    (the last window on an axis ends at the edge, overlapping its neighbour, so no window is
-    padded and one ``n x n`` centring matrix serves them all); ``axes``: the windows' first
-    token on each axis (frame, row, column), every window being one of each in raster order;
-    ``chosen``: the windows read, by raster index (None: all); ``windows``: all the grid's
-    windows, ``computed``: the windows read, ``rows``: the token rows they hold (overlaps
-    counted twice). Python tuples: a new image size makes a plan, and a few list steps cost
-    less than numpy calls made cold."""
-
-    tail: tuple[int, int, int]
-    axes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-    chosen: tuple[int, ...] | None
-    windows: int
-
-    @property
-    def computed(self) -> int:
-        return self.windows if self.chosen is None else len(self.chosen)
-
-    @property
-    def n(self) -> int:
-        return math.prod(self.tail)
-
-    @property
-    def rows(self) -> int:
-        return self.computed * self.n
-
-    def offsets(self, grid: TokenGrid) -> np.ndarray:
-        """The gather offsets of ``grid``'s windows, ``(B, D, n)``: window start + value +
-        token in the window, through the grid's strides (one array of the starts and the
-        in-window steps, two outer sums)."""
-        sf, sy, sx = grid.strides
-        fs, ys, xs = self.axes
-        first = [grid.base + f * sf + y * sy + x * sx for f in fs for y in ys for x in xs]
-        if self.chosen is not None:
-            first = [first[i] for i in self.chosen]
-        fw, wh, ww = self.tail
-        steps = np.array(first + [f * sf + y * sy + x * sx for f in range(fw)
-                                  for y in range(wh) for x in range(ww)], dtype=np.intp)
-        b = len(first)
-        index = np.add.outer(np.add.outer(steps[:b], grid.offsets), steps[b:])
-        index.setflags(write=False)
-        return index
-
-
-def _side(size: int, most: int) -> int:
-    """A window's side on an axis of ``size`` tokens: at most ``most``, the windows as even as
-    they can be (``ceil(size / ceil(size / most))``: 21 tokens in windows of 8 -> three of 7),
-    so that the last one overlaps its neighbour by fewer tokens than there are windows."""
-    return -(-size // -(-size // most))
-
-
-def _starts(size: int, side: int) -> list[int]:
-    """The windows' first tokens on one axis: every ``side``, the last ending at the edge."""
-    return [min(i * side, size - side) for i in range(-(-size // side))]
-
-
-@functools.lru_cache(maxsize=32)
-def _plan(shape: tuple[int, int, int], window: int, frames: int, cap: int) -> _Plan:
-    """The windows of an ``(F, H, W)`` token grid: at most ``window x window`` tokens (``0``:
-    the whole grid) over at most ``frames`` consecutive frames, as even as they can be
-    (:func:`_side`), in raster order (frame group, row, column); above ``cap`` windows, a
-    lattice of them (:func:`_lattice`). The 32 latest plans are kept (a few KiB each)."""
-    f, h, w = shape
-    fw = _side(f, frames)
-    wh, ww = (h, w) if window == 0 else (_side(h, window), _side(w, window))
-    axes = (tuple(_starts(f, fw)), tuple(_starts(h, wh)), tuple(_starts(w, ww)))
-    windows = len(axes[0]) * len(axes[1]) * len(axes[2])
-    chosen = _lattice(windows, cap, len(axes[2]))
-    return _Plan((fw, wh, ww), axes, None if len(chosen) == windows else tuple(chosen),
-                  windows)
-
-
 _FLOAT32 = np.dtype(np.float32)
 
 #: The most tokens a window is centred by an ``n x n`` matrix product (64 KiB at most); larger
@@ -311,11 +228,11 @@ class Reader(typing.NamedTuple):
     windows (``index``, ``B x D x n``), the factor to pixel units (``scaling``, a ``D x D``
     diagonal, or None and ``unit``, one factor squared), the centring matrix, the rule's
     constants, ready to read pixels of that layout (:meth:`estimate`). :func:`reader` makes
-    them (a named tuple: made for every new image size, cheaply); :mod:`.hf` keeps one per
-    processor output layout, so that a request's image costs a look-up, one gather and a few
-    matrix products."""
+    them (a named tuple, cheap to make); :class:`~vllm_tokenprune.budget.hf.AutoCounter` keeps
+    one per processor output layout, so that a request's image costs a look-up, one gather and
+    a few matrix products."""
 
-    plan: _Plan
+    plan: Plan
     index: np.ndarray
     opts: AutoOptions
     tokens: int  # the grid's F * H * W
@@ -390,16 +307,29 @@ class Reader(typing.NamedTuple):
 
 def reader(grid: TokenGrid, opts: AutoOptions, video: bool = False) -> Reader:
     """The :class:`Reader` of ``grid``'s layout: its window plan (kept per grid shape) and its
-    gather offsets (made here: :mod:`.hf` keeps the readers)."""
+    gather offsets (a packed grid's, all windows computed, reordered from its kept token index;
+    any other's made from the strides): :mod:`.hf` keeps the readers."""
     f, h, w, d = grid.shape
     if f * h * w * d == 0:
         raise ValueError(f"grid must be non-empty, got {(f, h, w, d)}")
-    plan = _plan((f, h, w), opts.window, opts.window_frames if video else 1, opts.max_windows)
+    plan = plan_windows((f, h, w), opts.window, opts.window_frames if video else 1,
+                        opts.max_windows)
+    if grid.packed and plan.chosen is None:
+        rows = packed_index(grid.strides[2], grid.offsets.tobytes()).rows(f * h * w)
+        index = plan.packed_offsets(rows, grid.base)
+    else:
+        index = plan.offsets(grid)
+    return layout_reader(plan, index, opts, d, grid.factor, grid.uniform)
+
+
+def layout_reader(plan: Plan, index: np.ndarray, opts: AutoOptions, d: int,
+                  factor: np.ndarray, uniform: float | None) -> Reader:
+    """A :class:`Reader` of a plan and its gather offsets; ``factor`` / ``uniform``: the
+    values' factors to pixel units (as :class:`~vllm_tokenprune.budget.grids.TokenGrid`'s)."""
     n = plan.n
-    uniform = grid.uniform
     return Reader(
-        plan=plan, index=plan.offsets(grid), opts=opts, tokens=f * h * w,
-        scaling=None if uniform is not None else _scaling(grid.factor.tobytes()),
+        plan=plan, index=index, opts=opts, tokens=math.prod(plan.shape),
+        scaling=None if uniform is not None else _scaling(factor.tobytes()),
         unit=1.0 if uniform is None else uniform * uniform,
         centring=_centring(n) if n <= CENTRING_MATRIX_MAX else None,
         diagonal=_diagonal(min(d, n)), consts=_consts(n, d, opts.noise_floor**2), values=d,

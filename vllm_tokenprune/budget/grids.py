@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["MOSAIC", "TokenGrid", "as_numpy", "dense_grid", "patch_token_grid",
-           "patch_token_view", "per_patch", "qwen_token_grid", "qwen_token_view",
-           "sample_offsets"]
+__all__ = ["MOSAIC", "PackedIndex", "TokenGrid", "as_numpy", "check_qwen_item", "dense_grid",
+           "packed_index", "patch_token_grid", "patch_token_view", "per_patch",
+           "qwen_sampling", "qwen_token_grid", "qwen_token_view", "sample_offsets"]
 
 #: ``channel`` value: one colour channel per sample (module docstring).
 MOSAIC = -2
@@ -146,6 +146,10 @@ class TokenGrid:
     factor: np.ndarray
     uniform: float | None
     base: int = 0  # token (0, 0, 0)'s place in source: the item's first pixel
+    #: each token's values lie in its own block of ``strides[2]`` elements, the blocks one after
+    #: another in raster order (Qwen-VL's merged patch rows; a dense grid): every token of any
+    #: size of grid is then read through one kept index (:func:`packed_index`)
+    packed: bool = False
 
     @property
     def index(self) -> np.ndarray:
@@ -160,6 +164,46 @@ class TokenGrid:
         """``(F, H, W, D)`` float32 in pixel units."""
         out = np.multiply(self.source[self.index], self.factor, dtype=np.float32)
         return torch.from_numpy(out)
+
+
+#: The most bytes a kept :class:`PackedIndex` grows to (64 MiB holds 2**19 tokens of 16 values;
+#: larger items make their index when read).
+PACKED_INDEX_MAX_BYTES = 64 << 20
+
+
+class PackedIndex:
+    """Where the tokens of a packed grid (:attr:`TokenGrid.packed`) keep their values, for any
+    grid size: token ``i``'s value ``d`` at ``i * block + offsets[d]`` from the item's first
+    pixel. :meth:`rows` gives the first ``tokens`` rows, ``(tokens, D)``, a slice of one kept
+    array grown to a power of two (at least 1,024 tokens) as larger items come: an image of
+    a new size needs no index of its own (``docs/budgets.md``, "Cost"). Read-only arrays; a
+    thread that grows it swaps the array whole."""
+
+    def __init__(self, block: int, offsets: np.ndarray) -> None:
+        self.block = block
+        self.offsets = offsets
+        self._index = np.empty((0, len(offsets)), dtype=np.intp)
+
+    def rows(self, tokens: int) -> np.ndarray:
+        index = self._index
+        if len(index) >= tokens:
+            return index[:tokens]
+        size = 1 << max(10, (tokens - 1).bit_length())
+        made = np.add.outer(np.arange(size, dtype=np.intp) * self.block, self.offsets)
+        made.setflags(write=False)
+        if made.nbytes <= PACKED_INDEX_MAX_BYTES:
+            self._index = made
+        return made[:tokens]
+
+
+@functools.lru_cache(maxsize=16)
+def packed_index(block: int, offsets: bytes) -> PackedIndex:
+    """The kept :class:`PackedIndex` of token blocks of ``block`` elements and these value
+    offsets (``intp`` bytes)."""
+    values = np.frombuffer(offsets, dtype=np.intp)
+    if len(values) == 0 or values.min() < 0 or values.max() >= block:
+        raise ValueError(f"value offsets must lie in a token's block of {block}")
+    return PackedIndex(block, values)
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -225,13 +269,29 @@ def dense_grid(grid: Tensor | np.ndarray) -> TokenGrid:
     x = np.ascontiguousarray(as_numpy(grid), dtype=np.float32)
     f, h, w, d = x.shape
     return TokenGrid(_flat(x), (f, h, w, d), (h * w * d, w * d, d), _dense_values(d),
-                     *_factors((1.0,), (0,) * d))
+                     *_factors((1.0,), (0,) * d), packed=True)
 
 
 def qwen_token_grid(pixel_values: Tensor, grid_thw: Sequence[int], **kwargs: Any) -> Tensor:
     """The ``(t, h / merge, w / merge, D)`` float32 token grid of one Qwen-VL item
     (:func:`qwen_token_view`, read whole)."""
     return qwen_token_view(pixel_values, grid_thw, **kwargs).tensor()
+
+
+def check_qwen_item(shape: tuple[int, ...], grid_thw: tuple[int, int, int], m: int, p: int,
+                    tp: int, channels: int, start: int) -> None:
+    """Refuse a Qwen-VL item whose patch grid is not a multiple of the merge or whose rows
+    (from row ``start``) the pixels of ``shape`` do not hold."""
+    t, h, w = grid_thw
+    if h % m or w % m:
+        raise ValueError(f"grid {(t, h, w)} is not a multiple of merge_size={m}")
+    rows_in, width = (shape + (0, 0))[:2]
+    if (len(shape) != 2 or width != channels * tp * p * p or start < 0
+            or rows_in < start + t * h * w):
+        raise ValueError(
+            f"pixel_values has shape {shape}; grid {(t, h, w)} with patch "
+            f"{p}, temporal patch {tp} and {channels} channels needs "
+            f"{(start + t * h * w, channels * tp * p * p)} (rows {start} on)")
 
 
 def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], *,
@@ -248,27 +308,21 @@ def qwen_token_view(pixel_values: Tensor | np.ndarray, grid_thw: Sequence[int], 
     channel only, ``MOSAIC``, or None / -1: every channel."""
     t, h, w = (int(v) for v in grid_thw)
     m, p, tp = merge_size, patch_size, temporal_patch_size
-    if h % m or w % m:
-        raise ValueError(f"grid {(t, h, w)} is not a multiple of merge_size={m}")
-    rows_in, width = (tuple(pixel_values.shape) + (0, 0))[:2]
-    if (len(pixel_values.shape) != 2 or width != channels * tp * p * p or start < 0
-            or rows_in < start + t * h * w):
-        raise ValueError(
-            f"pixel_values has shape {tuple(pixel_values.shape)}; grid {(t, h, w)} with patch "
-            f"{p}, temporal patch {tp} and {channels} channels needs "
-            f"{(start + t * h * w, channels * tp * p * p)} (rows {start} on)")
-    offsets, factor, uniform = _qwen_sampling(
+    check_qwen_item(tuple(pixel_values.shape), (t, h, w), m, p, tp, channels, start)
+    width = channels * tp * p * p
+    offsets, factor, uniform = qwen_sampling(
         m, p, tp, channels, samples, sample_rows,
         image_std if image_std is None or isinstance(image_std, (int, float))
         else tuple(image_std), channel)
     sx = m * m * width  # one token: m * m patch rows
     hh, ww = h // m, w // m
     return TokenGrid(_flat(as_numpy(pixel_values)), (t, hh, ww, len(offsets)),
-                     (hh * ww * sx, ww * sx, sx), offsets, factor, uniform, start * width)
+                     (hh * ww * sx, ww * sx, sx), offsets, factor, uniform, start * width,
+                     packed=True)  # a token's m * m patch rows hold all its values
 
 
 @functools.lru_cache(maxsize=32)
-def _qwen_sampling(m: int, p: int, tp: int, channels: int, samples: int, sample_rows: int,
+def qwen_sampling(m: int, p: int, tp: int, channels: int, samples: int, sample_rows: int,
                    image_std: tuple[float, ...] | float | None, channel: int | None
                    ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """What a Qwen-VL token grid reads, whatever its size: the values' offsets in a token's

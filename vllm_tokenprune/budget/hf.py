@@ -1,18 +1,20 @@
-"""``auto``'s count for an image, straight from a HF image processor (preview, benchmarks, tests).
+"""``auto``'s count on a HF image processor's output: :class:`AutoCounter` (the API server's
+multimodal processor keeps one per modality and counts the outputs it already has),
+:func:`auto_count` (the same, a counter kept per processor: benchmarks, tests) and
+:func:`estimate_image` (runs the HF image processor itself: preview).
 
-Runs in whatever process calls it (the API server's processor uses :mod:`.grids` and
-:mod:`.auto` on the outputs it already has; this module runs the HF image processor itself).
-No vLLM import.
+Runs in whatever process calls it (the API server for the counter). No vLLM import.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from vllm_tokenprune.budget.auto import (
@@ -21,11 +23,22 @@ from vllm_tokenprune.budget.auto import (
     Reader,
     auto_options,
     estimate_keep,
+    layout_reader,
+    plan_windows,
     reader,
 )
-from vllm_tokenprune.budget.grids import TokenGrid, as_numpy, patch_token_view, qwen_token_view
+from vllm_tokenprune.budget.grids import (
+    TokenGrid,
+    as_numpy,
+    check_qwen_item,
+    packed_index,
+    patch_token_view,
+    qwen_sampling,
+    qwen_token_view,
+)
 
-__all__ = ["auto_count", "estimate_image", "pixel_scale", "processor_kind", "token_grid"]
+__all__ = ["AutoCounter", "auto_count", "estimate_image", "pixel_scale", "processor_kind",
+           "token_grid"]
 
 
 def pixel_scale(image_processor: Any, *, do_rescale: bool | None = None,
@@ -69,39 +82,144 @@ def token_grid(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
     :func:`~vllm_tokenprune.budget.auto.estimate_keep` reads only the tokens it needs; ``.tensor()``
     reads all); ``scale``: :func:`pixel_scale` (default: the processor's ``image_std``, for its
     normalized output)."""
+    return _grid(*_read(hf_out, modality), image_processor, opts, index, patch_size, modality,
+                 scale)
+
+
+def _read(hf_out: Mapping[str, Any], modality: str
+          ) -> tuple[np.ndarray, list[Any] | None, list[Any] | None]:
+    """The output's pixels of ``modality`` as numpy (their memory), its grids (Qwen-VL) and
+    image sizes (LLaVA-NeXT) as lists: each tensor read once per count."""
+    pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]
+    key = f"{modality}_grid_thw"
+    grids = _listed(hf_out[key]) if key in hf_out else None
+    sizes = (_listed(hf_out["image_sizes"]) if modality == "image" and "image_sizes" in hf_out
+             else None)
+    return as_numpy(pv), grids, sizes
+
+
+def _grid(x: np.ndarray, grids: list[Any] | None, sizes: list[Any] | None,
+          image_processor: Any, opts: AutoOptions, index: int, patch_size: int, modality: str,
+          scale: list[float] | float | None) -> TokenGrid:
     kind = processor_kind(image_processor)
     std = getattr(image_processor, "image_std", None) if scale is None else scale
     if modality not in ("image", "video") or (modality == "video" and kind != "qwen"):
         raise ValueError(f"no {modality!r} token grid for a {kind} processor")
-    pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]
     channel = opts.channel
     if kind == "qwen":
-        grids = _listed(hf_out[f"{modality}_grid_thw"])  # one call, no tensors
+        if grids is None:
+            raise KeyError(f"{modality}_grid_thw")
         start = sum(t * h * w for t, h, w in grids[:index])
-        return qwen_token_view(as_numpy(pv), grids[index],
+        return qwen_token_view(x, grids[index],
                                patch_size=int(image_processor.patch_size),
                                merge_size=int(image_processor.merge_size),
                                temporal_patch_size=int(image_processor.temporal_patch_size),
                                samples=opts.samples, sample_rows=opts.sample_rows,
                                image_std=std, channel=channel, start=start)
-    x = as_numpy(pv)  # (B, C, H, W), LLaVA-NeXT (B, T, C, H, W): the item's tiles from a whole
+    # (B, C, H, W), LLaVA-NeXT (B, T, C, H, W): the item's tiles from a whole output
     per_item = 1 if x.ndim == 4 else x.shape[1]
     count = per_item
-    if kind == "llava_next" and "image_sizes" in hf_out:
+    if kind == "llava_next" and sizes is not None:
         # The processor pads the batch to its largest tile count with zero tiles; keep this
         # image's own (1 base + the any-resolution grid's tiles).
-        count = _next_tiles(_listed(hf_out["image_sizes"])[index], image_processor)
+        count = _next_tiles(sizes[index], image_processor)
     return patch_token_view(x.reshape(-1, *x.shape[-3:]), patch_size=patch_size,
                             samples=opts.samples, sample_rows=opts.sample_rows, image_std=std,
                             channel=channel, first=index * per_item, count=count)
 
 
-#: Readers by processor-output layout (:func:`auto_count`): key -> (the processor, weakly; the
-#: reader, its offsets into the whole flat pixel array). The 64 latest used; the lock keeps the
-#: order's updates whole where processors run in threads (the readers themselves are
-#: read-only).
-_READERS: OrderedDict[tuple[Any, ...], tuple[weakref.ref[Any], Reader]] = OrderedDict()
+#: Readers a counter keeps (the latest made), each a few hundred bytes (a packed one) up to a
+#: window lattice's or LLaVA-NeXT's gather offsets (up to 0.5 MiB).
 _KEPT = 64
+
+
+class AutoCounter:
+    """``auto``'s count for the items of one HF processor's outputs, with fixed options, patch
+    size, modality and factor to pixel units (``scale``: :func:`pixel_scale`): the API server
+    keeps one per modality (``models/processor.py``), :func:`auto_count` one per processor and
+    arguments.
+
+    It keeps a :class:`~vllm_tokenprune.budget.auto.Reader` per output layout (the pixels'
+    shape and the item's place: Qwen-VL its patch grid and first row, LLaVA-NeXT its image
+    size), the :data:`_KEPT` latest made (a look-up is one dict read: cold after the
+    processor, every call counts). Qwen-VL's readers are made from pieces the counter keeps
+    (its grids are packed, :class:`~vllm_tokenprune.budget.grids.PackedIndex`): the first
+    image of a size costs little more than one of a size seen before (``docs/budgets.md``,
+    "Cost"); a window lattice (above ``max_windows`` windows) and LLaVA's tiles are read
+    through gather offsets made for their layout."""
+
+    def __init__(self, image_processor: Any, opts: AutoOptions, patch_size: int = 14,
+                 modality: str = "image", scale: list[float] | float | None = None) -> None:
+        self.processor = image_processor
+        self.opts = opts
+        self.patch_size = patch_size
+        self.modality = modality
+        self.scale = scale
+        self._pixels = "pixel_values" if modality == "image" else "pixel_values_videos"
+        self._readers: dict[tuple[Any, ...], Reader] = {}
+        self._lock = threading.Lock()  # the readers' insertions and evictions
+        self._qwen: tuple[Any, ...] | None = None
+        if processor_kind(image_processor) == "qwen":
+            m, p, tp = (int(getattr(image_processor, k))
+                        for k in ("merge_size", "patch_size", "temporal_patch_size"))
+            std = getattr(image_processor, "image_std", None) if scale is None else scale
+            offsets, factor, uniform = qwen_sampling(
+                m, p, tp, 3, opts.samples, opts.sample_rows,
+                tuple(std) if isinstance(std, (list, tuple)) else std, opts.channel)
+            width = 3 * tp * p * p
+            self._qwen = (f"{modality}_grid_thw", m, p, tp, width, offsets, factor, uniform,
+                          packed_index(m * m * width, offsets.tobytes()))
+
+    def count(self, hf_out: Mapping[str, Any], index: int = 0, num_tokens: int | None = None,
+              min_keep: int = 1) -> AutoEstimate:
+        """``estimate_keep(token_grid(...))`` of item ``index`` of ``hf_out`` (the same count)
+        through the kept reader of its layout."""
+        qwen = self._qwen
+        if qwen is None:
+            pixels, grids, sizes = _read(hf_out, self.modality)
+            key: tuple[Any, ...] = (pixels.shape, index,
+                                    None if sizes is None else tuple(sizes[index]))
+            found = self._readers.get(key)
+            if found is None:
+                grid = _grid(pixels, grids, sizes, self.processor, self.opts, index,
+                             self.patch_size, self.modality, self.scale)
+                found = self._keep(key, reader(grid, self.opts, self.modality == "video"))
+            return found.estimate(pixels, num_tokens, min_keep)
+        pixels = as_numpy(hf_out[self._pixels])
+        grids = _listed(hf_out[qwen[0]])
+        t, h, w = grids[index]
+        start = sum(a * b * c for a, b, c in grids[:index]) if index else 0
+        key = (pixels.shape, t, h, w, start)
+        found = self._readers.get(key)
+        if found is None:
+            found = self._keep(key, self._qwen_reader(pixels, grids, index, start))
+        return found.estimate(pixels, num_tokens, min_keep)
+
+    def _qwen_reader(self, pixels: np.ndarray, grids: list[Any], index: int,
+                     start: int) -> Reader:
+        _, m, p, tp, width, offsets, factor, uniform, packed = self._qwen  # type: ignore[misc]
+        t, h, w = (int(v) for v in grids[index])
+        check_qwen_item(pixels.shape, (t, h, w), m, p, tp, 3, start)
+        opts, video = self.opts, self.modality == "video"
+        plan = plan_windows((t, h // m, w // m), opts.window,
+                            opts.window_frames if video else 1, opts.max_windows)
+        if plan.chosen is not None:  # a lattice: the offsets of its windows' tokens
+            return reader(_grid(pixels, grids, None, self.processor, opts, index,
+                                self.patch_size, self.modality, self.scale), opts, video)
+        index = plan.packed_offsets(packed.rows(math.prod(plan.shape)), start * width)
+        return layout_reader(plan, index, opts, len(offsets), factor, uniform)
+
+    def _keep(self, key: tuple[Any, ...], found: Reader) -> Reader:
+        with self._lock:
+            self._readers[key] = found
+            while len(self._readers) > _KEPT:  # the oldest made first
+                self._readers.pop(next(iter(self._readers)), None)
+        return found
+
+
+#: Counters by (processor id, options, patch size, modality, scale) for :func:`auto_count`, the
+#: 16 latest used (each holds its processor, so an id is not reused while it is kept).
+_COUNTERS: OrderedDict[tuple[Any, ...], AutoCounter] = OrderedDict()
 _LOCK = threading.Lock()
 
 
@@ -109,40 +227,20 @@ def auto_count(hf_out: Mapping[str, Any], image_processor: Any, opts: AutoOption
                index: int = 0, patch_size: int = 14, modality: str = "image",
                scale: list[float] | float | None = None, num_tokens: int | None = None,
                min_keep: int = 1) -> AutoEstimate:
-    """``estimate_keep(token_grid(...))`` of item ``index`` (the same count), as the API
-    server's processor runs it: the :class:`~vllm_tokenprune.budget.auto.Reader` of the
-    output's layout is kept, so an image of a layout seen before costs a look-up, one gather
-    from the pixels and a few matrix products (``docs/budgets.md``, "Cost"). ``scale``:
-    :func:`pixel_scale`.
-
-    The layout's key: the processor (by identity, checked through a weak reference), the
-    pixels' shape and dtype, the item's place (Qwen-VL: the grids up to it; LLaVA-NeXT: its
-    image size), the options, the factor to pixel units."""
-    pv: Tensor = hf_out["pixel_values" if modality == "image" else "pixel_values_videos"]
-    grids = hf_out[f"{modality}_grid_thw"] if f"{modality}_grid_thw" in hf_out else None
-    sizes = hf_out["image_sizes"] if modality == "image" and "image_sizes" in hf_out else None
-    key = (id(image_processor), modality, index, patch_size, opts,
-           tuple(scale) if isinstance(scale, list) else scale, tuple(pv.shape), pv.dtype,
-           None if grids is None else tuple(map(tuple, _listed(grids)[: index + 1])),
-           None if sizes is None else tuple(_listed(sizes)[index]))
+    """``estimate_keep(token_grid(...))`` of item ``index`` (the same count), through the
+    kept :class:`AutoCounter` of these arguments. ``scale``: :func:`pixel_scale`."""
+    key = (id(image_processor), opts, patch_size, modality,
+           tuple(scale) if isinstance(scale, list) else scale)
     with _LOCK:
-        entry = _READERS.get(key)
-        if entry is not None:
-            _READERS.move_to_end(key)
-    if entry is not None and entry[0]() is image_processor:
-        return entry[1].estimate(as_numpy(pv), num_tokens, min_keep)  # take reads it flat
-    grid = token_grid(hf_out, image_processor, opts, index, patch_size, modality, scale)
-    found = reader(grid, opts, modality == "video")  # offsets into the whole output's pixels
-    try:
-        ref = weakref.ref(image_processor)
-    except TypeError:  # not weakly referable: no reader kept
-        pass
-    else:
-        with _LOCK:
-            _READERS[key] = (ref, found)
-            while len(_READERS) > _KEPT:
-                _READERS.popitem(last=False)
-    return found.estimate(grid.source, num_tokens, min_keep)
+        counter = _COUNTERS.get(key)
+        if counter is not None and counter.processor is image_processor:
+            _COUNTERS.move_to_end(key)
+        else:
+            counter = _COUNTERS[key] = AutoCounter(image_processor, opts, patch_size, modality,
+                                                   scale)
+            while len(_COUNTERS) > 16:
+                _COUNTERS.popitem(last=False)
+    return counter.count(hf_out, index, num_tokens, min_keep)
 
 
 def _next_tiles(image_size: Any, image_processor: Any) -> int:

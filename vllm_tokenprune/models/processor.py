@@ -42,8 +42,8 @@ import torch
 
 from vllm_tokenprune import __version__, response
 from vllm_tokenprune.budget import (
+    AutoCounter,
     AutoOptions,
-    auto_count,
     auto_options,
     pixel_scale,
 )
@@ -542,24 +542,24 @@ class TokenPruneProcessorMixin:
     def _tp_auto_keep(self, out: Any, modality: str, index: int, num_tokens: int) -> int:
         """``auto``'s count for item ``index`` of the HF output (:mod:`vllm_tokenprune.budget`:
         the spectral rank of its pixels at the language model's token granularity)."""
-        proc, patch, opts, scale, min_keep = self._tp_auto_args(modality)
+        counter, min_keep = self._tp_auto_counter(modality)
         try:
-            return auto_count(out, proc, opts, index, patch, modality, scale, num_tokens,
-                              min_keep).num_keep
+            return counter.count(out, index, num_tokens, min_keep).num_keep
         except (KeyError, ValueError) as e:
             field = "video_prune_ratio" if modality == "video" else "prune_ratio"
             raise ValueError(f"{field}: 'auto' cannot read this {modality}'s pixels on "
                              f"{type(self).__name__}: {e}") from None
 
-    def _tp_auto_args(self, modality: str) -> tuple[Any, int, AutoOptions, Any, int]:
-        """What ``auto_count`` needs besides the output: the HF processor of ``modality``, the
-        patch size, the options, the factor to pixel units, ``min_keep``. Fixed for the
-        server's life, so made once per modality: looked up again on every request they cost
-        0.1 ms, cold after the processor (``docs/budgets.md``, "Cost")."""
-        kept: dict[str, tuple[Any, int, AutoOptions, Any, int]] = self.__dict__.setdefault(
+    def _tp_auto_counter(self, modality: str) -> tuple[AutoCounter, int]:
+        """The :class:`~vllm_tokenprune.budget.hf.AutoCounter` of ``modality`` (the HF
+        processor, the patch size, the options, the factor to pixel units; it keeps the
+        readers of the layouts met) and ``min_keep``. Fixed for the server's life, so made once
+        per modality: looked up on every request they cost 0.1 ms, cold after the processor
+        (``docs/budgets.md``, "Cost")."""
+        kept: dict[str, tuple[AutoCounter, int]] = self.__dict__.setdefault(
             "_tp_auto_kept", {})
-        args = kept.get(modality)
-        if args is None:
+        found = kept.get(modality)
+        if found is None:
             hf = self.info.get_hf_processor()
             proc = getattr(hf, f"{modality}_processor", None) or hf.image_processor
             patch = int(getattr(self.info.get_hf_config().vision_config, "patch_size", 14))
@@ -568,9 +568,10 @@ class TokenPruneProcessorMixin:
             merged = self.info.ctx.get_merged_mm_kwargs({})
             scale = pixel_scale(proc, do_rescale=merged.get("do_rescale"),
                                 do_normalize=merged.get("do_normalize"))
-            args = kept[modality] = (proc, patch, self._tp_auto_options(), scale,
-                                     self._tp_config().min_keep)
-        return args
+            found = kept[modality] = (
+                AutoCounter(proc, self._tp_auto_options(), patch, modality, scale),
+                self._tp_config().min_keep)
+        return found
 
     def _tp_fields_config(self, hf_inputs: Mapping[str, object]) -> dict[str, Any]:
         from vllm.multimodal.inputs import MultiModalFieldConfig
