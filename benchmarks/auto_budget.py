@@ -34,7 +34,6 @@ docs/auto_budget.json (``--quick`` or ``--no-doc``: print only).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -48,8 +47,8 @@ from typing import Any
 import torch
 
 from vllm_tokenprune.budget import (
+    AutoCounter,
     AutoOptions,
-    auto_count,
     auto_options,
     estimate_keep,
     pixel_scale,
@@ -151,7 +150,7 @@ def _pair(proc: Any, image: Any, count: Callable[[Any], Any], clock: Any,
 
 def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
               clock: Any = time.thread_time) -> list[dict[str, Any]]:
-    """The estimator as the API server runs it (:func:`auto_count`) right after the HF
+    """The estimator as the API server runs it (:meth:`AutoCounter.count`) right after the HF
     processor on the same image, interleaved rounds: for an image size seen before (its
     reader kept) and, Qwen-VL only, for the first image of its size (each round another size
     near it: a new token grid, :func:`_sizes_near`; its share of that image's own processor
@@ -171,10 +170,10 @@ def cost_rows(procs: dict[str, Any], reps: int, quick: bool,
         # server runs the processor without rescale / normalize, and auto reads raw pixels
         qwen = processor_kind(proc) == "qwen"
         raw_scale = pixel_scale(proc, do_rescale=False, do_normalize=False)
-        count = functools.partial(auto_count, image_processor=proc, opts=auto)
-        count_energy = functools.partial(auto_count, image_processor=proc, opts=energy)
-        count_raw = functools.partial(auto_count, image_processor=proc, opts=auto,
-                                      scale=raw_scale)
+        # the server's counters (one per modality, kept for the server's life)
+        count = AutoCounter(proc, auto).count
+        count_energy = AutoCounter(proc, energy).count
+        count_raw = AutoCounter(proc, auto, scale=raw_scale).count
         n = 3 if quick else (reps if size[0] * size[1] < 4e6 else max(3, reps // 3))
         near = _sizes_near(size, len(COST_IMAGES) * (n + 1)) if qwen else []
         for j, (cls, var) in enumerate(COST_IMAGES):
@@ -368,8 +367,8 @@ def markdown(res: dict[str, Any]) -> str:
                 for s in (s_a, s_e)) + " |")
     clock = ("CPU time of the thread" if res.get("clock", "cpu") == "cpu" else "elapsed time")
     out.append(f"\nCost on the API server (single thread, {clock}, medians of interleaved "
-               "rounds; auto as the server runs it, `auto_count`: for a size seen before and for "
-               "the first image of its size; the `energy` rule for comparison):\n")
+               "rounds; auto as the server runs it, `AutoCounter.count`: for a size seen before "
+               "and for the first image of its size; the `energy` rule for comparison):\n")
     out.append("| model | image size | image | tokens | HF processor | auto | auto / processor | "
                "first of its size | first / processor | energy rule | energy / processor | "
                "processor as vLLM runs it (raw) | auto on raw | auto / raw processor |")

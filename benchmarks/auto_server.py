@@ -2,9 +2,10 @@
 of the HF image processor, measured through vLLM's multimodal processor of the TokenPrune
 architecture (needs vLLM: the CPU build here).
 
-``benchmarks.auto_budget`` times ``auto_count`` alone; the server calls it through
-``_tp_auto_keep`` (``vllm_tokenprune/models/processor.py``), which also finds the HF processor,
-the patch size, the options and the pixels' scale. This benchmark times that call, right after
+``benchmarks.auto_budget`` times ``AutoCounter.count`` alone; the server calls it through
+``_tp_auto_keep`` (``vllm_tokenprune/models/processor.py``), which also finds the modality's
+counter (made once: the HF processor, the patch size, the options and the pixels' scale) and
+turns vLLM's errors into a request's. This benchmark times that call, right after
 the HF image processor run as vLLM runs it (its merged processor kwargs: Qwen-VL without rescale
 or normalize, uint8 pixels; LLaVA-1.5 normalized), on the same image, interleaved rounds,
 medians, one thread.
