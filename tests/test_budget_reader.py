@@ -75,7 +75,8 @@ def test_kept_readers_count_as_the_plain_estimate(processors, kind, raw):
 def test_packed_offsets_are_the_strided_offsets():
     # a packed grid's gather offsets, reordered from the kept token index, are the offsets
     # made from its strides: windows overlapping on both axes or tiling them, a video's frame
-    # groups (the last overlapping), an item past the first (base), one window
+    # groups (the last overlapping), an item past the first (base), one window, and a
+    # one-token item past the first (its window order is the kept index's own: not written)
     import numpy as np
 
     from vllm_tokenprune.budget.grids import packed_index
@@ -83,7 +84,8 @@ def test_packed_offsets_are_the_strided_offsets():
 
     pv = torch.zeros(3 * 22 * 18 * 4 + 100 * 4, 3 * 2 * 14 * 14, dtype=torch.uint8)
     for grid, window, frames, start in (((1, 44, 36), 8, 1, 0), ((1, 42, 56), 8, 1, 0),
-                                        ((3, 44, 36), 8, 2, 400), ((1, 10, 14), 0, 1, 4)):
+                                        ((3, 44, 36), 8, 2, 400), ((1, 10, 14), 0, 1, 4),
+                                        ((1, 2, 2), 8, 1, 4)):
         view = qwen_token_view(pv, grid, image_std=1 / 255, start=start)
         f, h, w, _ = view.shape
         plan = plan_windows((f, h, w), window, frames, 0)

@@ -94,8 +94,8 @@ class Plan:
         (bf, by, bx), (fw, wh, ww) = map(len, self.axes), self.tail
         x = x.reshape(bf, fw, by, wh, bx, ww, -1).transpose(0, 2, 4, 6, 1, 3, 5)
         index = np.ascontiguousarray(x).reshape(self.windows, -1, fw * wh * ww)
-        if base:
-            index += base
+        if base:  # a new array: with one window per axis the copy above may be the rows
+            index = index + base
         index.setflags(write=False)
         return index
 
