@@ -147,8 +147,8 @@ class TokenGrid:
     uniform: float | None
     base: int = 0  # token (0, 0, 0)'s place in source: the item's first pixel
     #: each token's values lie in its own block of ``strides[2]`` elements, the blocks one after
-    #: another in raster order (Qwen-VL's merged patch rows; a dense grid): every token of any
-    #: size of grid is then read through one kept index (:func:`packed_index`)
+    #: another in raster order (Qwen-VL's merged patch rows; a dense grid): the gather offsets
+    #: of a grid of any size are then made from one kept index (:func:`packed_index`)
     packed: bool = False
 
     @property
@@ -175,9 +175,11 @@ class PackedIndex:
     """Where the tokens of a packed grid (:attr:`TokenGrid.packed`) keep their values, for any
     grid size: token ``i``'s value ``d`` at ``i * block + offsets[d]`` from the item's first
     pixel. :meth:`rows` gives the first ``tokens`` rows, ``(tokens, D)``, a slice of one kept
-    array grown to a power of two (at least 1,024 tokens) as larger items come: an image of
-    a new size needs no index of its own (``docs/budgets.md``, "Cost"). Read-only arrays; a
-    thread that grows it swaps the array whole."""
+    array grown to a power of two (at least 1,024 tokens) as larger items come: the gather
+    offsets of an image of a new size are a reordered slice of it
+    (:meth:`~vllm_tokenprune.budget.windows.Plan.packed_offsets`), not sums made from its
+    strides (``docs/budgets.md``, "Cost"). Read-only arrays; a thread that grows it swaps the
+    array whole."""
 
     def __init__(self, block: int, offsets: np.ndarray) -> None:
         self.block = block

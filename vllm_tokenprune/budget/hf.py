@@ -128,8 +128,8 @@ def _grid(x: np.ndarray, grids: list[Any] | None, sizes: list[Any] | None,
                             channel=channel, first=index * per_item, count=count)
 
 
-#: Readers a counter keeps (the latest made), each a few hundred bytes (a packed one) up to a
-#: window lattice's or LLaVA-NeXT's gather offsets (up to 0.5 MiB).
+#: Readers a counter keeps (the latest made), each with its gather offsets: 75 KiB at 588
+#: Qwen-VL tokens, at most 0.5 MiB (64 windows of 64 tokens, 16 values).
 _KEPT = 64
 
 
@@ -143,10 +143,10 @@ class AutoCounter:
     shape and the item's place: Qwen-VL its patch grid and first row, LLaVA-NeXT its image
     size), the :data:`_KEPT` latest made (a look-up is one dict read: cold after the
     processor, every call counts). Qwen-VL's readers are made from pieces the counter keeps
-    (its grids are packed, :class:`~vllm_tokenprune.budget.grids.PackedIndex`): the first
-    image of a size costs little more than one of a size seen before (``docs/budgets.md``,
-    "Cost"); a window lattice (above ``max_windows`` windows) and LLaVA's tiles are read
-    through gather offsets made for their layout."""
+    (its grids are packed: the offsets are a reordered slice of a kept
+    :class:`~vllm_tokenprune.budget.grids.PackedIndex`), so the first image of a size costs
+    less to read (``docs/budgets.md``, "Cost"); a window lattice (above ``max_windows``
+    windows) and LLaVA's tiles get offsets made from their layout's strides."""
 
     def __init__(self, image_processor: Any, opts: AutoOptions, patch_size: int = 14,
                  modality: str = "image", scale: list[float] | float | None = None) -> None:
