@@ -542,8 +542,8 @@ class TokenPruneProcessorMixin:
     def _tp_auto_keep(self, out: Any, modality: str, index: int, num_tokens: int) -> int:
         """``auto``'s count for item ``index`` of the HF output (:mod:`vllm_tokenprune.budget`:
         the spectral rank of its pixels at the language model's token granularity)."""
-        counter, min_keep = self._tp_auto_counter(modality)
-        try:
+        try:  # the counter is made on first use: what it reads of the processor counts too
+            counter, min_keep = self._tp_auto_counter(modality)
             return counter.count(out, index, num_tokens, min_keep).num_keep
         except (KeyError, ValueError) as e:
             field = "video_prune_ratio" if modality == "video" else "prune_ratio"
