@@ -18,12 +18,32 @@ from vllm_tokenprune.budget import (
     auto_count,
     auto_options,
     estimate_keep,
+    kernel,
     pixel_scale,
     qwen_token_view,
     token_grid,
 )
 from vllm_tokenprune.budget import hf as budget_hf
 from vllm_tokenprune.testing import content
+
+
+@pytest.fixture(params=["numpy", "compiled"])
+def path(request, monkeypatch):
+    """Each test on both readers: numpy's gather and matrix products, and the compiled pass
+    (:mod:`vllm_tokenprune.budget.kernel`, where numba is installed)."""
+    if request.param == "compiled" and kernel.compiled() is None:
+        pytest.skip("numba is not installed")
+    if request.param == "numpy":
+        monkeypatch.setattr(kernel, "compiled", lambda: None)
+    # auto_count's counters keep readers of one path: none from another test
+    monkeypatch.setattr(budget_hf, "_COUNTERS", type(budget_hf._COUNTERS)())
+    return request.param
+
+
+@pytest.fixture
+def numpy_path(monkeypatch):
+    monkeypatch.setattr(kernel, "compiled", lambda: None)
+    monkeypatch.setattr(budget_hf, "_COUNTERS", type(budget_hf._COUNTERS)())
 
 
 def _processors() -> dict[str, Any]:
@@ -47,7 +67,7 @@ def processors() -> dict[str, Any]:
 
 @pytest.mark.parametrize("kind,raw", [("qwen", False), ("qwen", True), ("llava", False),
                                       ("llava_next", False)])
-def test_kept_readers_count_as_the_plain_estimate(processors, kind, raw):
+def test_kept_readers_count_as_the_plain_estimate(processors, path, kind, raw):
     proc = processors[kind]
     opts = auto_options()
     kw = {"do_rescale": False, "do_normalize": False} if raw else {}
@@ -93,7 +113,8 @@ def test_packed_offsets_are_the_strided_offsets():
         assert np.array_equal(plan.packed_offsets(rows, view.base), plan.offsets(view)), grid
 
 
-def test_a_qwen_image_of_a_new_size_makes_no_strided_offsets(processors, monkeypatch):
+def test_a_qwen_image_of_a_new_size_makes_no_strided_offsets(processors, monkeypatch,
+                                                            numpy_path):
     # the server's count of a Qwen-VL image of a size not met before reads through the kept
     # packed index (docs/budgets.md, "Cost"), the same count as the plain estimate; LLaVA's
     # tiles, and a window lattice, need the strided offsets
@@ -116,7 +137,7 @@ def test_a_qwen_image_of_a_new_size_makes_no_strided_offsets(processors, monkeyp
     assert made == [1, 1]
 
 
-def test_counters_are_kept_per_processor_and_readers_bounded(processors, monkeypatch):
+def test_counters_are_kept_per_processor_and_readers_bounded(processors, path, monkeypatch):
     # auto_count keeps a counter per processor object; a counter keeps the _KEPT latest
     # readers made
     opts = auto_options()
@@ -138,7 +159,7 @@ def test_counters_are_kept_per_processor_and_readers_bounded(processors, monkeyp
     assert counter.count(outs[0]) == estimate_keep(token_grid(outs[0], qwen, opts), None, opts)
 
 
-def test_qwen_items_of_one_size_in_either_orientation(processors):
+def test_qwen_items_of_one_size_in_either_orientation(processors, path):
     # the same pixel rows, other token grids: a reader is kept per item grid, not per shape
     proc, opts = processors["qwen"], auto_options()
     a, b = content.render("text", 448, 336, "16"), content.render("chart", 336, 448, "line")
@@ -150,7 +171,7 @@ def test_qwen_items_of_one_size_in_either_orientation(processors):
                 token_grid(out, proc, opts, i), None, opts)
 
 
-def test_threads_share_the_readers(processors, monkeypatch):
+def test_threads_share_the_readers(processors, path, monkeypatch):
     # processors may run in threads: readers made, used and evicted concurrently (4 kept for 6
     # layouts) give every thread the plain estimate, and nothing raises
     from concurrent.futures import ThreadPoolExecutor
@@ -168,6 +189,27 @@ def test_threads_share_the_readers(processors, monkeypatch):
     with ThreadPoolExecutor(6) as pool:
         assert all(pool.map(run, range(6)))
     assert len(counter._readers) <= 4
+
+
+def test_the_compiled_pass_makes_no_offsets(processors, monkeypatch):
+    # with the compiled pass a new image size makes no gather offsets at all (strided or
+    # packed), Qwen-VL, a lattice and LLaVA alike: its reader holds the layout's strides
+    from vllm_tokenprune.budget.windows import Plan
+
+    if kernel.compiled() is None:
+        pytest.skip("numba is not installed")
+    made = []
+    for name in ("offsets", "packed_offsets"):
+        monkeypatch.setattr(Plan, name, lambda *a, **k: made.append(1))
+    proc = processors["qwen"]
+    out = proc(images=[content.render("text", 476, 364, "16")], return_tensors="pt")
+    for opts in (auto_options(), auto_options({"max_windows": 4})):
+        counter = AutoCounter(proc, opts)
+        assert counter.count(out).num_keep > 0 and counter._qwen[-1] is None  # no packed index
+    llava = processors["llava"]
+    AutoCounter(llava, auto_options()).count(llava(images=[content.render("text", 336, 336)],
+                                                   return_tensors="pt"))
+    assert made == []
 
 
 def test_options_hash_as_their_values_even_unpickled():

@@ -219,6 +219,10 @@ def test_auto_and_cap_are_sealed_and_checked_again():
 
 @pytest.fixture(scope="module")
 def processor(tiny_qwen_dir: Path) -> Any:
+    return _processor(tiny_qwen_dir, DEFAULT_RATIO)
+
+
+def _processor(tiny_qwen_dir: Path, ratio: float | str) -> Any:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
@@ -227,8 +231,7 @@ def processor(tiny_qwen_dir: Path) -> Any:
 
     register()
     metrics.enable_frontend()
-    overrides = json.loads(token_prune_overrides(QWEN25_ARCH, method="lrcp",
-                                                 prune_ratio=DEFAULT_RATIO,
+    overrides = json.loads(token_prune_overrides(QWEN25_ARCH, method="lrcp", prune_ratio=ratio,
                                                  low_detail_tokens=LOW))
     cfg = EngineArgs(model=str(tiny_qwen_dir), hf_overrides=overrides, enforce_eager=True,
                      max_model_len=4096, dtype="float32",
@@ -359,6 +362,28 @@ def test_auto_arguments_are_made_once(processor, monkeypatch):
     monkeypatch.setattr(p, "_tp_auto_options", looked_up)
     monkeypatch.setattr(type(p.info.ctx), "get_merged_mm_kwargs", looked_up)  # frozen
     assert p._tp_auto_keep(out, "image", 0, 64) == first
+
+
+def test_the_compiled_pass_is_ready_before_the_first_request(processor, tiny_qwen_dir,
+                                                           monkeypatch):
+    # vLLM builds its dummy inputs at start-up (the API server's warm-up among others): where
+    # the server's default is auto, auto's compiled pass is compiled or loaded there, not in
+    # the first request's count; with a default ratio nothing is
+    from vllm_tokenprune.budget import kernel
+    from vllm_tokenprune.models.processor import TokenPruneProcessorMixin
+
+    warmed: list[int] = []
+    monkeypatch.setattr(kernel, "warm", lambda: warmed.append(1))
+    p, _ = processor
+    p.get_dummy_mm_inputs({"image": 1})
+    assert warmed == []
+    calls: list[int] = []
+    real = TokenPruneProcessorMixin._tp_warm_auto
+    monkeypatch.setattr(TokenPruneProcessorMixin, "_tp_warm_auto",
+                        lambda self: calls.append(1) or real(self))
+    auto, _ = _processor(tiny_qwen_dir, "auto")
+    auto.get_dummy_mm_inputs({"image": 1})
+    assert calls and warmed == ([1] if kernel.compiled() is not None else [])
 
 
 def _hashes(p: Any, images: list[Any], **kwargs: Any) -> list[str]:

@@ -50,6 +50,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor
 
+from vllm_tokenprune.budget import kernel
 from vllm_tokenprune.budget.grids import MOSAIC, TokenGrid, dense_grid, packed_index
 from vllm_tokenprune.budget.windows import Plan, plan_windows
 from vllm_tokenprune.scoring._registry import _check_bounds, _coerce, option
@@ -233,16 +234,19 @@ class Reader(typing.NamedTuple):
     a few matrix products."""
 
     plan: Plan
-    index: np.ndarray
+    index: np.ndarray | None  # None: read by the compiled pass (``compiled``)
     opts: AutoOptions
     tokens: int  # the grid's F * H * W
     scaling: np.ndarray | None
     unit: float
     centring: np.ndarray | None  # None: windows above CENTRING_MATRIX_MAX tokens
-    diagonal: np.ndarray
+    diagonal: np.ndarray | None
     consts: tuple[float, ...]
     values: int  # D
     by_values: bool  # the Gram is D x D (else n x n)
+    #: the compiled pass's ``ints`` and ``floats`` (:mod:`.kernel`) and the elements the
+    #: source must hold; None: numpy reads (``index``)
+    compiled: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
 
     def rank(self, source: np.ndarray) -> float:
         """The item's summed window rank, scaled to the whole grid (tokens / rows read), from
@@ -266,6 +270,16 @@ class Reader(typing.NamedTuple):
         n = rows if num_tokens is None else int(num_tokens)
         if n < 1:
             raise ValueError(f"num_tokens must be >= 1, got {n}")
+        opts = self.opts
+        if self.compiled is not None:
+            ints, off, floats, extent = self.compiled
+            flat = source.reshape(-1)
+            if flat.dtype not in kernel.DTYPES:  # compiled for the processors' outputs only
+                flat = flat.astype(_FLOAT32)
+            if flat.size < extent:  # the pass reads unchecked: never past the pixels
+                raise ValueError(f"pixels hold {flat.size} values, the layout reads {extent}")
+            return _bounded(kernel.compiled()(flat, ints, off, floats),  # type: ignore[misc]
+                            self, n, min_keep)
         x = source.take(self.index, mode="clip")
         if x.dtype != _FLOAT32:
             x = x.astype(_FLOAT32)
@@ -277,14 +291,13 @@ class Reader(typing.NamedTuple):
             y = x - x.mean(axis=2, keepdims=True)
         gram = (np.matmul(y, x.transpose(0, 2, 1)) if self.by_values
                 else np.matmul(y.transpose(0, 2, 1), y))
-        opts = self.opts
         if opts.rule == "participation":
             # (sum l)^2 / sum l^2 = trace(G)^2 / ||G||_F^2: no eigendecomposition. The floor's
             # noise (std noise_floor in every entry) is removed from both moments in
             # expectation, cross terms with the signal included; a centred window's rank is at
             # most n - 1.
             flat = gram.reshape(len(gram), 1, -1)
-            traces = np.matmul(flat, self.diagonal).reshape(-1).tolist()
+            traces = np.matmul(flat, self.diagonal).reshape(-1).tolist()  # type: ignore[arg-type]
             squares = np.matmul(flat, flat.transpose(0, 2, 1)).reshape(-1).tolist()
             noise, cross, square, floor, top, _ = self.consts
             unit, d = self.unit, self.values
@@ -296,13 +309,20 @@ class Reader(typing.NamedTuple):
                     total += min(signal * signal / fro if fro > 0 else d, top)
         else:
             total = _energy_rank(gram, self)
-        total = total * rows / self.plan.rows
-        want = round(opts.scale * total * n / rows)
-        lo = min(n, max(min_keep, math.ceil(opts.min_fraction * n - 1e-9)))
-        hi = max(lo, min(n, math.floor(opts.max_fraction * n + 1e-9)))
-        keep = min(max(want, lo), hi)
-        bound = "min" if want < lo else "max" if want > hi else None
-        return AutoEstimate(num_keep=keep, rank=total, rows=rows, num_tokens=n, bound=bound)
+        return _bounded(total, self, n, min_keep)
+
+
+def _bounded(total: float, r: Reader, n: int, min_keep: int) -> AutoEstimate:
+    """Rule step 4: ``scale`` x the windows' summed rank ``total``, scaled to the grid's
+    tokens and to ``n``, within the bounds."""
+    rows, opts = r.tokens, r.opts
+    total = total * rows / r.plan.rows
+    want = round(opts.scale * total * n / rows)
+    lo = min(n, max(min_keep, math.ceil(opts.min_fraction * n - 1e-9)))
+    hi = max(lo, min(n, math.floor(opts.max_fraction * n + 1e-9)))
+    keep = min(max(want, lo), hi)
+    bound = "min" if want < lo else "max" if want > hi else None
+    return AutoEstimate(num_keep=keep, rank=total, rows=rows, num_tokens=n, bound=bound)
 
 
 def reader(grid: TokenGrid, opts: AutoOptions, video: bool = False) -> Reader:
@@ -314,12 +334,61 @@ def reader(grid: TokenGrid, opts: AutoOptions, video: bool = False) -> Reader:
         raise ValueError(f"grid must be non-empty, got {(f, h, w, d)}")
     plan = plan_windows((f, h, w), opts.window, opts.window_frames if video else 1,
                         opts.max_windows)
+    if uses_kernel(opts) and min(grid.strides) >= 0 and grid.offsets.min() >= 0:
+        return compiled_reader(plan, grid, opts)
     if grid.packed and plan.chosen is None:
         rows = packed_index(grid.strides[2], grid.offsets.tobytes()).rows(f * h * w)
         index = plan.packed_offsets(rows, grid.base)
     else:
         index = plan.offsets(grid)
     return layout_reader(plan, index, opts, d, grid.factor, grid.uniform)
+
+
+def uses_kernel(opts: AutoOptions) -> bool:
+    """Whether readers of ``opts`` count with the compiled pass (:mod:`.kernel`: rule
+    ``participation``, numba installed and not turned off)."""
+    return opts.rule == "participation" and kernel.compiled() is not None
+
+
+def compiled_reader(plan: Plan, grid: TokenGrid, opts: AutoOptions) -> Reader:
+    """A :class:`Reader` of ``grid``'s layout for the compiled pass: its strides, the plan's
+    window starts and the value offsets (no gather offsets are made)."""
+    d = len(grid.offsets)
+    fac = tuple(grid.factor.tolist()) if grid.uniform is None else (grid.uniform,) * d
+    values = pass_values(np.asarray(grid.offsets, np.int64).tobytes())
+    return pass_reader(plan, grid.strides, grid.base, values, fac, opts)
+
+
+@functools.lru_cache(maxsize=16)
+def pass_values(offsets: bytes) -> tuple[np.ndarray, int]:
+    """The compiled pass's value offsets (int64 bytes) as an array, and the largest."""
+    off = np.frombuffer(offsets, dtype=np.int64)
+    return off, int(off.max())
+
+
+@functools.lru_cache(maxsize=64)
+def _pass_floats(n: int, var: float, factors: tuple[float, ...]) -> np.ndarray:
+    consts = _consts(n, len(factors), var)
+    out = np.array([*consts[:5], *factors], dtype=np.float64)
+    out.setflags(write=False)
+    return out
+
+
+def pass_reader(plan: Plan, strides: tuple[int, int, int], base: int,
+                values: tuple[np.ndarray, int], factors: tuple[float, ...],
+                opts: AutoOptions) -> Reader:
+    """A :class:`Reader` for the compiled pass (:mod:`.kernel`) of a separable layout: token
+    ``(f, y, x)``'s value ``d`` at ``base + f sf + y sy + x sx + offsets[d]`` (``values``:
+    :func:`pass_values`), ``factors`` to pixel units per value."""
+    (f, h, w), (sf, sy, sx) = plan.shape, strides
+    off, top = values
+    n, d = plan.n, len(factors)
+    extent = base + (f - 1) * sf + (h - 1) * sy + (w - 1) * sx + top + 1
+    ints = kernel.layout(strides, plan.tail, *plan.axes, plan.chosen, base)
+    return Reader(plan=plan, index=None, opts=opts, tokens=f * h * w, scaling=None, unit=1.0,
+                  centring=None, diagonal=None, consts=_consts(n, d, opts.noise_floor**2),
+                  values=d, by_values=True,
+                  compiled=(ints, off, _pass_floats(n, opts.noise_floor**2, factors), extent))
 
 
 def layout_reader(plan: Plan, index: np.ndarray, opts: AutoOptions, d: int,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from vllm_tokenprune.budget import kernel
 from vllm_tokenprune.budget.auto import (
     AutoEstimate,
     AutoOptions,
@@ -24,8 +25,11 @@ from vllm_tokenprune.budget.auto import (
     auto_options,
     estimate_keep,
     layout_reader,
+    pass_reader,
+    pass_values,
     plan_windows,
     reader,
+    uses_kernel,
 )
 from vllm_tokenprune.budget.grids import (
     TokenGrid,
@@ -159,6 +163,9 @@ class AutoCounter:
         self._readers: dict[tuple[Any, ...], Reader] = {}
         self._lock = threading.Lock()  # the readers' insertions and evictions
         self._qwen: tuple[Any, ...] | None = None
+        self._pass: tuple[tuple[np.ndarray, int], tuple[float, ...]] | None = None
+        if uses_kernel(opts):
+            kernel.warm()  # compiled (or loaded) here, once per process: not in a count
         if processor_kind(image_processor) == "qwen":
             m, p, tp = (int(getattr(image_processor, k))
                         for k in ("merge_size", "patch_size", "temporal_patch_size"))
@@ -167,8 +174,13 @@ class AutoCounter:
                 m, p, tp, 3, opts.samples, opts.sample_rows,
                 tuple(std) if isinstance(std, (list, tuple)) else std, opts.channel)
             width = 3 * tp * p * p
+            if uses_kernel(opts):  # the compiled pass: the layout's strides, no offsets
+                d = len(offsets)
+                self._pass = (pass_values(np.asarray(offsets, np.int64).tobytes()),
+                              tuple(factor.tolist()) if uniform is None else (uniform,) * d)
             self._qwen = (f"{modality}_grid_thw", m, p, tp, width, offsets, factor, uniform,
-                          packed_index(m * m * width, offsets.tobytes()))
+                          None if self._pass is not None
+                          else packed_index(m * m * width, offsets.tobytes()))
 
     def count(self, hf_out: Mapping[str, Any], index: int = 0, num_tokens: int | None = None,
               min_keep: int = 1) -> AutoEstimate:
@@ -203,6 +215,10 @@ class AutoCounter:
         opts, video = self.opts, self.modality == "video"
         plan = plan_windows((t, h // m, w // m), opts.window,
                             opts.window_frames if video else 1, opts.max_windows)
+        if self._pass is not None:  # the compiled pass reads through the strides
+            sx = m * m * width  # one token: m * m patch rows
+            sy = (w // m) * sx
+            return pass_reader(plan, ((h // m) * sy, sy, sx), start * width, *self._pass, opts)
         if plan.chosen is not None:  # a lattice: the offsets of its windows' tokens
             return reader(_grid(pixels, grids, None, self.processor, opts, index,
                                 self.patch_size, self.modality, self.scale), opts, video)

@@ -45,10 +45,13 @@ from vllm_tokenprune.budget import (
     AutoCounter,
     AutoOptions,
     auto_options,
+    kernel,
     pixel_scale,
 )
+from vllm_tokenprune.budget.auto import uses_kernel
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
-from vllm_tokenprune.config import SEALED_FIELDS, TokenPruneConfig, config_from_hf_config
+from vllm_tokenprune.config import AUTO, SEALED_FIELDS, TokenPruneConfig, config_from_hf_config
+from vllm_tokenprune.log import init_logger
 from vllm_tokenprune.metrics import frontend as metrics
 from vllm_tokenprune.models.wire import (
     MAX_TEXT_TOKENS,
@@ -68,6 +71,8 @@ from vllm_tokenprune.plan import (
     resolve_request,
 )
 from vllm_tokenprune.scoring import INPUT, LAYER, get_method
+
+logger = init_logger(__name__)
 
 _prompt_text_ids: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
     "tokenprune_prompt_text_ids", default=None
@@ -209,9 +214,25 @@ class TokenPruneProcessorMixin:
         """
         token = _profiling.set(True)
         try:
-            return super().get_dummy_mm_inputs(*args, **kwargs)  # type: ignore[misc]
+            out = super().get_dummy_mm_inputs(*args, **kwargs)  # type: ignore[misc]
         finally:
             _profiling.reset(token)
+        self._tp_warm_auto()
+        return out
+
+    def _tp_warm_auto(self) -> None:
+        """Where the server's default is ``auto``, compile (or load) ``auto``'s pass now: vLLM
+        builds the dummy inputs at start-up (the API server's warm-up among others), so the
+        first request does not pay it (:func:`vllm_tokenprune.budget.kernel.warm`). A
+        per-request ``auto`` on a server whose default is not pays it once, in its first
+        count."""
+        cfg = self._tp_config()
+        if AUTO in (cfg.prune_ratio, cfg.video_prune_ratio):
+            try:
+                if uses_kernel(self._tp_auto_options()):
+                    kernel.warm()
+            except Exception as e:  # the first count compiles it, or reports what fails
+                logger.warning("prune_ratio auto: warm-up of the compiled pass failed: %s", e)
 
     def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         token_plan = _request_plan.set(self._tp_resolve_plan(inputs.hf_processor_mm_kwargs))

@@ -1,0 +1,160 @@
+"""``auto``'s window ranks in one compiled pass over the pixels (rule ``participation``): the
+gather, centring, Gram moments and per-window rule of :meth:`.auto.Reader.estimate` in a single
+call, with no gather offsets, temporaries or BLAS calls. Cold after the HF image processor,
+numpy calls, BLAS calls and offset arrays cost more than the arithmetic (``docs/budgets.md``,
+"Cost").
+
+Compiled with numba where it is installed (vLLM's CPU wheel requires it; vLLM's own fused Kimi
+image processor uses it the same way, as an optional import), on first use, and kept in numba's
+on-disk cache. Without numba, or with ``VLLM_TOKENPRUNE_AUTO_JIT=0``, :mod:`.auto` reads with
+numpy: the same rule, the ranks equal to float rounding (``tests/test_budget_kernel.py``).
+
+Runs in the API server process (the multimodal processor), with :mod:`.auto`. No vLLM import;
+numba is imported on first use, not with this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from vllm_tokenprune.log import logger_name
+
+__all__ = ["DTYPES", "JIT_ENV", "compiled", "layout", "warm"]
+
+# Under vLLM's logger namespace, so the server log shows these lines (vllm_tokenprune.log).
+logger = logging.getLogger(logger_name(__name__))
+
+#: ``0`` turns the compiled pass off (numpy reads instead).
+JIT_ENV = "VLLM_TOKENPRUNE_AUTO_JIT"
+
+#: The pixel dtypes the pass is compiled for (one compilation each): the HF processors' outputs,
+#: normalized (float32) or raw (uint8, vLLM's Qwen-VL call). Others are read as float32.
+DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
+
+#: ``ints``' head: base, the three strides, the window's three sides, the numbers of window
+#: starts on each axis and of windows read (-1: all, in raster order); then the starts (frame,
+#: row, column) and the windows read (raster index).
+_HEAD = 11
+
+
+def _rank_sum(src: Any, ints: Any, off: Any, floats: Any) -> float:  # pragma: no cover
+    """The summed participation ratio of the windows read (each at most ``top``), the pixels'
+    noise removed as in :meth:`.auto.Reader.estimate`. ``ints``: the layout (:func:`layout`);
+    ``off``: the D value offsets; ``floats``: noise, cross, square, floor, top, then the D
+    factors to pixel units. The values are centred and their Gram's moments summed in float64
+    (the numpy path: float32 matrix products). Compiled (:func:`compiled`)."""
+    base, sf, sy, sx = ints[0], ints[1], ints[2], ints[3]
+    fw, wh, ww = ints[4], ints[5], ints[6]
+    nf, ny, nx, nb = ints[7], ints[8], ints[9], ints[10]
+    fs = _HEAD
+    ys = fs + nf
+    xs = ys + ny
+    chosen = xs + nx
+    if nb < 0:
+        nb = nf * ny * nx
+    d = off.shape[0]
+    noise, cross, square, floor, top = floats[0], floats[1], floats[2], floats[3], floats[4]
+    n = fw * wh * ww
+    buf = np.empty((d, n), np.float64)
+    total = 0.0
+    for c in range(nb):
+        w = c if ints[10] < 0 else ints[chosen + c]
+        start = (base + ints[fs + w // (ny * nx)] * sf + ints[ys + (w // nx) % ny] * sy
+                 + ints[xs + w % nx] * sx)
+        k = 0
+        for a in range(fw):
+            for b in range(wh):
+                row = start + a * sf + b * sy
+                for e in range(ww):
+                    t = row + e * sx
+                    for v in range(d):
+                        buf[v, k] = src[t + off[v]]
+                    k += 1
+        for v in range(d):
+            s = 0.0
+            for k in range(n):
+                s += buf[v, k]
+            mean = s / n
+            f = floats[5 + v]
+            for k in range(n):
+                buf[v, k] = (buf[v, k] - mean) * f
+        trace = 0.0
+        sq = 0.0
+        for i in range(d):
+            for j in range(i, d):
+                g = 0.0
+                for k in range(n):
+                    g += buf[i, k] * buf[j, k]
+                if i == j:
+                    trace += g
+                    sq += g * g
+                else:
+                    sq += 2.0 * g * g
+        signal = trace - noise
+        if signal > floor:
+            fro = sq - cross * signal - square
+            rank = signal * signal / fro if fro > 0 else float(d)
+            total += min(rank, top)
+    return total
+
+
+_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def compiled() -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], float] | None:
+    """The compiled pass, or None (no numba, or :data:`JIT_ENV` is ``0``): numba compiles it
+    per pixel dtype on its first call (about a second; later processes load it from numba's
+    cache, ``docs/budgets.md``)."""
+    if os.environ.get(JIT_ENV, "1") == "0":
+        return None
+    try:
+        import numba
+    except ImportError:
+        logger.info("prune_ratio auto: numba is not installed, counting with numpy")
+        return None
+    # reassoc: the dot products' sums may be reordered, so they vectorize (no fast NaN/inf)
+    return numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_rank_sum)
+
+
+_WARM: set[np.dtype[Any]] = set()
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) the pass for every dtype of :data:`DTYPES` now, not
+    in a request's count: about 1.5 s the first time on a machine, 0.3-0.5 s from the cache
+    (``docs/budgets.md``, "Cost"). Once per process; a no-op without the pass."""
+    fn = compiled()
+    if fn is None or len(_WARM) == len(DTYPES):
+        return
+    with _LOCK:
+        for dtype in DTYPES:
+            if dtype in _WARM:
+                continue
+            t0 = time.perf_counter()
+            fn(np.zeros(4, dtype), layout((0, 0, 0), (1, 1, 1), (0,), (0,), (0,)),
+               np.zeros(1, np.int64), np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+            _WARM.add(dtype)
+            logger.info("prune_ratio auto: compiled pass for %s pixels ready in %.2f s", dtype,
+                        time.perf_counter() - t0)
+
+
+def layout(strides: tuple[int, int, int], tail: tuple[int, int, int], fs: tuple[int, ...],
+           ys: tuple[int, ...], xs: tuple[int, ...], chosen: tuple[int, ...] | None = None,
+           base: int = 0) -> np.ndarray:
+    """The pass's ``ints`` for a layout: the token strides (frame, row, column); ``tail``, a
+    window's sides; the windows' starts on each axis; the windows read (raster index; None:
+    all); ``base``, token ``(0, 0, 0)``'s place."""
+    out = np.array([base, *strides, *tail, len(fs), len(ys), len(xs),
+                    -1 if chosen is None else len(chosen), *fs, *ys, *xs, *(chosen or ())],
+                   dtype=np.int64)
+    out.setflags(write=False)
+    return out
