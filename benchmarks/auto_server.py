@@ -93,6 +93,32 @@ def _count(p: Any, proc: Any, merged: dict[str, Any], qwen: bool, image: Any) ->
     return functools.partial(p._tp_auto_keep, modality="image", index=0, num_tokens=n)
 
 
+def _numpy_count(p: Any, seen: Any) -> Any:
+    """The same count through numpy's reader (``VLLM_TOKENPRUNE_AUTO_JIT=0``): a counter made
+    with the compiled pass off keeps numpy readers (its readers are made on first use: the
+    warm-up round)."""
+    from vllm_tokenprune.budget import AutoCounter, kernel
+
+    counter, min_keep = p._tp_auto_counter("image")
+    real = kernel.compiled
+    kernel.compiled = lambda: None  # type: ignore[assignment]
+    try:
+        plain = AutoCounter(counter.processor, counter.opts, counter.patch_size,
+                            counter.modality, counter.scale)
+    finally:
+        kernel.compiled = real  # type: ignore[assignment]
+    n = seen.keywords["num_tokens"]
+
+    def count(out: Any) -> int:
+        kernel.compiled = lambda: None  # type: ignore[assignment]  # its first (warm-up) call
+        try:
+            return plain.count(out, 0, n, min_keep).num_keep
+        finally:
+            kernel.compiled = real  # type: ignore[assignment]
+
+    return count if kernel.compiled() is not None else None
+
+
 def server_rows(names: list[str], reps: int, quick: bool, workdir: Path,
                 clock: Any = time.thread_time) -> list[dict[str, Any]]:
     """Per model, size and image: vLLM's call of the HF image processor, then the server's
@@ -117,12 +143,18 @@ def server_rows(names: list[str], reps: int, quick: bool, workdir: Path,
                           for s in near[j * (n + 1):(j + 1) * (n + 1)]]
                 seen = _count(p, proc, merged, qwen, image)
                 new = [_count(p, proc, merged, qwen, o) for o in others]
-                t: dict[str, list[float]] = {k: [] for k in ("proc", "auto", "new", "first")}
+                plain = _numpy_count(p, seen)
+                t: dict[str, list[float]] = {k: [] for k in ("proc", "auto", "new", "first",
+                                                             "plain")}
                 keep = 0
                 for i in range(n + 1):  # the first round warms up, not counted
                     p_t, a_t, keep = _pair(proc, image, seen, clock, **merged)
                     t["proc"].append(p_t)
                     t["auto"].append(a_t)
+                    if plain is not None:  # numpy's reader, same image, same round
+                        _, n_t, other = _pair(proc, image, plain, clock, **merged)
+                        assert other == keep, (other, keep)
+                        t["plain"].append(n_t / a_t)
                     if qwen:
                         p_t, a_t, _ = _pair(proc, others[i], new[i], clock, **merged)
                         t["new"].append(p_t)
@@ -132,6 +164,8 @@ def server_rows(names: list[str], reps: int, quick: bool, workdir: Path,
                 row = {"model": name, "size": f"{size[0]}x{size[1]}", "image": f"{cls}:{var}",
                        "tokens": tokens, "keep": keep, "reps": n, "processor_ms": pm,
                        "auto_ms": am, "auto_pct": 100 * am / pm}
+                if plain is not None:
+                    row["numpy_over_pass"] = statistics.median(t["plain"][1:])
                 if qwen:
                     shares = [f / q for f, q in zip(t["first"][1:], t["new"][1:], strict=True)]
                     row.update(first_ms=statistics.median(t["first"][1:]) * 1e3,
@@ -148,16 +182,20 @@ def markdown(res: dict[str, Any]) -> str:
     out = ["Auto on the API server's own path (`_tp_auto_keep` in vLLM's multimodal processor of "
            "the TokenPrune architecture, right after vLLM's call of the HF image processor on "
            "the same image: Qwen-VL uint8 pixels, no rescale or normalize; single thread, CPU "
-           "time of the thread, medians of interleaved rounds):\n",
+           "time of the thread, medians of interleaved rounds; the last column: the same count "
+           "through numpy's reader, `VLLM_TOKENPRUNE_AUTO_JIT=0`, in the same rounds, over the "
+           "compiled pass's time, median of the rounds' ratios):\n",
            "| model | image size | image | tokens | vLLM's processor call | auto | "
-           "auto / processor | first of its size | first / processor |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+           "auto / processor | first of its size | first / processor | numpy's reader / "
+           "compiled pass |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         first = (f"{r['first_ms']:.3f} ms | {r['first_pct']:.1f}%" if "first_ms" in r
                  else "- | -")
+        ratio = f"{r['numpy_over_pass']:.2f}x" if "numpy_over_pass" in r else "-"
         out.append(f"| {r['model']} | {r['size']} | {r['image']} | {r['tokens']} | "
                    f"{r['processor_ms']:.2f} ms | {r['auto_ms']:.3f} ms | {r['auto_pct']:.1f}% | "
-                   f"{first} |")
+                   f"{first} | {ratio} |")
     out.append(f"\nMachine: {res['machine']}; command: `{res['command']}`.")
     return "\n".join(out)
 
