@@ -99,7 +99,7 @@ def test_the_pass_refuses_pixels_shorter_than_its_layout(monkeypatch):
     pv = torch.zeros(4 * 16, 3 * 2 * 14 * 14, dtype=torch.uint8)
     view = qwen_token_view(pv, (1, 8, 8), image_std=1 / 255)
     compiled, _ = _readers(view, auto_options(), monkeypatch)
-    extent = compiled.compiled[3]  # one past the last value the layout reads
+    extent = compiled.compiled[0]  # one past the last value the layout reads
     assert view.source[extent - 1:].size > 0 and extent == int(view.index.max()) + 1
     compiled.estimate(view.source[:extent])
     with pytest.raises(ValueError, match="pixels hold"):

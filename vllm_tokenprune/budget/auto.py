@@ -244,9 +244,10 @@ class Reader(typing.NamedTuple):
     consts: tuple[float, ...]
     values: int  # D
     by_values: bool  # the Gram is D x D (else n x n)
-    #: the compiled pass's ``ints`` and ``floats`` (:mod:`.kernel`) and the elements the
-    #: source must hold; None: numpy reads (``index``)
-    compiled: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
+    #: the elements the source must hold and the compiled pass's arguments after the pixels
+    #: (:mod:`.kernel`: value offsets, floats, windows read, the layout's integers); None:
+    #: numpy reads (``index``)
+    compiled: tuple[Any, ...] | None = None
 
     def rank(self, source: np.ndarray) -> float:
         """The item's summed window rank, scaled to the whole grid (tokens / rows read), from
@@ -272,13 +273,13 @@ class Reader(typing.NamedTuple):
             raise ValueError(f"num_tokens must be >= 1, got {n}")
         opts = self.opts
         if self.compiled is not None:
-            ints, off, floats, extent = self.compiled
+            extent, *layout = self.compiled
             flat = source.reshape(-1)
             if flat.dtype not in kernel.DTYPES:  # compiled for the processors' outputs only
                 flat = flat.astype(_FLOAT32)
             if flat.size < extent:  # the pass reads unchecked: never past the pixels
                 raise ValueError(f"pixels hold {flat.size} values, the layout reads {extent}")
-            return _bounded(kernel.compiled()(flat, ints, off, floats),  # type: ignore[misc]
+            return _bounded(kernel.compiled()(flat, *layout),  # type: ignore[misc]
                             self, n, min_keep)
         x = source.take(self.index, mode="clip")
         if x.dtype != _FLOAT32:
@@ -384,11 +385,13 @@ def pass_reader(plan: Plan, strides: tuple[int, int, int], base: int,
     off, top = values
     n, d = plan.n, len(factors)
     extent = base + (f - 1) * sf + (h - 1) * sy + (w - 1) * sx + top + 1
-    ints = kernel.layout(strides, plan.tail, *plan.axes, plan.chosen, base)
+    chosen = (kernel.NO_WINDOWS if plan.chosen is None
+              else np.array(plan.chosen, dtype=np.int64))
     return Reader(plan=plan, index=None, opts=opts, tokens=f * h * w, scaling=None, unit=1.0,
                   centring=None, diagonal=None, consts=_consts(n, d, opts.noise_floor**2),
                   values=d, by_values=True,
-                  compiled=(ints, off, _pass_floats(n, opts.noise_floor**2, factors), extent))
+                  compiled=(extent, off, _pass_floats(n, opts.noise_floor**2, factors), chosen,
+                            base, sf, sy, sx, f, h, w, *plan.tail))
 
 
 def layout_reader(plan: Plan, index: np.ndarray, opts: AutoOptions, d: int,

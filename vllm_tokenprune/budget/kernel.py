@@ -27,7 +27,7 @@ import numpy as np
 
 from vllm_tokenprune.log import logger_name
 
-__all__ = ["DTYPES", "JIT_ENV", "compiled", "layout", "warm"]
+__all__ = ["DTYPES", "JIT_ENV", "NO_WINDOWS", "compiled", "warm"]
 
 # Under vLLM's logger namespace, so the server log shows these lines (vllm_tokenprune.log).
 logger = logging.getLogger(logger_name(__name__))
@@ -39,36 +39,30 @@ JIT_ENV = "VLLM_TOKENPRUNE_AUTO_JIT"
 #: normalized (float32) or raw (uint8, vLLM's Qwen-VL call). Others are read as float32.
 DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
-#: ``ints``' head: base, the three strides, the window's three sides, the numbers of window
-#: starts on each axis and of windows read (-1: all, in raster order); then the starts (frame,
-#: row, column) and the windows read (raster index).
-_HEAD = 11
-
-
-def _rank_sum(src: Any, ints: Any, off: Any, floats: Any) -> float:  # pragma: no cover
+def _rank_sum(src: Any, off: Any, floats: Any, chosen: Any, base: int, sf: int, sy: int,
+              sx: int, f: int, h: int, w: int, fw: int, wh: int,
+              ww: int) -> float:  # pragma: no cover - compiled
     """The summed participation ratio of the windows read (each at most ``top``), the pixels'
-    noise removed as in :meth:`.auto.Reader.estimate`. ``ints``: the layout (:func:`layout`);
-    ``off``: the D value offsets; ``floats``: noise, cross, square, floor, top, then the D
-    factors to pixel units. The values are centred and their Gram's moments summed in float64
-    (the numpy path: float32 matrix products). Compiled (:func:`compiled`)."""
-    base, sf, sy, sx = ints[0], ints[1], ints[2], ints[3]
-    fw, wh, ww = ints[4], ints[5], ints[6]
-    nf, ny, nx, nb = ints[7], ints[8], ints[9], ints[10]
-    fs = _HEAD
-    ys = fs + nf
-    xs = ys + ny
-    chosen = xs + nx
-    if nb < 0:
-        nb = nf * ny * nx
+    noise removed as in :meth:`.auto.Reader.estimate`. Token ``(i, y, x)`` of the ``f x h x w``
+    grid has value ``d`` at ``base + i sf + y sy + x sx + off[d]``; windows of ``fw x wh x ww``
+    tokens start every side on each axis, the last at the edge (:func:`.windows._starts`);
+    ``chosen``: the windows read, by raster index (empty: all); ``floats``: noise, cross,
+    square, floor, top, then the D factors to pixel units. The values are centred and their
+    Gram's moments summed in float64 (the numpy path: float32 matrix products). Compiled
+    (:func:`compiled`); the layout is plain integers, so a new image size makes no array."""
+    nf = -(-f // fw)
+    ny = -(-h // wh)
+    nx = -(-w // ww)
+    nb = chosen.shape[0] if chosen.shape[0] > 0 else nf * ny * nx
     d = off.shape[0]
     noise, cross, square, floor, top = floats[0], floats[1], floats[2], floats[3], floats[4]
     n = fw * wh * ww
     buf = np.empty((d, n), np.float64)
     total = 0.0
     for c in range(nb):
-        w = c if ints[10] < 0 else ints[chosen + c]
-        start = (base + ints[fs + w // (ny * nx)] * sf + ints[ys + (w // nx) % ny] * sy
-                 + ints[xs + w % nx] * sx)
+        r = chosen[c] if chosen.shape[0] > 0 else c
+        start = (base + min((r // (ny * nx)) * fw, f - fw) * sf
+                 + min(((r // nx) % ny) * wh, h - wh) * sy + min((r % nx) * ww, w - ww) * sx)
         k = 0
         for a in range(fw):
             for b in range(wh):
@@ -83,9 +77,9 @@ def _rank_sum(src: Any, ints: Any, off: Any, floats: Any) -> float:  # pragma: n
             for k in range(n):
                 s += buf[v, k]
             mean = s / n
-            f = floats[5 + v]
+            factor = floats[5 + v]
             for k in range(n):
-                buf[v, k] = (buf[v, k] - mean) * f
+                buf[v, k] = (buf[v, k] - mean) * factor
         trace = 0.0
         sq = 0.0
         for i in range(d):
@@ -108,9 +102,13 @@ def _rank_sum(src: Any, ints: Any, off: Any, floats: Any) -> float:  # pragma: n
 
 _LOCK = threading.Lock()
 
+#: ``chosen`` when every window is read.
+NO_WINDOWS = np.zeros(0, np.int64)
+NO_WINDOWS.setflags(write=False)
+
 
 @functools.lru_cache(maxsize=1)
-def compiled() -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], float] | None:
+def compiled() -> Callable[..., float] | None:
     """The compiled pass, or None (no numba, or :data:`JIT_ENV` is ``0``): numba compiles it
     per pixel dtype on its first call (about a second; later processes load it from numba's
     cache, ``docs/budgets.md``)."""
@@ -140,21 +138,8 @@ def warm() -> None:
             if dtype in _WARM:
                 continue
             t0 = time.perf_counter()
-            fn(np.zeros(4, dtype), layout((0, 0, 0), (1, 1, 1), (0,), (0,), (0,)),
-               np.zeros(1, np.int64), np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+            fn(np.zeros(4, dtype), np.zeros(1, np.int64), np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]),
+               NO_WINDOWS, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1)
             _WARM.add(dtype)
             logger.info("prune_ratio auto: compiled pass for %s pixels ready in %.2f s", dtype,
                         time.perf_counter() - t0)
-
-
-def layout(strides: tuple[int, int, int], tail: tuple[int, int, int], fs: tuple[int, ...],
-           ys: tuple[int, ...], xs: tuple[int, ...], chosen: tuple[int, ...] | None = None,
-           base: int = 0) -> np.ndarray:
-    """The pass's ``ints`` for a layout: the token strides (frame, row, column); ``tail``, a
-    window's sides; the windows' starts on each axis; the windows read (raster index; None:
-    all); ``base``, token ``(0, 0, 0)``'s place."""
-    out = np.array([base, *strides, *tail, len(fs), len(ys), len(xs),
-                    -1 if chosen is None else len(chosen), *fs, *ys, *xs, *(chosen or ())],
-                   dtype=np.int64)
-    out.setflags(write=False)
-    return out
