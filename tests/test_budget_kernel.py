@@ -121,3 +121,34 @@ def test_the_energy_rule_reads_with_numpy():
     view = qwen_token_view(torch.zeros(64, 1176, dtype=torch.uint8), (1, 8, 8), image_std=1.0)
     assert budget_auto.reader(view, opts).compiled is None
     assert np.isfinite(budget_auto.reader(view, opts).estimate(view.source).rank)
+
+
+def test_a_pass_numba_cannot_build_leaves_numpy_counting(monkeypatch):
+    # numba failing to compile the pass warns and returns None (numpy counts; no request
+    # fails); a cache numba cannot write compiles the pass without one
+    import numba
+
+    real = numba.njit
+    warned: list[str] = []
+    monkeypatch.setattr(kernel.logger, "warning", lambda msg, *a: warned.append(msg % a))
+
+    def broken(**flags):
+        def wrap(fn):
+            def call(*args):
+                raise numba.core.errors.TypingError("planted")
+            return call
+        return wrap
+
+    monkeypatch.setattr(numba, "njit", broken)
+    assert kernel._build() is None and "planted" in warned[0]
+
+    def no_cache(**flags):
+        if flags.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(**flags)
+
+    monkeypatch.setattr(numba, "njit", no_cache)
+    fn = kernel._build()
+    assert fn is not None and fn(np.zeros(4, np.uint8), np.zeros(1, np.int64),
+                                 np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]), kernel.NO_WINDOWS,
+                                 0, 0, 0, 0, 1, 1, 1, 1, 1, 1) == 0.0

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from vllm_tokenprune.budget import kernel
 from vllm_tokenprune.budget.auto import (
     AutoEstimate,
     AutoOptions,
@@ -146,7 +145,9 @@ class AutoCounter:
     It keeps a :class:`~vllm_tokenprune.budget.auto.Reader` per output layout (the pixels'
     shape and the item's place: Qwen-VL its patch grid and first row, LLaVA-NeXT its image
     size), the :data:`_KEPT` latest made (a look-up is one dict read: cold after the
-    processor, every call counts). Qwen-VL's readers are made from pieces the counter keeps
+    processor, every call counts). With the compiled pass (:mod:`.kernel`, where numba is
+    installed) a reader is the layout's integers (the pass is compiled or loaded
+    when the counter is made). Otherwise Qwen-VL's readers are made from pieces the counter keeps
     (its grids are packed: the offsets are a reordered slice of a kept
     :class:`~vllm_tokenprune.budget.grids.PackedIndex`), so the first image of a size costs
     less to read (``docs/budgets.md``, "Cost"); a window lattice (above ``max_windows``
@@ -164,8 +165,7 @@ class AutoCounter:
         self._lock = threading.Lock()  # the readers' insertions and evictions
         self._qwen: tuple[Any, ...] | None = None
         self._pass: tuple[tuple[np.ndarray, int], tuple[float, ...]] | None = None
-        if uses_kernel(opts):
-            kernel.warm()  # compiled (or loaded) here, once per process: not in a count
+        uses_kernel(opts)  # the compiled pass is built here (once per process), not in a count
         if processor_kind(image_processor) == "qwen":
             m, p, tp = (int(getattr(image_processor, k))
                         for k in ("merge_size", "patch_size", "temporal_patch_size"))

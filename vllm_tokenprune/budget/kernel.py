@@ -15,7 +15,6 @@ numba is imported on first use, not with this module.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -107,11 +106,33 @@ NO_WINDOWS = np.zeros(0, np.int64)
 NO_WINDOWS.setflags(write=False)
 
 
-@functools.lru_cache(maxsize=1)
+#: the pass once built (its one element: the function, or None), behind ``_LOCK``
+_BUILT: list[Callable[..., float] | None] = []
+
+# reassoc: the dot products' sums may be reordered, so they vectorize (no fast NaN/inf)
+_FLAGS: dict[str, Any] = {"nogil": True, "fastmath": {"reassoc", "contract"}}
+
+
 def compiled() -> Callable[..., float] | None:
-    """The compiled pass, or None (no numba, or :data:`JIT_ENV` is ``0``): numba compiles it
-    per pixel dtype on its first call (about a second; later processes load it from numba's
-    cache, ``docs/budgets.md``)."""
+    """The compiled pass, or None (no numba, :data:`JIT_ENV` is ``0``, or numba failed to
+    build it: numpy counts instead, with a warning in the log). Built on the first call, for
+    every dtype of :data:`DTYPES` (a request's count never compiles): about 1.4 s the first
+    time on a machine, 0.3-0.5 s from numba's on-disk cache (``docs/budgets.md``, "Cost")."""
+    if _BUILT:
+        return _BUILT[0]
+    with _LOCK:
+        if not _BUILT:
+            _BUILT.append(_build())
+    return _BUILT[0]
+
+
+def warm() -> None:
+    """Build the pass now (:func:`compiled`), not in a request: the processor calls it at
+    start-up where the server's default is ``auto``."""
+    compiled()
+
+
+def _build() -> Callable[..., float] | None:
     if os.environ.get(JIT_ENV, "1") == "0":
         return None
     try:
@@ -119,27 +140,19 @@ def compiled() -> Callable[..., float] | None:
     except ImportError:
         logger.info("prune_ratio auto: numba is not installed, counting with numpy")
         return None
-    # reassoc: the dot products' sums may be reordered, so they vectorize (no fast NaN/inf)
-    return numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_rank_sum)
-
-
-_WARM: set[np.dtype[Any]] = set()
-
-
-def warm() -> None:
-    """Compile (or load from numba's cache) the pass for every dtype of :data:`DTYPES` now, not
-    in a request's count: about 1.5 s the first time on a machine, 0.3-0.5 s from the cache
-    (``docs/budgets.md``, "Cost"). Once per process; a no-op without the pass."""
-    fn = compiled()
-    if fn is None or len(_WARM) == len(DTYPES):
-        return
-    with _LOCK:
+    t0 = time.perf_counter()
+    try:
+        try:
+            fn = numba.njit(cache=True, **_FLAGS)(_rank_sum)
+        except RuntimeError as e:  # no writable cache directory: compiled in every process
+            logger.info("prune_ratio auto: numba cannot cache the pass here (%s)", e)
+            fn = numba.njit(cache=False, **_FLAGS)(_rank_sum)
         for dtype in DTYPES:
-            if dtype in _WARM:
-                continue
-            t0 = time.perf_counter()
-            fn(np.zeros(4, dtype), np.zeros(1, np.int64), np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]),
-               NO_WINDOWS, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1)
-            _WARM.add(dtype)
-            logger.info("prune_ratio auto: compiled pass for %s pixels ready in %.2f s", dtype,
-                        time.perf_counter() - t0)
+            fn(np.zeros(4, dtype), np.zeros(1, np.int64),
+               np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]), NO_WINDOWS, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1)
+    except Exception as e:  # a numba or LLVM failure must not fail requests: numpy counts
+        logger.warning("prune_ratio auto: the compiled pass could not be built, counting with "
+                       "numpy: %s: %s", type(e).__name__, e)
+        return None
+    logger.info("prune_ratio auto: compiled pass ready in %.2f s", time.perf_counter() - t0)
+    return fn

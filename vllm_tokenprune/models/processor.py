@@ -48,10 +48,8 @@ from vllm_tokenprune.budget import (
     kernel,
     pixel_scale,
 )
-from vllm_tokenprune.budget.auto import uses_kernel
 from vllm_tokenprune.cache_keys import message_text_ids, pruned_item_salt
 from vllm_tokenprune.config import AUTO, SEALED_FIELDS, TokenPruneConfig, config_from_hf_config
-from vllm_tokenprune.log import init_logger
 from vllm_tokenprune.metrics import frontend as metrics
 from vllm_tokenprune.models.wire import (
     MAX_TEXT_TOKENS,
@@ -71,8 +69,6 @@ from vllm_tokenprune.plan import (
     resolve_request,
 )
 from vllm_tokenprune.scoring import INPUT, LAYER, get_method
-
-logger = init_logger(__name__)
 
 _prompt_text_ids: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
     "tokenprune_prompt_text_ids", default=None
@@ -228,11 +224,8 @@ class TokenPruneProcessorMixin:
         count."""
         cfg = self._tp_config()
         if AUTO in (cfg.prune_ratio, cfg.video_prune_ratio):
-            try:
-                if uses_kernel(self._tp_auto_options()):
-                    kernel.warm()
-            except Exception as e:  # the first count compiles it, or reports what fails
-                logger.warning("prune_ratio auto: warm-up of the compiled pass failed: %s", e)
+            if self._tp_auto_options().rule == "participation":
+                kernel.warm()  # never raises: a pass numba cannot build leaves numpy counting
 
     def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         token_plan = _request_plan.set(self._tp_resolve_plan(inputs.hf_processor_mm_kwargs))
