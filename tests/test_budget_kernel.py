@@ -152,3 +152,27 @@ def test_a_pass_numba_cannot_build_leaves_numpy_counting(monkeypatch):
     assert fn is not None and fn(np.zeros(4, np.uint8), np.zeros(1, np.int64),
                                  np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]), kernel.NO_WINDOWS,
                                  0, 0, 0, 0, 1, 1, 1, 1, 1, 1) == 0.0
+
+
+def test_the_servers_count_of_video_items_is_numpys(processors, monkeypatch):
+    # the counter's compiled count (no reader kept) of a Qwen-VL video output's second item:
+    # windows over window_frames token steps, the item from its first row; numpy's reader of
+    # the same grid gives the same rank
+    from vllm_tokenprune.budget import AutoCounter
+
+    gen = torch.Generator().manual_seed(1)
+    grids = [(2, 8, 12), (4, 44, 36)]
+    rows = sum(t * h * w for t, h, w in grids)
+    pv = torch.randint(0, 256, (rows, 3 * 2 * 14 * 14), generator=gen, dtype=torch.uint8)
+    out = {"pixel_values_videos": pv, "video_grid_thw": torch.tensor(grids)}
+    opts = auto_options()
+    counter = AutoCounter(processors["qwen"], opts, modality="video", scale=1 / 255)
+    got = counter.count(out, 1)
+    assert counter._readers == {}
+    view = qwen_token_view(pv, grids[1], image_std=1 / 255, start=2 * 8 * 12,
+                           channel=opts.channel, samples=opts.samples,
+                           sample_rows=opts.sample_rows)
+    with monkeypatch.context() as m:
+        m.setattr(kernel, "compiled", lambda: None)
+        want = budget_auto.reader(view, opts, True).estimate(view.source)
+    assert got.rank == pytest.approx(want.rank, rel=1e-4) and got.num_keep == want.num_keep

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from vllm_tokenprune.budget import kernel
 from vllm_tokenprune.budget.grids import MOSAIC, TokenGrid, dense_grid, packed_index
-from vllm_tokenprune.budget.windows import Plan, plan_windows
+from vllm_tokenprune.budget.windows import Plan, _axis, plan_windows
 from vllm_tokenprune.scoring._registry import _check_bounds, _coerce, option
 
 __all__ = ["AutoEstimate", "AutoOptions", "Reader", "auto_options", "estimate_keep", "reader",
@@ -317,10 +317,14 @@ class Reader(typing.NamedTuple):
 
 
 def _bounded(total: float, r: Reader, n: int, min_keep: int) -> AutoEstimate:
-    """Rule step 4: ``scale`` x the windows' summed rank ``total``, scaled to the grid's
-    tokens and to ``n``, within the bounds."""
-    rows, opts = r.tokens, r.opts
-    total = total * rows / r.plan.rows
+    return keep_of(total, r.tokens, r.plan.rows, r.opts, n, min_keep)
+
+
+def keep_of(total: float, rows: int, read: int, opts: AutoOptions, n: int,
+            min_keep: int) -> AutoEstimate:
+    """Rule step 4: ``scale`` x the windows' summed rank ``total`` (over ``read`` token rows),
+    scaled to the grid's ``rows`` tokens and to ``n``, within the bounds."""
+    total = total * rows / read
     want = round(opts.scale * total * n / rows)
     lo = min(n, max(min_keep, math.ceil(opts.min_fraction * n - 1e-9)))
     hi = max(lo, min(n, math.floor(opts.max_fraction * n + 1e-9)))
@@ -376,6 +380,39 @@ def _pass_floats(n: int, var: float, factors: tuple[float, ...]) -> np.ndarray:
     out = np.array([*consts[:5], *factors], dtype=np.float64)
     out.setflags(write=False)
     return out
+
+
+def count_pass(source: np.ndarray, shape: tuple[int, int, int], strides: tuple[int, int, int],
+               base: int, values: tuple[np.ndarray, int], factors: tuple[float, ...],
+               opts: AutoOptions, frames: int, num_tokens: int | None = None,
+               min_keep: int = 1) -> AutoEstimate | None:
+    """The count of an ``(F, H, W)`` grid of a separable layout (as :func:`pass_reader`'s)
+    through the compiled pass, with nothing made or kept per layout: the windows' sides come
+    from the per-axis pieces kept for every length, the starts are computed in the pass. None
+    where the grid has more than ``max_windows`` windows (a lattice: a kept :class:`Reader`
+    reads it). ``frames``: the frames a window spans (videos: ``window_frames``, else 1)."""
+    f, h, w = shape
+    (fw, fs, _), (wh, ys, _), (ww, xs, _) = (_axis(f, frames), _axis(h, opts.window),
+                                             _axis(w, opts.window))
+    windows = len(fs) * len(ys) * len(xs)
+    if 0 < opts.max_windows < windows:
+        return None
+    rows = f * h * w
+    n = rows if num_tokens is None else int(num_tokens)
+    if n < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {n}")
+    (sf, sy, sx), (off, top) = strides, values
+    extent = base + (f - 1) * sf + (h - 1) * sy + (w - 1) * sx + top + 1
+    flat = source.reshape(-1)
+    if flat.dtype not in kernel.DTYPES:  # compiled for the processors' outputs only
+        flat = flat.astype(_FLOAT32)
+    if flat.size < extent:  # the pass reads unchecked: never past the pixels
+        raise ValueError(f"pixels hold {flat.size} values, the layout reads {extent}")
+    side = fw * wh * ww
+    total = kernel.compiled()(  # type: ignore[misc]
+        flat, off, _pass_floats(side, opts.noise_floor**2, factors), kernel.NO_WINDOWS, base,
+        sf, sy, sx, f, h, w, fw, wh, ww)
+    return keep_of(total, rows, windows * side, opts, n, min_keep)
 
 
 def pass_reader(plan: Plan, strides: tuple[int, int, int], base: int,

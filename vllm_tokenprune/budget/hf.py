@@ -22,6 +22,7 @@ from vllm_tokenprune.budget.auto import (
     AutoOptions,
     Reader,
     auto_options,
+    count_pass,
     estimate_keep,
     layout_reader,
     pass_reader,
@@ -161,6 +162,7 @@ class AutoCounter:
         self.modality = modality
         self.scale = scale
         self._pixels = "pixel_values" if modality == "image" else "pixel_values_videos"
+        self._frames = opts.window_frames if modality == "video" else 1
         self._readers: dict[tuple[Any, ...], Reader] = {}
         self._lock = threading.Lock()  # the readers' insertions and evictions
         self._qwen: tuple[Any, ...] | None = None
@@ -201,6 +203,16 @@ class AutoCounter:
         grids = _listed(hf_out[qwen[0]])
         t, h, w = grids[index]
         start = sum(a * b * c for a, b, c in grids[:index]) if index else 0
+        if self._pass is not None:  # the compiled pass: nothing made or kept per layout
+            _, m, p, tp, width = qwen[:5]
+            check_qwen_item(pixels.shape, (t, h, w), m, p, tp, 3, start)
+            sx = m * m * width  # one token: m * m patch rows
+            sy = (w // m) * sx
+            est = count_pass(pixels, (t, h // m, w // m), ((h // m) * sy, sy, sx),
+                             start * width, *self._pass, self.opts, self._frames, num_tokens,
+                             min_keep)
+            if est is not None:
+                return est  # else a lattice of windows: a kept reader below
         key = (pixels.shape, t, h, w, start)
         found = self._readers.get(key)
         if found is None:
