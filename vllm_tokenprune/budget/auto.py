@@ -29,8 +29,9 @@ The rule (``docs/budgets.md`` has the reasons, the defaults and the measurements
    Above ``max_windows`` windows, a fixed lattice of them estimates the sum.
 
 In the API server (:class:`~vllm_tokenprune.budget.hf.AutoCounter`) a :class:`Reader` is kept
-per processor-output layout. Where numba is installed it holds the layout's integers and the
-count is one compiled pass over the pixels (:mod:`.kernel`, :func:`pass_reader`). Otherwise (and
+per processor-output layout. Where numba is installed the count is one compiled pass over the
+pixels (:mod:`.kernel`): a reader holds the layout's integers (:func:`pass_reader`), and a
+Qwen-VL item needs none (:func:`count_pass`). Otherwise (and
 for rule ``energy``) an image of a size seen before costs one gather from the pixels and a few
 matrix products, and a Qwen-VL image of a new size makes its gather offsets from an index of
 every token's values kept for all sizes

@@ -147,8 +147,10 @@ class AutoCounter:
     shape and the item's place: Qwen-VL its patch grid and first row, LLaVA-NeXT its image
     size), the :data:`_KEPT` latest made (a look-up is one dict read: cold after the
     processor, every call counts). With the compiled pass (:mod:`.kernel`, where numba is
-    installed) a reader is the layout's integers (the pass is compiled or loaded
-    when the counter is made). Otherwise Qwen-VL's readers are made from pieces the counter keeps
+    installed; compiled or loaded when the counter is made) a Qwen-VL item is counted with
+    nothing made or kept per layout (:func:`~vllm_tokenprune.budget.auto.count_pass`), and a
+    reader of LLaVA's tiles or of a window lattice is the layout's integers. Otherwise Qwen-VL's
+    readers are made from pieces the counter keeps
     (its grids are packed: the offsets are a reordered slice of a kept
     :class:`~vllm_tokenprune.budget.grids.PackedIndex`), so the first image of a size costs
     less to read (``docs/budgets.md``, "Cost"); a window lattice (above ``max_windows``
