@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import multiprocessing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -217,11 +218,16 @@ class TokenPruneProcessorMixin:
         return out
 
     def _tp_warm_auto(self) -> None:
-        """Where the server's default is ``auto``, compile (or load) ``auto``'s pass now: vLLM
-        builds the dummy inputs at start-up (the API server's warm-up among others), so the
-        first request does not pay it (:func:`vllm_tokenprune.budget.kernel.warm`). A
-        per-request ``auto`` on a server whose default is not pays it once, in its first
-        count."""
+        """Where the server's default is ``auto``, compile (or load) ``auto``'s pass now, in
+        the API server (the top process): vLLM builds the dummy inputs at start-up (its
+        renderer's warm-up among others), so the first request does not pay it
+        (:func:`vllm_tokenprune.budget.kernel.warm`). A per-request ``auto`` on a server whose
+        default is not, or an API server started as a child (``--api-server-count`` above 1),
+        pays it once, in its first count."""
+        if multiprocessing.parent_process() is not None:
+            # vLLM's engine core and workers are children of the API server (multiprocessing):
+            # they build dummy inputs for profiling but never count (numba: +130 MiB there)
+            return
         cfg = self._tp_config()
         if AUTO in (cfg.prune_ratio, cfg.video_prune_ratio):
             if self._tp_auto_options().rule == "participation":
