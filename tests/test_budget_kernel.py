@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_budget_reader import _processors
 from vllm_tokenprune.budget import auto as budget_auto
 from vllm_tokenprune.budget import auto_options, kernel, qwen_token_view, token_grid
 from vllm_tokenprune.testing import content
@@ -39,20 +40,6 @@ def _same(grid, opts, monkeypatch, video=False, n=None):
     # pixels; the pass centres and sums in float64
     assert a.rank == pytest.approx(b.rank, rel=1e-4, abs=1e-6), (a, b)
     return a, b
-
-
-def _processors():
-    from transformers import CLIPImageProcessor, LlavaNextImageProcessor, Qwen2VLImageProcessor
-
-    return {
-        "qwen": Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                      size={"shortest_edge": 3136, "longest_edge": 1003520}),
-        "llava": CLIPImageProcessor(size={"shortest_edge": 336},
-                                    crop_size={"height": 336, "width": 336}),
-        "llava_next": LlavaNextImageProcessor(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-            image_grid_pinpoints=[[336, 672], [672, 336], [672, 672]]),
-    }
 
 
 @pytest.fixture(scope="module")
