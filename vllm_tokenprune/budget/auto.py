@@ -277,14 +277,7 @@ class Reader(typing.NamedTuple):
             raise ValueError(f"num_tokens must be >= 1, got {n}")
         opts = self.opts
         if self.compiled is not None:
-            extent, *layout = self.compiled
-            flat = source.reshape(-1)
-            if flat.dtype not in kernel.DTYPES:  # compiled for the processors' outputs only
-                flat = flat.astype(_FLOAT32)
-            if flat.size < extent:  # the pass reads unchecked: never past the pixels
-                raise ValueError(f"pixels hold {flat.size} values, the layout reads {extent}")
-            return _bounded(kernel.compiled()(flat, *layout),  # type: ignore[misc]
-                            self, n, min_keep)
+            return _bounded(_run_pass(source, *self.compiled), self, n, min_keep)
         x = source.take(self.index, mode="clip")
         if x.dtype != _FLOAT32:
             x = x.astype(_FLOAT32)
@@ -404,16 +397,21 @@ def count_pass(source: np.ndarray, shape: tuple[int, int, int], strides: tuple[i
         raise ValueError(f"num_tokens must be >= 1, got {n}")
     (sf, sy, sx), (off, top) = strides, values
     extent = base + (f - 1) * sf + (h - 1) * sy + (w - 1) * sx + top + 1
+    side = fw * wh * ww
+    total = _run_pass(source, extent, off, _pass_floats(side, opts.noise_floor**2, factors),
+                      kernel.NO_WINDOWS, base, sf, sy, sx, f, h, w, fw, wh, ww)
+    return keep_of(total, rows, windows * side, opts, n, min_keep)
+
+
+def _run_pass(source: np.ndarray, extent: int, *args: Any) -> float:
+    """The compiled pass on ``source`` read flat (``args``: the pass's after the pixels),
+    once the pixels are known to hold the ``extent`` values the layout reads."""
     flat = source.reshape(-1)
     if flat.dtype not in kernel.DTYPES:  # compiled for the processors' outputs only
         flat = flat.astype(_FLOAT32)
     if flat.size < extent:  # the pass reads unchecked: never past the pixels
         raise ValueError(f"pixels hold {flat.size} values, the layout reads {extent}")
-    side = fw * wh * ww
-    total = kernel.compiled()(  # type: ignore[misc]
-        flat, off, _pass_floats(side, opts.noise_floor**2, factors), kernel.NO_WINDOWS, base,
-        sf, sy, sx, f, h, w, fw, wh, ww)
-    return keep_of(total, rows, windows * side, opts, n, min_keep)
+    return kernel.compiled()(flat, *args)  # type: ignore[misc]
 
 
 def pass_reader(plan: Plan, strides: tuple[int, int, int], base: int,
