@@ -169,7 +169,7 @@ class AutoCounter:
         self._lock = threading.Lock()  # the readers' insertions and evictions
         self._qwen: tuple[Any, ...] | None = None
         self._pass: tuple[tuple[np.ndarray, int], tuple[float, ...]] | None = None
-        uses_kernel(opts)  # the compiled pass is built here (once per process), not in a count
+        compiled = uses_kernel(opts)  # the pass is built here (once per process), not in a count
         if processor_kind(image_processor) == "qwen":
             m, p, tp = (int(getattr(image_processor, k))
                         for k in ("merge_size", "patch_size", "temporal_patch_size"))
@@ -178,7 +178,7 @@ class AutoCounter:
                 m, p, tp, 3, opts.samples, opts.sample_rows,
                 tuple(std) if isinstance(std, (list, tuple)) else std, opts.channel)
             width = 3 * tp * p * p
-            if uses_kernel(opts):  # the compiled pass: the layout's strides, no offsets
+            if compiled:  # the compiled pass: the layout's strides, no offsets
                 d = len(offsets)
                 self._pass = (pass_values(np.asarray(offsets, np.int64).tobytes()),
                               tuple(factor.tolist()) if uniform is None else (uniform,) * d)
@@ -208,9 +208,7 @@ class AutoCounter:
         if self._pass is not None:  # the compiled pass: nothing made or kept per layout
             _, m, p, tp, width = qwen[:5]
             check_qwen_item(pixels.shape, (t, h, w), m, p, tp, 3, start)
-            sx = m * m * width  # one token: m * m patch rows
-            sy = (w // m) * sx
-            est = count_pass(pixels, (t, h // m, w // m), ((h // m) * sy, sy, sx),
+            est = count_pass(pixels, (t, h // m, w // m), _qwen_strides(m, width, h, w),
                              start * width, *self._pass, self.opts, self._frames, num_tokens,
                              min_keep)
             if est is not None:
@@ -230,9 +228,8 @@ class AutoCounter:
         plan = plan_windows((t, h // m, w // m), opts.window,
                             opts.window_frames if video else 1, opts.max_windows)
         if self._pass is not None:  # the compiled pass reads through the strides
-            sx = m * m * width  # one token: m * m patch rows
-            sy = (w // m) * sx
-            return pass_reader(plan, ((h // m) * sy, sy, sx), start * width, *self._pass, opts)
+            return pass_reader(plan, _qwen_strides(m, width, h, w), start * width, *self._pass,
+                               opts)
         if plan.chosen is not None:  # a lattice: the offsets of its windows' tokens
             return reader(_grid(pixels, grids, None, self.processor, opts, index,
                                 self.patch_size, self.modality, self.scale), opts, video)
@@ -245,6 +242,15 @@ class AutoCounter:
             while len(self._readers) > _KEPT:  # the oldest made first
                 self._readers.pop(next(iter(self._readers)), None)
         return found
+
+
+def _qwen_strides(m: int, width: int, h: int, w: int) -> tuple[int, int, int]:
+    """A Qwen-VL item's token strides (frame, row, column) in its flattened patch rows of
+    ``width`` values, for its ``(h, w)`` patch grid: a token is ``m * m`` rows (as
+    :func:`~vllm_tokenprune.budget.grids.qwen_token_view`'s)."""
+    sx = m * m * width
+    sy = (w // m) * sx
+    return (h // m) * sy, sy, sx
 
 
 #: Counters by (processor id, options, patch size, modality, scale) for :func:`auto_count`, the
