@@ -355,15 +355,22 @@ def uses_kernel(opts: AutoOptions) -> bool:
 def compiled_reader(plan: Plan, grid: TokenGrid, opts: AutoOptions) -> Reader:
     """A :class:`Reader` of ``grid``'s layout for the compiled pass: its strides, the plan's
     window starts and the value offsets (no gather offsets are made)."""
-    d = len(grid.offsets)
-    fac = tuple(grid.factor.tolist()) if grid.uniform is None else (grid.uniform,) * d
-    values = pass_values(np.asarray(grid.offsets, np.int64).tobytes())
-    return pass_reader(plan, grid.strides, grid.base, values, fac, opts)
+    return pass_reader(plan, grid.strides, grid.base,
+                       *pass_values(grid.offsets, grid.factor, grid.uniform), opts)
+
+
+def pass_values(offsets: np.ndarray, factor: np.ndarray, uniform: float | None
+                ) -> tuple[tuple[np.ndarray, int], tuple[float, ...]]:
+    """What the compiled pass reads of every token, from a grid's value ``offsets`` and
+    factors to pixel units (:class:`~vllm_tokenprune.budget.grids.TokenGrid`'s ``factor`` and
+    ``uniform``): the offsets as int64 and the largest, and one factor per value."""
+    d = len(offsets)
+    return (_pass_offsets(np.asarray(offsets, np.int64).tobytes()),
+            tuple(factor.tolist()) if uniform is None else (uniform,) * d)
 
 
 @functools.lru_cache(maxsize=16)
-def pass_values(offsets: bytes) -> tuple[np.ndarray, int]:
-    """The compiled pass's value offsets (int64 bytes) as an array, and the largest."""
+def _pass_offsets(offsets: bytes) -> tuple[np.ndarray, int]:
     off = np.frombuffer(offsets, dtype=np.int64)
     return off, int(off.max())
 
@@ -386,17 +393,18 @@ def count_pass(source: np.ndarray, shape: tuple[int, int, int], strides: tuple[i
     where the grid has more than ``max_windows`` windows (a lattice: a kept :class:`Reader`
     reads it). ``frames``: the frames a window spans (videos: ``window_frames``, else 1)."""
     f, h, w = shape
+    # plan_windows' first steps, inline: this runs per count, cold after the processor
     (fw, fs, _), (wh, ys, _), (ww, xs, _) = (_axis(f, frames), _axis(h, opts.window),
                                              _axis(w, opts.window))
     windows = len(fs) * len(ys) * len(xs)
-    if 0 < opts.max_windows < windows:
+    if 0 < opts.max_windows < windows:  # plan_windows would choose a lattice
         return None
     rows = f * h * w
     n = rows if num_tokens is None else int(num_tokens)
     if n < 1:
         raise ValueError(f"num_tokens must be >= 1, got {n}")
     (sf, sy, sx), (off, top) = strides, values
-    extent = base + (f - 1) * sf + (h - 1) * sy + (w - 1) * sx + top + 1
+    extent = base + (f - 1) * sf + (h - 1) * sy + (w - 1) * sx + top + 1  # as pass_reader's
     side = fw * wh * ww
     total = _run_pass(source, extent, off, _pass_floats(side, opts.noise_floor**2, factors),
                       kernel.NO_WINDOWS, base, sf, sy, sx, f, h, w, fw, wh, ww)
@@ -418,8 +426,8 @@ def pass_reader(plan: Plan, strides: tuple[int, int, int], base: int,
                 values: tuple[np.ndarray, int], factors: tuple[float, ...],
                 opts: AutoOptions) -> Reader:
     """A :class:`Reader` for the compiled pass (:mod:`.kernel`) of a separable layout: token
-    ``(f, y, x)``'s value ``d`` at ``base + f sf + y sy + x sx + offsets[d]`` (``values``:
-    :func:`pass_values`), ``factors`` to pixel units per value."""
+    ``(f, y, x)``'s value ``d`` at ``base + f sf + y sy + x sx + offsets[d]`` (``values`` and
+    ``factors``: :func:`pass_values`)."""
     (f, h, w), (sf, sy, sx) = plan.shape, strides
     off, top = values
     n, d = plan.n, len(factors)

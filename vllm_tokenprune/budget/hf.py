@@ -179,9 +179,7 @@ class AutoCounter:
                 tuple(std) if isinstance(std, (list, tuple)) else std, opts.channel)
             width = 3 * tp * p * p
             if compiled:  # the compiled pass: the layout's strides, no offsets
-                d = len(offsets)
-                self._pass = (pass_values(np.asarray(offsets, np.int64).tobytes()),
-                              tuple(factor.tolist()) if uniform is None else (uniform,) * d)
+                self._pass = pass_values(offsets, factor, uniform)
             self._qwen = (f"{modality}_grid_thw", m, p, tp, width, offsets, factor, uniform,
                           None if self._pass is not None
                           else packed_index(m * m * width, offsets.tobytes()))
