@@ -578,11 +578,13 @@ def _slow_upload(h: Hard, path: str, body: bytes, *, key: bool, seconds: float) 
 
 
 def test_unauthenticated_30mb_body_on_an_unknown_path_is_not_read(hard):
-    """30 MB of ``[{},{},...]`` (the shape whose parse cost 33x its size) to ``POST /nope``
-    without a key, sent over about 3 s, three times in parallel, plus once with the key to
-    another unknown path: ``/health`` keeps answering within 1 s, chat requests are served, and
-    the API server processes' resident memory grows by less than 200 MB."""
-    body = ("[" + ",".join(["{}"] * 10_000_000) + "]").encode()
+    """30 MB of ``{"prune_ratio": 0.5, "messages": [{},{},...]}`` (a guarded field, so a bridge
+    that read the body would also parse it: the ``[{},...]`` shape costs 33x its size) to
+    ``POST /nope`` without a key, sent over about 3 s, three times in parallel, plus once with
+    the key to another unknown path: the API server processes' resident memory grows by less
+    than 100 MB (reading the four bodies: +160 MB; parsing them: gigabytes), ``/health`` keeps
+    answering and chat requests are served throughout."""
+    body = ('{"prune_ratio": 0.5, "messages": [' + ",".join(["{}"] * 10_000_000) + "]}").encode()
     assert len(body) > 30_000_000
     pids = _api_pids(hard)
     assert len(pids) == 2, pids
@@ -598,7 +600,7 @@ def test_unauthenticated_30mb_body_on_an_unknown_path_is_not_read(hard):
                                 ("/v1/nope", True))]
         while not all(u.done() for u in uploads):
             t = time.monotonic()
-            assert requests.get(hard.url + "/health", timeout=5).status_code == 200
+            assert requests.get(hard.url + "/health", timeout=10).status_code == 200
             health.append(time.monotonic() - t)
             t = time.monotonic()
             r = post(hard, ROOT + "/v1/chat/completions", chat_body(hard, [im], prune_ratio=0.5))
@@ -607,11 +609,15 @@ def test_unauthenticated_30mb_body_on_an_unknown_path_is_not_read(hard):
             peak = max(peak, _rss_mb(pids))
         statuses = [u.result() for u in uploads]
     assert all(" 404 " in st or st == "closed" for st in statuses), statuses
-    assert health and max(health) < 1.0, health
     print(f"30 MB x4 on unknown paths: /health max {max(health) * 1000:.0f} ms over "
           f"{len(health)}, chat median {sorted(chats)[len(chats) // 2] * 1000:.0f} ms over "
           f"{len(chats)}, API servers' RSS {base:.0f} -> peak {peak:.0f} MB")
-    assert peak - base < 200, (base, peak)
+    assert peak - base < 100, (base, peak)
+    # Latency is a by-product here, not the evidence (memory is): a new connection can wait
+    # one SYN retransmit (1 s) on a loaded 2-core machine (CI saw one probe at 1.007 s), so
+    # one slow probe is allowed; a parse on the event loop stalls it for seconds at a time.
+    slow = [t for t in health if t >= 1.0]
+    assert health and len(slow) <= 1 and max(health) < 3.0, sorted(health)[-5:]
 
 
 def _stream(h: Hard, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
