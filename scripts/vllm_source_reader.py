@@ -474,4 +474,11 @@ def static_check(r: Resolver, d: Def, spec: tuple[Any, ...] | None) -> str:
         if answer is None:
             return f"needs import: bases outside vLLM between it and {args[0]}"
         return "ok" if answer else f"not a subclass of {args[0]}"
+    if op == "source_has":
+        fn = function_def(r, d)
+        if isinstance(fn, NotFound):
+            return f"needs import: {fn.reason}"
+        source = ast.unparse(fn.node)
+        missing = [t for t in args if t not in source]
+        return f"source lacks {missing}" if missing else "ok"
     return f"needs import: no static form of check {op!r}"

@@ -8,6 +8,7 @@ capped request partly in vLLM's processor cache.
 from __future__ import annotations
 
 import json
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -384,12 +385,17 @@ def test_the_compiled_pass_is_ready_before_the_first_request(processor, tiny_qwe
     auto, _ = _processor(tiny_qwen_dir, "auto")
     auto.get_dummy_mm_inputs({"image": 1})
     assert calls and warmed == [1]
-    # vLLM's engine core and workers (children of the API server) never count: not there
+    # vLLM's engine core and workers (children of the API server) never count: not there; the
+    # API servers vLLM starts for --api-server-count above 1 (also children) do
     import multiprocessing
 
     monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
-    auto.get_dummy_mm_inputs({"image": 1})
-    assert len(calls) == 2 and warmed == [1]
+    for name, more in (("EngineCore", 0), ("EngineCore_DP0", 0), ("VllmWorker-0", 0),
+                       ("ApiServer_1", 1)):
+        monkeypatch.setattr(multiprocessing, "current_process",
+                            lambda name=name: types.SimpleNamespace(name=name))
+        auto.get_dummy_mm_inputs({"image": 1})
+        assert warmed == [1] * (1 + more), name
 
 
 def _hashes(p: Any, images: list[Any], **kwargs: Any) -> list[str]:

@@ -75,6 +75,7 @@ def test_planted_changes_are_reported(installed):
                                  "def batched(modality: str, *, keep_on_cpu: bool = True)"),
         vllm__model_executor__models__qwen2_vl=(
             "class Qwen2VLProcessingInfo(", "class Qwen2VLProcessingInfoRenamed("),
+        vllm__v1__utils=('name=f"ApiServer_{i}"', 'name=f"APIServer{i}"'),
     )
     results = check.run(internals.INTERNALS, base, changed)
     (layer,) = _by_target(results, qwen2)
@@ -92,9 +93,12 @@ def test_planted_changes_are_reported(installed):
     # the class entry of the edited method's class sees the edit too
     (field_cls,) = _by_target(results, "vllm.multimodal.inputs:MultiModalFieldConfig")
     assert field_cls.status == "changed", field_cls
+    # a literal the plugin relies on (the API server processes' name)
+    (api,) = _by_target(results, "vllm.v1.utils:APIServerProcessManager")
+    assert api.status == "check fails" and "ApiServer_" in api.check, api
     untouched = [r for r in results if r.target not in (
         qwen2, sched, batched, info, "vllm.v1.core.sched.scheduler:Scheduler",
-        "vllm.multimodal.inputs:MultiModalFieldConfig")]
+        "vllm.multimodal.inputs:MultiModalFieldConfig", api.target)]
     assert {r.status for r in untouched} == {"identical"}, [
         (r.target, r.status) for r in untouched if r.status != "identical"]
 

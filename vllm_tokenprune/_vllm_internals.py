@@ -41,6 +41,9 @@ SUPPORTED_VLLM = ">=0.32.0,<0.34"
 ALLOW_UNSUPPORTED_ENV = "VLLM_TOKENPRUNE_ALLOW_UNSUPPORTED_VLLM"
 #: Test-only: treat the installed vLLM as this version (start-up refusal tests).
 PRETEND_VERSION_ENV = "VLLM_TOKENPRUNE_PRETEND_VLLM_VERSION"
+#: How vLLM names the API server processes it starts for ``--api-server-count`` above 1
+#: (``APIServerProcessManager``, entry below): ``ApiServer_<i>``.
+API_SERVER_PROCESS_PREFIX = "ApiServer_"
 
 
 #: A contract on a resolved internal: a problem, or None.
@@ -141,6 +144,21 @@ def _method_params(method: str, *names: str) -> Check:
         return f"{method}: {problem}" if problem else None
 
     return _spec(check, "method_params", (method, *names))
+
+
+def _source_has(*texts: str) -> Check:
+    """The function's source (a class: its ``__init__``) holds these texts (a literal that
+    is not a name, e.g. a process name)."""
+    def check(obj: Any) -> str | None:
+        fn = getattr(obj, "__init__", obj) if isinstance(obj, type) else obj
+        try:
+            source = inspect.getsource(inspect.unwrap(fn))
+        except (OSError, TypeError):
+            return "no source to read"
+        missing = [t for t in texts if t not in source]
+        return f"source lacks {missing}" if missing else None
+
+    return _spec(check, "source_has", texts)
 
 
 def _subclass_of(target: str) -> Check:
@@ -489,6 +507,17 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.multimodal.encoder_budget:MultiModalBudget.get_dummy_encoder_profile_inputs",
              "method", "models/processor.py", "both runners' profile dummies come from the "
              "processor's get_dummy_mm_inputs", "stays", _uses("get_dummy_mm_inputs")),
+    Internal("vllm.renderers.base:BaseRenderer._warmup_mm_processor", "method",
+             "models/processor.py (_tp_warm_auto)", "every API server process builds the "
+             "processor's dummy inputs at start-up: where the default is auto, auto's compiled "
+             "pass is built there, not in the first request", "stays",
+             _uses("get_dummy_mm_inputs")),
+    Internal("vllm.v1.utils:APIServerProcessManager", "class",
+             "models/processor.py (_tp_in_api_server)", "names the API server processes it "
+             "starts for --api-server-count above 1 ApiServer_<i>: they warm auto's pass like "
+             "the top process, the engine core and workers (also children) do not; if the "
+             "name changes, those API servers build it in their first auto request", "stays",
+             _source_has(API_SERVER_PROCESS_PREFIX)),
     Internal("vllm.v1.worker.cpu_model_runner:CPUModelRunner.warming_up_model",
              "runner contract (CPU)", "models/encoder_budget.py (_profile_sizes_memory)",
              "the CPU worker runs profile_run only as a compile warm-up", "stays",

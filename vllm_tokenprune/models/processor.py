@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 
 from vllm_tokenprune import __version__, response
+from vllm_tokenprune._vllm_internals import API_SERVER_PROCESS_PREFIX
 from vllm_tokenprune.budget import (
     AutoCounter,
     AutoOptions,
@@ -124,6 +125,15 @@ _profiling: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "tokenprune_profiling", default=False)
 #: Hash suffix of the profiling dummy items (they carry a field no request's items carry).
 PROFILE_SALT = "-tpprofile"
+
+
+def _tp_in_api_server() -> bool:
+    """This process is one of vLLM's API servers: the top process (vLLM's engine core and
+    workers are its children, by multiprocessing), or one it starts for ``--api-server-count``
+    above 1, named ``ApiServer_<i>`` (:data:`~vllm_tokenprune._vllm_internals.INTERNALS`)."""
+    if multiprocessing.parent_process() is None:
+        return True
+    return multiprocessing.current_process().name.startswith(API_SERVER_PROCESS_PREFIX)
 
 
 class TokenPruneProcessorMixin:
@@ -219,14 +229,13 @@ class TokenPruneProcessorMixin:
 
     def _tp_warm_auto(self) -> None:
         """Where the server's default is ``auto``, compile (or load) ``auto``'s pass now, in
-        the API server (the top process): vLLM builds the dummy inputs at start-up (its
-        renderer's warm-up among others), so the first request does not pay it
+        each API server process (:func:`_tp_in_api_server`): vLLM builds the dummy inputs at
+        start-up (its renderer's warm-up among others), so the first request does not pay it
         (:func:`vllm_tokenprune.budget.kernel.warm`). A per-request ``auto`` on a server whose
-        default is not, or an API server started as a child (``--api-server-count`` above 1),
-        pays it once, in its first count."""
-        if multiprocessing.parent_process() is not None:
-            # vLLM's engine core and workers are children of the API server (multiprocessing):
-            # they build dummy inputs for profiling but never count (numba: +130 MiB there)
+        default is not pays it once, in its first count."""
+        if not _tp_in_api_server():
+            # vLLM's engine core and workers build dummy inputs for profiling but never count
+            # (numba: +130 MiB there)
             return
         cfg = self._tp_config()
         if AUTO in (cfg.prune_ratio, cfg.video_prune_ratio):
