@@ -223,8 +223,7 @@ class AutoCounter:
         t, h, w = (int(v) for v in grids[index])
         check_qwen_item(pixels.shape, (t, h, w), m, p, tp, 3, start)
         opts, video = self.opts, self.modality == "video"
-        plan = plan_windows((t, h // m, w // m), opts.window,
-                            opts.window_frames if video else 1, opts.max_windows)
+        plan = plan_windows((t, h // m, w // m), opts.window, self._frames, opts.max_windows)
         if self._pass is not None:  # the compiled pass reads through the strides
             return pass_reader(plan, _qwen_strides(m, width, h, w), start * width, *self._pass,
                                opts)
